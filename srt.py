@@ -1,0 +1,495 @@
+"""
+FSRT's scene representation transformer (Sec. 3, Fig. 2): input and query representation (Eq. 3-7),
+patch CNN + transformer encoder (Eq. 1), cross-attention decoder (Eq. 2), the FSRT module that owns the
+keypoint detector and the expression network, its config presets, and the project's one checkpoint format.
+
+Sizes (paper preset) are the authors' release (shared/spec/architecture.md). Two departures from a
+literal implementation, both exact (same function, same parameters, fewer FLOPs):
+  * the query MLP's first layer is split: W [gamma_pix(q), gamma_key(k_D), e_D] = W_pix gamma_pix(q)
+    (per pixel, shared by all frames) + W_frame [gamma_key(k_D), e_D] (once per frame); see Decoder.
+  * the patch CNN's first conv is split the same way over its 483 input channels; see PatchCNN.
+`FSRT.decode_naive` and `FSRT.encode_naive` are the literal versions, kept as references for the tests.
+"""
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from expression import ExpressionConfig, ExpressionNet
+from keypoints import KPConfig, KPDetector
+
+# -----------------------------------------------------------------------------
+# Eq. (3)-(5): positional encodings
+
+
+def positional_encoding(p, start_octave, octaves):
+    """Eq. (3) f(p, s_O, O) = concat_{m=s_O}^{s_O+O-1} [sin(2^m pi p), cos(2^m pi p)], per coordinate.
+
+    p: [..., D] -> [..., D * 2 * octaves]. Feature order (last dim): coordinate-major, then octave
+    (ascending m), then (sin, cos):  [sin(2^s pi x), cos(2^s pi x), sin(2^(s+1) pi x), ..., cos(.. y)].
+    This is Eq. (3) taken literally; the authors' release orders [all sines, all cosines] instead.
+    """
+    m = torch.arange(start_octave, start_octave + octaves, device=p.device, dtype=torch.float32)
+    scaled = p.float().unsqueeze(-1) * (math.pi * 2.0 ** m)                 # [..., D, O]
+    code = torch.stack((torch.sin(scaled), torch.cos(scaled)), dim=-1)      # [..., D, O, 2]
+    return code.flatten(-3).to(p.dtype if p.is_floating_point() else torch.float32)
+
+
+def pixel_grid(H, W, device=None, dtype=torch.float32):
+    """Normalised pixel centres (i + 0.5 - S/2) / (S/2), as (x, y), row-major (y outer): [H*W, 2]."""
+    xs = (torch.arange(W, device=device, dtype=dtype) + 0.5 - W / 2) / (W / 2)
+    ys = (torch.arange(H, device=device, dtype=dtype) + 0.5 - H / 2) / (H / 2)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")                            # [H, W] each
+    return torch.stack((x, y), dim=-1).reshape(H * W, 2)
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class FSRTConfig:
+    """Paper values as defaults (the release's vox256). `expr_dim` and `num_kp` are the single knobs:
+    the nested ExpressionConfig / KPConfig get them (and the detector's feature channels) in __post_init__."""
+    image_size: int = 256
+    num_kp: int = 10
+    expr_dim: int = 256                  # |e|; ablations 128, 64
+    use_keypoints: bool = True           # False = n_K = 0 ablation: gamma_key dropped from Eq. (6), (7)
+    kp_octaves: int = 4                  # Eq. (4): O_key, s_O_key
+    kp_start_octave: int = -1
+    pix_octaves: int = 16                # Eq. (5): O_pix, s_O_pix
+    pix_start_octave: int = -1
+    cnn_channels: tuple = ((96, 192), (192, 384), (384, 768))   # per block: (stride-1 conv, stride-2 conv)
+    width: int = 768                     # encoder token width d (1x1 conv output)
+    enc_blocks: int = 5
+    enc_heads: int = 12
+    enc_head_dim: int = 64
+    enc_mlp: int = 1536
+    dec_blocks: int = 2
+    dec_heads: int = 12
+    dec_head_dim: int = 64
+    dec_mlp: int = 1536
+    query_mlp_ratio: float = 1.5         # query MLP 480 -> 720 -> 480
+    render_hidden: tuple = (1536, 1536, 1536, 1536)
+    small_decoder: bool = False          # halves heads and decoder MLP, render MLP (r0, r0 / 2)
+    chunk: int = 8192                    # pixels decoded at once (per frame)
+    kp: KPConfig = field(default_factory=KPConfig)
+    expression: ExpressionConfig = field(default_factory=ExpressionConfig)
+
+    def __post_init__(self):
+        self.cnn_channels = tuple(tuple(c) for c in self.cnn_channels)
+        self.render_hidden = tuple(self.render_hidden)
+        self.kp = replace(self.kp, num_kp=self.num_kp)
+        self.expression = replace(self.expression, expr_dim=self.expr_dim, num_kp=self.num_kp,
+                                  in_channels=self.kp.block_expansion + self.kp.num_channels)
+
+    # derived sizes
+    @property
+    def pix_dim(self):    # 2 coords x O_pix x (sin, cos) = 64
+        return 2 * 2 * self.pix_octaves
+
+    @property
+    def key_dim(self):    # n_K x 2 coords x O_key x (sin, cos) = 160, 0 for the n_K = 0 ablation
+        return self.num_kp * 2 * 2 * self.kp_octaves if self.use_keypoints else 0
+
+    @property
+    def in_dim(self):     # Eq. (6): 3 + 64 + 160 + 256 = 483
+        return 3 + self.pix_dim + self.key_dim + self.expr_dim
+
+    @property
+    def query_dim(self):  # Eq. (7): 64 + 160 + 256 = 480
+        return self.pix_dim + self.key_dim + self.expr_dim
+
+    def decoder_sizes(self):
+        """(heads, mlp, render_hidden) of the decoder, after the small-decoder switch."""
+        if self.small_decoder:
+            r0 = self.render_hidden[0]
+            return self.dec_heads // 2, self.dec_mlp // 2, (r0, r0 // 2)
+        return self.dec_heads, self.dec_mlp, self.render_hidden
+
+    @classmethod
+    def paper(cls, **overrides):
+        return cls(**overrides)
+
+    @classmethod
+    def tiny(cls, **overrides):
+        """Same architecture for 64x64 images on a CPU: ~1-2 M parameters in all."""
+        d = dict(image_size=64, expr_dim=32, cnn_channels=((32, 64), (64, 128), (128, 128)), width=128,
+                 enc_blocks=2, enc_heads=4, enc_head_dim=32, enc_mlp=256, dec_heads=4, dec_head_dim=32,
+                 dec_mlp=256, render_hidden=(256, 256, 256, 256), kp=KPConfig.tiny(),
+                 expression=ExpressionConfig.tiny() if hasattr(ExpressionConfig, "tiny") else ExpressionConfig())
+        d.update(overrides)
+        return cls(**d)
+
+    def to_dict(self):
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        def build(klass, dd):
+            known = {f.name for f in fields(klass)}
+            unknown = sorted(set(dd) - known)
+            if unknown:
+                warnings.warn(f"{klass.__name__}.from_dict: ignoring unknown keys {unknown}")
+            return {k: v for k, v in dd.items() if k in known}
+        d = build(cls, dict(d))
+        if isinstance(d.get("kp"), dict):
+            d["kp"] = KPConfig(**build(KPConfig, d["kp"]))
+        if isinstance(d.get("expression"), dict):
+            d["expression"] = ExpressionConfig(**build(ExpressionConfig, d["expression"]))
+        return cls(**d)
+
+# -----------------------------------------------------------------------------
+# building blocks (pre-LN transformer, SRT style: qkv without bias, out projection with bias)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.c_fc = nn.Linear(dim, hidden)
+        self.c_proj = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.c_proj(F.gelu(self.c_fc(x)))
+
+
+class SelfAttentionBlock(nn.Module):
+    """Encoder block: x + SelfAttn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, dim, heads, head_dim, mlp):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.ln_1 = nn.LayerNorm(dim)
+        self.c_attn = nn.Linear(dim, 3 * heads * head_dim, bias=False)
+        self.c_proj = nn.Linear(heads * head_dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp)
+
+    def forward(self, x):                                                   # x: (B, T, C)
+        B, T, _ = x.shape
+        q, k, v = self.c_attn(self.ln_1(x)).split(self.heads * self.head_dim, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
+        x = x + self.c_proj(y)
+        return x + self.mlp(self.ln_2(x))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Decoder block (no self-attention): x + CrossAttn(LN(x), z), then x + MLP(LN(x)).
+    Only the query is normalised; keys/values come from the raw 768-d set-latents (as the release)."""
+
+    def __init__(self, dim, kv_dim, heads, head_dim, mlp):
+        super().__init__()
+        self.heads, self.head_dim = heads, head_dim
+        self.ln_1 = nn.LayerNorm(dim)
+        self.c_q = nn.Linear(dim, heads * head_dim, bias=False)
+        self.c_kv = nn.Linear(kv_dim, 2 * heads * head_dim, bias=False)
+        self.c_proj = nn.Linear(heads * head_dim, dim)
+        self.ln_2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, mlp)
+
+    def kv(self, z):                                                        # z: (B, T, D) -> 2 x (B, nh, T, hs)
+        B, T, _ = z.shape
+        k, v = self.c_kv(z).split(self.heads * self.head_dim, dim=-1)
+        return tuple(t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (k, v))
+
+    def forward(self, x, kv):                                               # x: (B, P, C)
+        B, P, _ = x.shape
+        q = self.c_q(self.ln_1(x)).view(B, P, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, P, hs)
+        y = F.scaled_dot_product_attention(q, *kv).transpose(1, 2).reshape(B, P, -1)
+        x = x + self.c_proj(y)
+        return x + self.mlp(self.ln_2(x))
+
+# -----------------------------------------------------------------------------
+# encoder: patch CNN + transformer, Eq. (1)
+
+
+class PatchCNN(nn.Module):
+    """3 blocks of (3x3 conv s1 -> ReLU -> 3x3 conv s2 -> ReLU), no bias, then a 1x1 conv: [B,C,H,W] -> [B,d,H/8,W/8].
+
+    The first conv is linear in its input R_S = [rgb, gamma_pix, const] (Eq. 6; const = [gamma_key, e] is
+    the same at every pixel), so with zero padding
+        conv(R_S) = conv_rgb(rgb) + conv_pix(gamma_pix map) + sum_{taps a,b} U[:, a, b] * inside_{a,b}(i, j)
+    where U[:, a, b] = W_const[:, :, a, b] @ const and inside_{a,b}(i, j) = 1 when tap (a, b) of output pixel
+    (i, j) falls inside the image (a separable 0/1 mask: a ones-image convolved with that single tap).
+    conv_pix is the same for every image: computed once per call without a batch dimension.
+    """
+
+    def __init__(self, in_dim, n_pix, channels, width):
+        super().__init__()
+        self.n_pix = n_pix
+        convs, c_in = [], in_dim
+        for c_mid, c_out in channels:
+            convs += [nn.Conv2d(c_in, c_mid, 3, 1, 1, bias=False), nn.Conv2d(c_mid, c_out, 3, 2, 1, bias=False)]
+            c_in = c_out
+        self.convs = nn.ModuleList(convs)
+        self.proj = nn.Conv2d(c_in, width, 1)
+
+    def first_conv(self, rgb, pix_code, const):
+        """Decomposed first conv. rgb [B,3,H,W], pix_code [n_pix,H,W] (no batch), const [B,Cc] -> [B,C1,H,W]."""
+        w = self.convs[0].weight                                            # [C1, 3 + n_pix + Cc, 3, 3]
+        H, W = rgb.shape[-2:]
+        out = F.conv2d(rgb, w[:, :3], padding=1)                            # per image
+        out = out + F.conv2d(pix_code[None], w[:, 3:3 + self.n_pix], padding=1)  # once, broadcast over B
+        if const.shape[1] > 0:
+            U = torch.einsum("ocab,nc->noab", w[:, 3 + self.n_pix:], const)  # [B, C1, 3, 3]
+            ones = lambda n: F.pad(torch.ones(n, device=rgb.device, dtype=out.dtype), (1, 1))
+            rows = ones(H).unfold(0, H, 1)                                  # [3, H]: tap a inside for row i
+            cols = ones(W).unfold(0, W, 1)                                  # [3, W]
+            out = out + torch.einsum("noab,ai,bj->noij", U.to(out.dtype), rows, cols)
+        return out
+
+    def forward(self, x):
+        """x: the first conv's output [B,C1,H,W] (before ReLU) -> tokens [B,d,H/8,W/8]."""
+        for conv in self.convs[1:]:
+            x = conv(F.relu(x))
+        return self.proj(F.relu(x))
+
+
+class Encoder(nn.Module):
+    """Eq. (1): set-latents {z} = E(CNN({R_S})); tokens of several sources are concatenated (no source ID)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cnn = PatchCNN(cfg.in_dim, cfg.pix_dim, cfg.cnn_channels, cfg.width)
+        self.blocks = nn.ModuleList(SelfAttentionBlock(cfg.width, cfg.enc_heads, cfg.enc_head_dim, cfg.enc_mlp)
+                                    for _ in range(cfg.enc_blocks))
+
+    def forward(self, feats, B):
+        """feats: [B*N, d, h, w] CNN output -> set_latents [B, N*h*w, d]."""
+        x = feats.flatten(2).transpose(1, 2).reshape(B, -1, feats.shape[1])   # (B, N*T, d)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+# -----------------------------------------------------------------------------
+# decoder, Eq. (2)
+
+
+class Decoder(nn.Module):
+    """Query MLP (480 -> 720 -> ReLU -> 480), cross-attention blocks, render MLP (480 -> 1536 x4 -> 3)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        dq, (heads, mlp, render) = cfg.query_dim, cfg.decoder_sizes()
+        self.pix_dim = cfg.pix_dim
+        self.query_mlp = nn.Sequential(nn.Linear(dq, int(dq * cfg.query_mlp_ratio)), nn.ReLU(),
+                                       nn.Linear(int(dq * cfg.query_mlp_ratio), dq))
+        self.blocks = nn.ModuleList(CrossAttentionBlock(dq, cfg.width, heads, cfg.dec_head_dim, mlp)
+                                    for _ in range(cfg.dec_blocks))
+        layers, d = [], dq
+        for h in render:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        self.render_mlp = nn.Sequential(*layers, nn.Linear(d, 3))
+
+    def pixel_part(self, pix_code):      # [..., 64] -> W_pix gamma_pix(q): [..., 720] (no bias)
+        return F.linear(pix_code, self.query_mlp[0].weight[:, :self.pix_dim])
+
+    def frame_part(self, frame_code):    # [B, 224] = [gamma_key(k_D), e_D] -> W_frame [...] + b: [B, 1, 720]
+        first = self.query_mlp[0]
+        return F.linear(frame_code, first.weight[:, self.pix_dim:], first.bias)[:, None]
+
+    def forward(self, h, kv):
+        """h: first-layer pre-activation [B,P,720]; kv: per block (k, v) of [B or 1, nh, T, hs] -> rgb [B,P,3].
+        With one set of latents and B frames, the frames are folded into the pixel axis (same result)."""
+        B, P, _ = h.shape
+        if kv[0][0].shape[0] == 1 and B > 1:
+            h = h.reshape(1, B * P, -1)
+        x = self.query_mlp[2](F.relu(h))                                    # (B, P, 480)
+        for block, kv_i in zip(self.blocks, kv):
+            x = block(x, kv_i)
+        return self.render_mlp(x).reshape(B, P, 3)
+
+# -----------------------------------------------------------------------------
+# the whole model
+
+
+class FSRT(nn.Module):
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg or FSRTConfig()
+        self.kp_detector = KPDetector(cfg.kp)
+        self.expression = ExpressionNet(cfg.expression)
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.detector_frozen = False
+
+    # --- keypoints and expression (Sec. 3.1) ---
+    def freeze_detector(self):
+        """Phase I on: the detector is not trained further (eval mode, no gradients, kept across train())."""
+        self.detector_frozen = True
+        self.kp_detector.eval().requires_grad_(False)
+        return self
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.detector_frozen:
+            self.kp_detector.eval()
+        return self
+
+    def detect(self, images):
+        """images [B,3,H,W] in [0,1] -> dict(keypoints [B,K,2], heatmaps [B,K,h,w], features [B,C,h+6,w+6])."""
+        if self.detector_frozen:
+            with torch.no_grad():
+                return self.kp_detector(images)
+        return self.kp_detector(images)
+
+    def expression_of(self, det):
+        """Eq. (8)-(10) on a detector output -> e [B,E]."""
+        return self.expression(det["features"], det["heatmaps"])
+
+    def keypoints_and_expression(self, images):
+        det = self.detect(images)
+        return det["keypoints"], self.expression_of(det)
+
+    def gamma_key(self, kp):
+        """Eq. (4): kp [..., K, 2] -> [..., K*2*2*O_key] (keypoint-major, then x/y, octave, sin/cos)."""
+        return positional_encoding(kp, self.cfg.kp_start_octave, self.cfg.kp_octaves).flatten(-2)
+
+    def gamma_pix(self, p):
+        """Eq. (5): p [..., 2] -> [..., 2*2*O_pix] (x then y, octave, sin/cos)."""
+        return positional_encoding(p, self.cfg.pix_start_octave, self.cfg.pix_octaves)
+
+    def frame_code(self, kp, e):
+        """[gamma_key(k), e]: the per-image constant part of Eq. (6) / per-frame part of Eq. (7) -> [B, 160+E]."""
+        if not self.cfg.use_keypoints:
+            return e
+        return torch.cat((self.gamma_key(kp).to(e.dtype), e), dim=-1)
+
+    # --- encoder ---
+    @staticmethod
+    def _sources(images, kp, e):
+        if images.dim() == 4:                                               # one source: [B,3,H,W]
+            images = images[:, None]
+            kp = kp[:, None] if kp is not None else None
+            e = e[:, None]
+        B, N = images.shape[:2]
+        kp = kp.flatten(0, 1) if kp is not None else None
+        return images.flatten(0, 1), kp, e.flatten(0, 1), B               # [B*N,3,H,W], [B*N,K,2], [B*N,E]
+
+    def encode(self, images, kp_source, expr_source):
+        """images [B,N,3,H,W], kp_source [B,N,K,2], expr_source [B,N,E] -> set_latents [B, N*H*W/64, d]."""
+        images, kp, e, B = self._sources(images, kp_source, expr_source)
+        H, W = images.shape[-2:]
+        pix = self.gamma_pix(pixel_grid(H, W, images.device)).to(images.dtype)        # [H*W, 64]
+        pix = pix.t().reshape(-1, H, W)                                               # [64, H, W]
+        x = self.encoder.cnn.first_conv(images, pix, self.frame_code(kp, e))          # Eq. (6), decomposed
+        return self.encoder(self.encoder.cnn(x), B)
+
+    def encode_naive(self, images, kp_source, expr_source):
+        """Reference for encode: builds R_S(p) of Eq. (6) at every pixel (483 channels) and runs the plain conv."""
+        images, kp, e, B = self._sources(images, kp_source, expr_source)
+        BN, _, H, W = images.shape
+        pix = self.gamma_pix(pixel_grid(H, W, images.device)).t().reshape(1, -1, H, W).expand(BN, -1, -1, -1)
+        const = self.frame_code(kp, e)[:, :, None, None].expand(-1, -1, H, W)
+        R = torch.cat((images, pix, const), dim=1)                                    # [B*N, 483, H, W]
+        return self.encoder(self.encoder.cnn(self.encoder.cnn.convs[0](R)), B)
+
+    # --- decoder ---
+    def latent_kv(self, set_latents):
+        """Keys/values of every decoder block, computed once per source set: list of (k, v) [B,nh,T,hs]."""
+        return [block.kv(set_latents) for block in self.decoder.blocks]
+
+    def decode(self, set_latents, pixels, kp_driving, expr_driving, chunk=None, kv=None):
+        """Eq. (2), (7). set_latents [B or 1, T, d] (unused if kv is given), pixels [P,2] or [B,P,2] normalised
+        (x, y), kp_driving [B,K,2], expr_driving [B,E] -> rgb [B,P,3] (not clamped)."""
+        kv = kv if kv is not None else self.latent_kv(set_latents)
+        chunk = chunk or self.cfg.chunk
+        frame = self.decoder.frame_part(self.frame_code(kp_driving, expr_driving))   # [B, 1, 720], once per frame
+        pix = self.decoder.pixel_part(self.gamma_pix(pixels).to(frame.dtype))        # [(B,) P, 720], once
+        P = pixels.shape[-2]
+        out = [self.decoder(pix[..., s:s + chunk, :] + frame, kv) for s in range(0, P, chunk)]
+        return torch.cat(out, dim=1)
+
+    def decode_naive(self, set_latents, pixels, kp_driving, expr_driving, chunk=None, kv=None):
+        """Reference for decode (as the authors' release): the full 480-d query Q(q) of Eq. (7) at every
+        pixel, plain modules, keys/values recomputed, no chunks. chunk and kv are ignored."""
+        B = kp_driving.shape[0]
+        P = pixels.shape[-2]
+        pix = self.gamma_pix(pixels.expand(B, P, 2))                                  # [B, P, 64]
+        frame = self.frame_code(kp_driving, expr_driving)[:, None].expand(B, P, -1)  # [B, P, 416]
+        x = self.decoder.query_mlp(torch.cat((pix, frame), dim=-1))                   # Eq. (7) -> [B, P, 480]
+        z = set_latents.expand(B, -1, -1)
+        for block in self.decoder.blocks:
+            x = block(x, block.kv(z))
+        return self.decoder.render_mlp(x)
+
+    def render(self, set_latents, kp_driving, expr_driving, size=None, chunk=None, kv=None):
+        """Decode every pixel of an (H, W) image (default cfg.image_size) -> [B,3,H,W] (not clamped)."""
+        H, W = size or (self.cfg.image_size, self.cfg.image_size)
+        grid = pixel_grid(H, W, kp_driving.device)
+        rgb = self.decode(set_latents, grid, kp_driving, expr_driving, chunk=chunk, kv=kv)  # [B, H*W, 3]
+        return rgb.transpose(1, 2).reshape(-1, 3, H, W)
+
+    def forward(self, sources, driving, pixels=None, chunk=None):
+        """Plain self-reenactment: sources [B,N,3,H,W], driving [B,3,H,W], pixels [P,2] / [B,P,2] (default all)
+        -> rgb [B,P,3]. Training code with augmentations calls the pieces above instead."""
+        B, N = sources.shape[:2]
+        kp_all, e_all = self.keypoints_and_expression(torch.cat((sources.flatten(0, 1), driving)))
+        kp_s, e_s = kp_all[:B * N].unflatten(0, (B, N)), e_all[:B * N].unflatten(0, (B, N))
+        z = self.encode(sources, kp_s, e_s)
+        if pixels is None:
+            pixels = pixel_grid(*driving.shape[-2:], driving.device)
+        return self.decode(z, pixels, kp_all[B * N:], e_all[B * N:], chunk=chunk)
+
+# -----------------------------------------------------------------------------
+# checkpoints: {"format": "fsrt", "config": cfg.to_dict(), "model": state_dict, "step", "phase", ...}
+
+
+def save_checkpoint(path, ckpt):
+    """Atomic save: write a temporary file in the same folder, then os.replace it over `path`."""
+    ckpt = {"format": "fsrt", **ckpt}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _describe(obj):
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not a dict"
+    keys = list(obj)
+    if {"kp_detector", "generator"} <= set(keys):
+        return "FOMM's checkpoint (vox-cpk.pth.tar); it holds only a keypoint detector for FSRT: pass it " \
+               "where a keypoint-detector file is asked for (keypoints.load_kp_detector)"
+    if keys and all(torch.is_tensor(v) for v in obj.values()):
+        return f"a bare state dict of {len(keys)} tensors (first keys {keys[:3]})"
+    return f"a dict with keys {keys[:8]}"
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """torch.load(weights_only=True) of an fsrt checkpoint written by save_checkpoint (train.py)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}; pass the .pt file written by train.py")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); pass a .pt file written by train.py")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "fsrt":
+        raise ValueError(f"{path} is not an fsrt checkpoint: it is {_describe(ckpt)}. Pass a checkpoint "
+                         "written by train.py (a dict with format='fsrt', config, model)")
+    return ckpt
+
+
+def model_from_checkpoint(path_or_dict, device="cpu"):
+    """Build FSRT from a checkpoint (path or loaded dict), load weights strictly -> model in eval mode."""
+    ckpt = path_or_dict if isinstance(path_or_dict, dict) else load_checkpoint(path_or_dict)
+    model = FSRT(FSRTConfig.from_dict(ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    if ckpt.get("phase", 1) >= 1:
+        model.freeze_detector()
+    return model.to(device).eval()
