@@ -1,0 +1,53 @@
+"""Expression network X of the paper (Sec. 3.1, "Expression Network", Eq. (8)-(10)).
+
+It recycles the keypoint detector's last feature map F_{I,K} and its heatmaps H_I: a learned 7x7 convolution
+X_C gives n_f features per keypoint, each keypoint's features are pooled under its heatmap (Eq. 8),
+concatenated (Eq. 9) and mapped by a 4-layer MLP X_M to the latent expression vector e_I (Eq. 10).
+Sizes (architecture.md): 35-channel 64x64 features -> 10 x 32 channels at 58x58 -> 320 -> 640 -> 1280 -> 640
+-> 256; 2.56 M parameters.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+
+@dataclass
+class ExpressionConfig:
+    in_channels: int = 35              # KPDetector.feature_channels
+    num_kp: int = 10
+    n_f: int = 32                      # features per keypoint (Eq. 8 writes 64; the release uses 32)
+    expr_dim: int = 256                # |e|; ablations 128, 64
+    kernel: int = 7                    # X_C, no padding: same size as the detector's heatmaps
+    hidden: tuple = (640, 1280, 640)   # X_M hidden widths
+
+    @classmethod
+    def tiny(cls) -> "ExpressionConfig":
+        """Matches KPConfig.tiny(): 19-channel 32x32 features, 26x26 heatmaps."""
+        return cls(in_channels=19, n_f=16, expr_dim=32, hidden=(128, 256, 128))
+
+
+class ExpressionNet(nn.Module):
+    def __init__(self, cfg: ExpressionConfig = None):
+        super().__init__()
+        self.cfg = cfg = cfg or ExpressionConfig()
+        # X_C: one conv producing n_f channels for each of the K keypoints
+        self.conv = nn.Conv2d(cfg.in_channels, cfg.num_kp * cfg.n_f, kernel_size=cfg.kernel, padding=0)
+        # X_M: 4 linear layers, ReLU between, none at the end (Eq. 10)
+        widths = (cfg.num_kp * cfg.n_f, *cfg.hidden, cfg.expr_dim)
+        layers = []
+        for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
+        self.mlp = nn.Sequential(*layers)
+
+    def forward(self, features, heatmaps):
+        """features [B,C,h+6,w+6] (detector feature map), heatmaps [B,K,h,w] -> e [B, expr_dim]."""
+        B, K, n_f = features.shape[0], self.cfg.num_kp, self.cfg.n_f
+        f = self.conv(features)                                    # (B, K*n_f, h, w)
+        if f.shape[2:] != heatmaps.shape[2:] or heatmaps.shape[1] != K:
+            raise ValueError(f"expression net: conv output {tuple(f.shape[2:])} and heatmaps "
+                             f"{tuple(heatmaps.shape[1:])} do not match (expected {K} heatmaps of the conv's size)")
+        f = f.view(B, K, n_f, *f.shape[2:])                       # (B, K, n_f, h, w)
+        f_kp = torch.einsum("bkhw,bkfhw->bkf", heatmaps, f)        # Eq. (8): heatmap-weighted sum over space
+        f_all = f_kp.reshape(B, K * n_f)                           # Eq. (9): concatenate over keypoints
+        return self.mlp(f_all)                                     # Eq. (10): e = X_M(f)

@@ -1,0 +1,76 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from expression import ExpressionConfig, ExpressionNet
+from keypoints import KPConfig, KPDetector
+
+
+def test_eq8_eq9_against_explicit_loop():
+    cfg = ExpressionConfig(in_channels=2, num_kp=2, n_f=3, expr_dim=4, kernel=3, hidden=(5, 6, 7))
+    net = ExpressionNet(cfg)
+    net.mlp = nn.Identity()                          # expose f_{I,X} of Eq. (9)
+    B, C, S = 2, 2, 5
+    feat = torch.randn(B, C, S, S)
+    hm = torch.rand(B, 2, 3, 3)
+    hm = hm / hm.sum((2, 3), keepdim=True)
+    got = net(feat, hm)
+    W, bias = net.conv.weight, net.conv.bias
+    expected = torch.zeros(B, 2 * 3)
+    for b in range(B):
+        for i in range(2):                           # keypoint
+            for c in range(3):                       # feature channel of keypoint i
+                ch = i * 3 + c
+                total = 0.0
+                for y in range(3):
+                    for x in range(3):
+                        conv = bias[ch] + sum(W[ch, ci, dy, dx] * feat[b, ci, y + dy, x + dx]
+                                              for ci in range(C) for dy in range(3) for dx in range(3))
+                        total = total + hm[b, i, y, x] * conv            # Eq. (8)
+                expected[b, i * 3 + c] = total                           # Eq. (9): keypoint-major concat
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_is_four_layers_relu_between():
+    net = ExpressionNet()
+    lin = [m for m in net.mlp if isinstance(m, nn.Linear)]
+    assert [(m.in_features, m.out_features) for m in lin] == [(320, 640), (640, 1280), (1280, 640), (640, 256)]
+    assert sum(isinstance(m, nn.ReLU) for m in net.mlp) == 3 and isinstance(net.mlp[-1], nn.Linear)
+    assert net.conv.kernel_size == (7, 7) and net.conv.padding == (0, 0) and net.conv.out_channels == 320
+
+
+def test_paper_parameter_count():
+    n = sum(p.numel() for p in ExpressionNet().parameters())
+    assert abs(n / 2.56e6 - 1) < 0.01
+
+
+@pytest.mark.parametrize("kp_cfg,ex_cfg,size", [(KPConfig(), ExpressionConfig(), 256),
+                                                (KPConfig.tiny(), ExpressionConfig.tiny(), 64)])
+def test_shapes_on_detector_output(kp_cfg, ex_cfg, size):
+    det = KPDetector(kp_cfg).eval()
+    assert ex_cfg.in_channels == det.feature_channels
+    with torch.no_grad():
+        out = det(torch.rand(2, 3, size, size))
+    e = ExpressionNet(ex_cfg)(out["features"], out["heatmaps"])
+    assert e.shape == (2, ex_cfg.expr_dim)
+
+
+def test_expression_sizes_of_ablations():
+    for d in (128, 64):
+        e = ExpressionNet(ExpressionConfig(expr_dim=d))(torch.rand(1, 35, 64, 64), torch.rand(1, 10, 58, 58))
+        assert e.shape == (1, d)
+
+
+def test_gradient_reaches_all_parameters():
+    net = ExpressionNet(ExpressionConfig.tiny())
+    feat = torch.randn(2, 19, 32, 32)
+    hm = torch.softmax(torch.randn(2, 10, 26 * 26), -1).view(2, 10, 26, 26)
+    net(feat, hm).pow(2).sum().backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_mismatched_heatmaps_raise():
+    net = ExpressionNet(ExpressionConfig.tiny())
+    with pytest.raises(ValueError, match="heatmaps"):
+        net(torch.randn(1, 19, 32, 32), torch.rand(1, 10, 32, 32))
