@@ -1,0 +1,425 @@
+"""
+Evaluation of FSRT: the self-reenactment protocol and metrics of Sec. 4.1 (Table 1), plus two checks that
+only the built-in data makes possible because its ground truth is known: cross-reenactment scores and a
+disentanglement probe of the expression vector.
+
+    python metrics.py --checkpoint runs/tiny/ckpt.pt                  # built-in test videos
+    python metrics.py --checkpoint CKPT --data VOX --num-src 2 --out results.json
+
+Protocol (Sec. 4.1), made precise here because the paper states it in one sentence:
+  * sources: the first frame; with 2 sources the first and the last frame (n > 2 sources: n frames evenly
+    spaced from first to last, rounded -- an extension, the paper evaluates 1 and 2).
+  * driving frames: the indices 0, 10, 20, ... (multiples of 10 counted from the first frame) that are at
+    least 10 frames away from every source index. A 35-frame video with 1 source -> 10, 20, 30; with 2
+    sources (0 and 34) -> 10, 20. A video that leaves no driving frame is skipped and counted.
+  * self-reenactment uses absolute motion (the driving keypoints as they are), as in training.
+  * every metric is averaged over the frames of a video, then over videos (each video weighs the same).
+  * predictions are clamped to [0, 1] before scoring (render output is not clamped, images on disk are).
+Metrics: SSIM (scikit-image, RGB in [0, 1], data_range 1, 7x7 window), PSNR (dB, peak 1), mean L1 on
+[0, 1], and AKD: mean distance in pixels (at the evaluated image size) between the 68 landmarks of the
+generated and the real frame. Both landmark sets come from the same external detector (face-alignment's
+FAN, as the paper), also on the built-in data whose true landmarks are known: a detector-vs-truth distance
+would add the detector's own error on drawn faces to the score, detector-vs-detector cancels it, as in the
+paper. Frames where the detector finds no face in the real or the generated image are counted and reported.
+The "copy the source" baseline predicts each driving frame by its nearest source frame (ties: the earlier).
+"""
+import argparse
+import dataclasses
+import json
+import math
+import sys
+
+import numpy as np
+import torch
+from skimage.metrics import structural_similarity
+from tqdm import tqdm
+
+
+# ----------------------------------------------------------------------------------------------------------
+# image metrics
+
+def to_hwc(image) -> np.ndarray:
+    """Tensor [3,H,W] or array [H,W,3] in [0, 1] -> float64 array [H,W,3]."""
+    if isinstance(image, torch.Tensor):
+        image = image.detach().float().cpu().permute(1, 2, 0).numpy()
+    return np.asarray(image, dtype=np.float64)
+
+
+def to_uint8(image) -> np.ndarray:
+    """Tensor [3,H,W] or array [H,W,3] in [0, 1] -> uint8 [H,W,3] (what the landmark detector takes)."""
+    return (np.clip(to_hwc(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def psnr(pred, target) -> float:
+    """Peak signal-to-noise ratio in dB with peak 1; inf for identical images."""
+    mse = float(np.mean((to_hwc(pred) - to_hwc(target)) ** 2))
+    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+
+
+def ssim(pred, target) -> float:
+    """SSIM [51] of two RGB images in [0, 1] (scikit-image, 7x7 uniform window, per channel, averaged)."""
+    return float(structural_similarity(to_hwc(pred), to_hwc(target), channel_axis=-1, data_range=1.0))
+
+
+def l1(pred, target) -> float:
+    """Mean absolute error over pixels and channels, images in [0, 1]."""
+    return float(np.mean(np.abs(to_hwc(pred) - to_hwc(target))))
+
+
+def frame_scores(preds, targets) -> dict:
+    """Mean SSIM, PSNR, L1 over a list/tensor of frames ([T,3,H,W]); predictions are clamped to [0, 1]."""
+    preds = [p.clamp(0, 1) if isinstance(p, torch.Tensor) else np.clip(p, 0, 1) for p in preds]
+    rows = [(ssim(p, t), psnr(p, t), l1(p, t)) for p, t in zip(preds, targets)]
+    s, p, a = (float(np.mean(c)) for c in zip(*rows))
+    return {"ssim": s, "psnr": p, "l1": a, "frames": len(rows)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AKD: average keypoint distance between external 68-point landmarks
+
+def akd_scores(preds, targets, landmark_fn) -> dict:
+    """AKD over frame pairs. landmark_fn(uint8 [H,W,3]) -> [68,2] pixels or None (no face).
+
+    Returns {"akd": mean over frames with a face in both images (nan if none), "akd_frames": that count,
+    "akd_missing_real": frames without a face in the real image, "akd_missing_generated": the same for the
+    generated image}. A frame missing in both counts in both; missing frames are excluded from the mean.
+    """
+    dists, miss_real, miss_gen = [], 0, 0
+    for p, t in zip(preds, targets):
+        lm_real, lm_gen = landmark_fn(to_uint8(t)), landmark_fn(to_uint8(p))
+        miss_real += lm_real is None
+        miss_gen += lm_gen is None
+        if lm_real is not None and lm_gen is not None:
+            d = np.linalg.norm(np.asarray(lm_gen, np.float64) - np.asarray(lm_real, np.float64), axis=-1)
+            dists.append(float(d.mean()))                       # mean over the 68 landmarks
+    return {"akd": float(np.mean(dists)) if dists else math.nan, "akd_frames": len(dists),
+            "akd_missing_real": miss_real, "akd_missing_generated": miss_gen}
+
+
+def detector_landmark_fn(detector, min_size=256):
+    """Wrap keypoints.LandmarkDetector for small frames: FAN's face detector misses 64x64 faces, so frames
+    are upsampled (bicubic, integer factor k) to at least min_size and the landmarks mapped back with the
+    pixel-centre convention x_small = (x_big + 0.5) / k - 0.5. AKD stays in pixels of the evaluated size."""
+    from PIL import Image
+
+    def landmark_fn(image_uint8):
+        k = max(1, math.ceil(min_size / image_uint8.shape[0]))
+        if k > 1:
+            h, w = image_uint8.shape[:2]
+            image_uint8 = np.asarray(Image.fromarray(image_uint8).resize((w * k, h * k), Image.BICUBIC))
+        lm = detector(image_uint8)
+        return None if lm is None else (np.asarray(lm, np.float64) + 0.5) / k - 0.5
+    return landmark_fn
+
+
+def make_landmark_fn(required=False):
+    """The AKD landmark function, or (None, reason) when face-alignment or FAN's weights are unavailable
+    (offline). With required=True the failure is raised instead."""
+    try:
+        from keypoints import LandmarkDetector
+        fn = detector_landmark_fn(LandmarkDetector())
+        fn(np.zeros((64, 64, 3), np.uint8))                     # weights may load lazily: try once
+        return fn, None
+    except Exception as err:                                    # offline, missing weights, no package ...
+        reason = f"landmark detector unavailable ({type(err).__name__}: {err})".replace("\n", " ")
+        if required:
+            raise RuntimeError(f"--akd was requested but the {reason}; face-alignment downloads FAN's "
+                               "weights on first use (needs network once), see README") from err
+        return None, reason
+
+
+# ----------------------------------------------------------------------------------------------------------
+# protocol of Sec. 4.1
+
+def protocol_frames(num_frames: int, num_src: int = 1, every: int = 10, min_gap: int = 10):
+    """(source indices, driving indices) of one video: see the module docstring for the exact rule."""
+    if num_frames < 1 or num_src < 1:
+        raise ValueError(f"protocol_frames needs num_frames >= 1 and num_src >= 1, got {num_frames}, {num_src}")
+    sources = sorted({int(round(x)) for x in np.linspace(0, num_frames - 1, num_src)})
+    driving = [i for i in range(0, num_frames, every) if min(abs(i - s) for s in sources) >= min_gap]
+    return sources, driving
+
+
+def nearest_source(sources, index) -> int:
+    """The source index closest to a driving index (ties: the earlier source)."""
+    return min(sources, key=lambda s: (abs(index - s), s))
+
+
+def mean_over_videos(rows) -> dict:
+    """Average per-video scores over videos (nan entries, e.g. AKD of a video without faces, are left out);
+    frame and miss counts are summed."""
+    out = {}
+    for key in rows[0]:
+        vals = [r[key] for r in rows]
+        if key in ("frames", "akd_frames", "akd_missing_real", "akd_missing_generated"):
+            out[key] = int(sum(vals))
+        else:
+            vals = [v for v in vals if not math.isnan(v)]
+            out[key] = float(np.mean(vals)) if vals else math.nan
+    return out
+
+
+@torch.no_grad()
+def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=None, device="cpu",
+                  chunk=None, progress=True) -> dict:
+    """Self-reenactment on a sequence of videos (dicts with "frames" [T,3,S,S]), protocol of Sec. 4.1.
+
+    Returns {"model": row or None, "baseline": row, "videos": n, "videos_skipped": n}; a row holds ssim,
+    psnr, l1, frames (and the AKD entries when landmark_fn is given). model=None scores only the baseline.
+    """
+    n = len(videos) if max_videos is None else min(len(videos), max_videos)
+    rows_model, rows_base, skipped = [], [], 0
+    for i in tqdm(range(n), desc="self-reenactment", disable=not progress):
+        frames = videos[i]["frames"]                                        # (T, 3, S, S)
+        src_idx, drv_idx = protocol_frames(len(frames), num_src)
+        if not drv_idx:
+            skipped += 1
+            continue
+        targets = frames[drv_idx]
+        baseline = frames[[nearest_source(src_idx, j) for j in drv_idx]]  # copy the nearest source
+        rows_base.append(_score(baseline, targets, landmark_fn))
+        if model is not None:
+            from reenact import reenact
+            pred = reenact(model, frames[src_idx].to(device), targets.to(device), relative=False,
+                           chunk=chunk).cpu()
+            rows_model.append(_score(pred, targets, landmark_fn))
+    if not rows_base:
+        raise ValueError(f"no video of {n} has a driving frame under the protocol (videos too short: a video "
+                         f"needs more than {10 * num_src} frames)")
+    return {"model": mean_over_videos(rows_model) if rows_model else None,
+            "baseline": mean_over_videos(rows_base), "videos": len(rows_base), "videos_skipped": skipped}
+
+
+def _score(preds, targets, landmark_fn):
+    row = frame_scores(preds, targets)
+    if landmark_fn is not None:
+        row.update(akd_scores(preds.clamp(0, 1), targets, landmark_fn))
+    return row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# cross-reenactment against ground truth (built-in data only)
+
+def video_params(item):
+    """(identity, [pose per frame], [expression per frame]) of a built-in video, or None for real data."""
+    params = item.get("params")
+    if params is None:
+        return None
+    return params["identity"], list(params["poses"]), list(params["expressions"])
+
+
+def relative_pose(pose_source, pose_driving, pose_driving_initial):
+    """The ground truth of relative motion (Sec. 3.4): the source's pose moved by the driving head's change
+    since the initial frame -- angles and translations add the difference, scale multiplies by the ratio.
+    This is what relative keypoint transfer k_S + (k_D - k_D,initial) approximates; the expression is the
+    driving frame's as-is (Sec. 3.4), so it is not made relative."""
+    values = {}
+    for f in dataclasses.fields(pose_source):
+        a, b, b0 = (np.asarray(getattr(p, f.name), np.float64)
+                    for p in (pose_source, pose_driving, pose_driving_initial))
+        v = a * b / b0 if f.name == "scale" else a + (b - b0)
+        values[f.name] = float(v) if v.ndim == 0 else v
+    return type(pose_source)(**values)
+
+
+@torch.no_grad()
+def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chunk=None, progress=True):
+    """Cross-reenactment of identity A (video i) by the motion of B (video i+1, another identity): the
+    driving frames are B's protocol frames (every 10th frame, same rule as self-reenactment), the ground
+    truth is data.render_face(A's identity, pose, B's expression) with
+      absolute: B's pose;   relative: A's first-frame pose moved by B's change since B's frame 0
+    (relative_pose; the model runs with relative=True, initial_frame = B's frame 0, no scale adaption).
+    Scores: SSIM, PSNR, L1 for both, and the copy-the-source baseline against the absolute ground truth."""
+    import data
+    from reenact import reenact
+    n = len(videos) if max_videos is None else min(len(videos), max_videos)
+    if n < 2:
+        raise ValueError("cross-reenactment needs at least 2 videos (--max-videos >= 2)")
+    rows = {"absolute": [], "relative": [], "baseline": []}
+    for i in tqdm(range(n), desc="cross-reenactment", disable=not progress):
+        a, b = videos[i], videos[(i + 1) % n]
+        if a["identity"] == b["identity"]:
+            continue
+        (id_a, poses_a, _), (_, poses_b, exprs_b) = video_params(a), video_params(b)
+        size = a["frames"].shape[-1]
+        src_idx, _ = protocol_frames(len(a["frames"]), num_src)
+        _, drv_idx = protocol_frames(len(b["frames"]), 1)
+        if not drv_idx:
+            continue
+        sources = a["frames"][src_idx].to(device)
+        driving = b["frames"][[0] + drv_idx].to(device)      # B's frame 0 leads: the relative anchor
+        gt = {}
+        for mode in ("absolute", "relative"):
+            poses = [poses_b[j] if mode == "absolute" else relative_pose(poses_a[0], poses_b[j], poses_b[0])
+                     for j in drv_idx]
+            gt[mode] = torch.stack([torch.from_numpy(data.render_face(id_a, p, exprs_b[j], size=size)[0])
+                                    .permute(2, 0, 1).float() for p, j in zip(poses, drv_idx)])
+            pred = reenact(model, sources, driving, relative=mode == "relative", initial_frame=0,
+                           chunk=chunk).cpu()[1:]
+            rows[mode].append(frame_scores(pred, gt[mode]))
+        copy = a["frames"][[src_idx[0]] * len(drv_idx)]
+        rows["baseline"].append(frame_scores(copy, gt["absolute"]))
+    if not rows["absolute"]:
+        return None
+    return {k: mean_over_videos(v) for k, v in rows.items()} | {"pairs": len(rows["absolute"])}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# disentanglement probe: what a linear map can read out of the expression vector e
+
+def fit_ridge(X, Y, alpha=10.0):
+    """Ridge regression Y ~ X on standardised X, closed form. Returns predict(X_new) -> Y_hat."""
+    X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
+    mu, sd = X.mean(0), X.std(0) + 1e-8
+    Xs, y_mu = (X - mu) / sd, Y.mean(0)
+    W = np.linalg.solve(Xs.T @ Xs + alpha * np.eye(X.shape[1]), Xs.T @ (Y - y_mu))
+    return lambda X_new: ((np.asarray(X_new, np.float64) - mu) / sd) @ W + y_mu
+
+
+def r2_score(Y, Y_hat) -> float:
+    """Coefficient of determination, per output dimension, averaged over the dimensions that vary
+    (dimensions constant in Y are left out). 1 = perfect, 0 = no better than the mean, < 0 = worse."""
+    Y, Y_hat = np.asarray(Y, np.float64), np.asarray(Y_hat, np.float64)
+    ss_tot = ((Y - Y.mean(0)) ** 2).sum(0)
+    ss_res = ((Y - Y_hat) ** 2).sum(0)
+    keep = ss_tot > 1e-12 * max(1.0, float(ss_tot.max()))
+    return float(np.mean(1.0 - ss_res[keep] / ss_tot[keep])) if keep.any() else math.nan
+
+
+def probe_r2(X_train, targets_train: dict, X_test, targets_test: dict, alpha=10.0) -> dict:
+    """Held-out R^2 of a ridge map from features X to each named target ([n, m] arrays)."""
+    return {name: r2_score(targets_test[name], fit_ridge(X_train, Y, alpha)(X_test))
+            for name, Y in targets_train.items()}
+
+
+@torch.no_grad()
+def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch=32, progress=True):
+    """Expression vectors e (model.keypoints_and_expression) of every stride-th frame of built-in videos,
+    with the true parameter vectors of the same frames: (e [n,E], {"expression", "identity", "pose"})."""
+    n = len(videos) if max_videos is None else min(len(videos), max_videos)
+    feats, targets = [], {"expression": [], "identity": [], "pose": []}
+    for i in tqdm(range(n), desc="probe features", disable=not progress):
+        item = videos[i]
+        identity, poses, exprs = video_params(item)
+        idx = list(range(0, len(item["frames"]), stride))
+        for k in range(0, len(idx), batch):
+            frames = item["frames"][idx[k:k + batch]].to(device)
+            feats.append(model.keypoints_and_expression(frames)[1].float().cpu().numpy())
+        targets["expression"] += [exprs[j].vector() for j in idx]
+        targets["pose"] += [poses[j].vector() for j in idx]
+        targets["identity"] += [identity.vector()] * len(idx)
+    return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# command line
+
+def _fmt(v, digits, lead_zero=False):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    s = f"{v:.{digits}f}"
+    return s if lead_zero or not s.startswith("0.") else s[1:]      # Table 1 writes .7576
+
+
+def format_row(name, num_src, row):
+    akd = row.get("akd") if row else None
+    return (f"{name:<26}{num_src:>5}  {_fmt(row['ssim'], 4):>6}  {_fmt(row['psnr'], 2):>6}  "
+            f"{_fmt(row['l1'], 4):>6}  {_fmt(akd, 2):>5}")
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    return x
+
+
+def run(args) -> dict:
+    import data
+    from srt import model_from_checkpoint
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model_from_checkpoint(args.checkpoint, device=device).eval()
+    size = model.cfg.image_size
+    videos = data.VideoSet(root=args.data, split="test", size=size)
+
+    landmark_fn, akd_reason = (None, "disabled with --no-akd") if args.no_akd else make_landmark_fn(args.akd)
+    res = evaluate_self(videos, model, args.num_src, landmark_fn, args.max_videos, device, args.chunk)
+    out = {"checkpoint": str(args.checkpoint), "data": args.data or "built-in", "num_src": args.num_src,
+           "image_size": size, "seed": args.seed, "self": res,
+           "akd": {"available": landmark_fn is not None, "reason": akd_reason,
+                   "units": f"pixels at {size}x{size}"}}
+    print(f"\nself-reenactment (Sec. 4.1), {res['videos']} videos "
+          f"({res['videos_skipped']} too short), {res['baseline']['frames']} driving frames")
+    print(f"{'method':<26}{'#src':>5}  {'SSIM':>6}  {'PSNR':>6}  {'L1':>6}  {'AKD':>5}")
+    print(format_row("FSRT (this checkpoint)", args.num_src, res["model"]))
+    print(format_row("copy nearest source", args.num_src, res["baseline"]))
+    if landmark_fn is None:
+        print(f"AKD: n/a -- {akd_reason}")
+    else:
+        m = res["model"]
+        print(f"AKD over {m['akd_frames']} frames; no face found in {m['akd_missing_real']} real and "
+              f"{m['akd_missing_generated']} generated frames")
+
+    builtin = len(videos) > 0 and videos[0].get("params") is not None
+    out["cross"] = out["probe"] = None
+    if not builtin:
+        out["cross_reason"] = out["probe_reason"] = "needs ground-truth parameters: built-in data only"
+    if builtin and not args.no_cross:
+        out["cross"] = cross = evaluate_cross(videos, model, args.num_src, args.max_videos, device, args.chunk)
+        if cross is not None:
+            print(f"\ncross-reenactment vs ground truth (identity A with B's motion), {cross['pairs']} pairs")
+            print(f"{'':<26}{'#src':>5}  {'SSIM':>6}  {'PSNR':>6}  {'L1':>6}")
+            for key, name in (("absolute", "FSRT, absolute motion"), ("relative", "FSRT, relative motion"),
+                              ("baseline", "copy source (vs absolute)")):
+                print(format_row(name, args.num_src, cross[key])[:-7])
+    if builtin and not args.no_probe:
+        train = data.VideoSet(root=None, split="train", size=size)
+        X_tr, Y_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)
+        X_te, Y_te = probe_features(model, videos, args.max_videos, args.probe_stride, device)
+        r2 = probe_r2(X_tr, Y_tr, X_te, Y_te, args.probe_alpha)
+        out["probe"] = {"r2": r2, "train_frames": len(X_tr), "test_frames": len(X_te), "alpha": args.probe_alpha}
+        print(f"\ndisentanglement probe: ridge map from e to the true parameters, R^2 on held-out identities "
+              f"({len(X_tr)} train / {len(X_te)} test frames; want expression high, identity and pose low)")
+        print("  " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in r2.items()))
+
+    with open(args.out, "w") as f:
+        json.dump(_jsonable(out), f, indent=2)
+    print(f"\nwrote {args.out}")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Evaluate an FSRT checkpoint: Table 1 protocol of Sec. 4.1, "
+                                "plus cross-reenactment and a disentanglement probe on the built-in data.")
+    p.add_argument("--checkpoint", required=True, help="fsrt checkpoint (train.py)")
+    p.add_argument("--data", default=None, help="VoxCeleb root with test/ (default: built-in videos)")
+    p.add_argument("--num-src", type=int, default=1, help="source frames: 1 = first, 2 = first and last")
+    p.add_argument("--max-videos", type=int, default=None, help="evaluate only the first N test videos")
+    p.add_argument("--out", default="results.json", help="JSON file for the numbers")
+    akd = p.add_mutually_exclusive_group()
+    akd.add_argument("--no-akd", action="store_true", help="skip AKD (no landmark detector)")
+    akd.add_argument("--akd", action="store_true", help="fail if AKD cannot be computed")
+    p.add_argument("--no-cross", action="store_true", help="skip cross-reenactment (built-in data)")
+    p.add_argument("--no-probe", action="store_true", help="skip the disentanglement probe (built-in data)")
+    p.add_argument("--probe-videos", type=int, default=32, help="train videos the probe is fitted on")
+    p.add_argument("--probe-stride", type=int, default=5, help="probe uses every N-th frame")
+    p.add_argument("--probe-alpha", type=float, default=10.0, help="ridge penalty (standardised features)")
+    p.add_argument("--chunk", type=int, default=None, help="pixels decoded per chunk")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""Tests of metrics.py: image metrics, AKD, the Sec. 4.1 frame protocol, the baseline row, the probe, and
+an end-to-end run on a tiny random checkpoint."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import metrics
+
+
+# ---------------------------------------------------------------- image metrics with known answers
+
+def test_identical_images():
+    img = torch.rand(3, 32, 32)
+    assert metrics.psnr(img, img) == math.inf
+    assert metrics.ssim(img, img) == pytest.approx(1.0)
+    assert metrics.l1(img, img) == 0.0
+
+
+def test_constant_offset():
+    target = torch.full((3, 32, 32), 0.4)
+    target[:, :16] = 0.2                                  # some structure, values stay inside [0, 1]
+    pred = target + 0.1
+    assert metrics.psnr(pred, target) == pytest.approx(20.0, abs=1e-4)   # 10 log10(1 / 0.01)
+    assert metrics.l1(pred, target) == pytest.approx(0.1, abs=1e-6)
+    assert metrics.ssim(pred, target) < 1.0
+    # numpy [H,W,3] gives the same numbers as torch [3,H,W]
+    assert metrics.psnr(pred.permute(1, 2, 0).numpy(), target.permute(1, 2, 0).numpy()) == \
+        pytest.approx(metrics.psnr(pred, target))
+
+
+def test_ssim_ranks_noise():
+    target = torch.rand(3, 48, 48)
+    small = (target + 0.02 * torch.randn_like(target)).clamp(0, 1)
+    large = (target + 0.3 * torch.randn_like(target)).clamp(0, 1)
+    assert 1.0 > metrics.ssim(small, target) > metrics.ssim(large, target)
+
+
+def test_frame_scores_clamps_predictions():
+    target = torch.ones(1, 3, 16, 16)
+    pred = torch.full((1, 3, 16, 16), 1.5)                # render output is not clamped
+    s = metrics.frame_scores(pred, target)
+    assert s["psnr"] == math.inf and s["l1"] == 0.0 and s["frames"] == 1
+
+
+# ---------------------------------------------------------------- AKD with an injected landmark function
+
+def test_akd_known_shift_and_missing_faces():
+    base = np.stack([np.arange(68, dtype=np.float32), np.zeros(68, np.float32)], 1)
+
+    def landmark_fn(img):                                  # face position coded in the red channel
+        v = int(img[0, 0, 0])
+        if v == 0:
+            return None                                    # "no face"
+        return base + np.array([v / 255.0 * 10, 0.0])   # brighter -> shifted right
+
+    def frame(v):
+        return torch.full((3, 8, 8), v / 255.0)
+
+    # pairs (generated, real): shift of (255-51)/255*10 = 8 px; 3-4-5 can't be made in 1D, so also 2 px
+    preds = [frame(255), frame(102), frame(0), frame(51), frame(0)]
+    reals = [frame(51), frame(51), frame(51), frame(0), frame(0)]
+    r = metrics.akd_scores(preds, reals, landmark_fn)
+    assert r["akd_frames"] == 2
+    assert r["akd"] == pytest.approx((8.0 + 2.0) / 2, abs=1e-4)
+    assert r["akd_missing_real"] == 2 and r["akd_missing_generated"] == 2
+
+
+def test_akd_euclidean_distance():
+    lm = np.random.rand(68, 2) * 50
+    r = metrics.akd_scores([torch.ones(3, 4, 4)], [torch.zeros(3, 4, 4)],
+                           lambda img: lm + (np.array([3.0, 4.0]) if img[0, 0, 0] == 255 else 0.0))
+    assert r["akd"] == pytest.approx(5.0)
+
+
+def test_akd_all_missing_is_nan_and_excluded_from_video_mean():
+    r = metrics.akd_scores([torch.zeros(3, 4, 4)], [torch.zeros(3, 4, 4)], lambda img: None)
+    assert math.isnan(r["akd"]) and r["akd_frames"] == 0
+    rows = [{"akd": 2.0, "akd_frames": 3}, {"akd": math.nan, "akd_frames": 0}, {"akd": 4.0, "akd_frames": 1}]
+    m = metrics.mean_over_videos(rows)
+    assert m["akd"] == 3.0 and m["akd_frames"] == 4     # per video first, then over videos
+
+
+def test_detector_wrapper_maps_back_to_small_pixels():
+    seen = {}
+
+    def fake_detector(img):                               # a detector that reports the centre of a 2x2 block
+        seen["shape"] = img.shape
+        ys, xs = np.nonzero(img[..., 0] > 128)
+        return np.tile([[xs.mean(), ys.mean()]], (68, 1))
+    img = np.zeros((64, 64, 3), np.uint8)
+    img[10, 20] = 255                                     # one pixel at x=20, y=10
+    lm = metrics.detector_landmark_fn(fake_detector, min_size=256)(img)
+    assert seen["shape"] == (256, 256, 3)
+    assert np.allclose(lm[0], [20, 10], atol=0.3)
+
+
+# ---------------------------------------------------------------- protocol of Sec. 4.1
+
+@pytest.mark.parametrize("num_frames, num_src, sources, driving", [
+    (35, 1, [0], [10, 20, 30]),
+    (35, 2, [0, 34], [10, 20]),             # 30 is only 4 frames from the last source
+    (9, 1, [0], []),                        # frame 0 is the source itself
+    (9, 2, [0, 8], []),
+    (41, 2, [0, 40], [10, 20, 30]),         # 40 is the source; 30 is exactly 10 away -> kept
+    (1, 2, [0], []),
+])
+def test_protocol_frames(num_frames, num_src, sources, driving):
+    assert metrics.protocol_frames(num_frames, num_src) == (sources, driving)
+
+
+def test_nearest_source():
+    assert metrics.nearest_source([0, 34], 10) == 0
+    assert metrics.nearest_source([0, 34], 20) == 34
+    assert metrics.nearest_source([0, 20], 10) == 0          # tie -> earlier
+
+
+# ---------------------------------------------------------------- the baseline row is computed
+
+def test_baseline_row_equals_metrics_of_source_vs_targets():
+    g = torch.Generator().manual_seed(1)
+    videos = [{"frames": torch.rand(35, 3, 16, 16, generator=g)},
+              {"frames": torch.rand(9, 3, 16, 16, generator=g)},      # too short: skipped, counted
+              {"frames": torch.rand(25, 3, 16, 16, generator=g)}]
+    res = metrics.evaluate_self(videos, model=None, num_src=2, progress=False)
+    assert res["model"] is None and res["videos"] == 2 and res["videos_skipped"] == 1
+    v0, v2 = videos[0]["frames"], videos[2]["frames"]
+    # video 0 (35 frames, sources 0 and 34): frame 10 <- source 0, frame 20 <- source 34
+    # video 2 (25 frames, sources 0 and 24): frame 10 <- source 0
+    per_video = [[(v0[0], v0[10]), (v0[34], v0[20])], [(v2[0], v2[10])]]
+    for key, fn in (("psnr", metrics.psnr), ("ssim", metrics.ssim), ("l1", metrics.l1)):
+        expected = np.mean([np.mean([fn(s, t) for s, t in pairs]) for pairs in per_video])
+        assert res["baseline"][key] == pytest.approx(expected, rel=1e-9)
+    assert res["baseline"]["frames"] == 3
+    # the rows differ between 1 and 2 sources: the numbers are computed, not fixed
+    assert metrics.evaluate_self(videos, None, 1, progress=False)["baseline"]["psnr"] != res["baseline"]["psnr"]
+
+
+def test_baseline_with_landmarks_counts_akd():
+    videos = [{"frames": torch.rand(21, 3, 8, 8)}]
+    res = metrics.evaluate_self(videos, None, 1, landmark_fn=lambda img: np.zeros((68, 2)), progress=False)
+    assert res["baseline"]["akd"] == 0.0 and res["baseline"]["akd_frames"] == 2
+
+
+def test_all_videos_too_short_is_a_clear_error():
+    with pytest.raises(ValueError, match="too short"):
+        metrics.evaluate_self([{"frames": torch.rand(5, 3, 8, 8)}], None, 1, progress=False)
+
+
+# ---------------------------------------------------------------- disentanglement probe
+
+def _params(n, rng):
+    return {"expression": rng.normal(size=(n, 5)), "identity": rng.normal(size=(n, 4)),
+            "pose": rng.normal(size=(n, 6))}
+
+
+def test_probe_high_r2_when_vector_contains_parameters():
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(15, 24))
+    tr, te = _params(400, rng), _params(200, rng)
+
+    def embed(p):                                          # linear mix of all parameters + small noise
+        P = np.concatenate([p["expression"], p["identity"], p["pose"]], 1)
+        return P @ A + 0.05 * rng.normal(size=(len(P), 24))
+    r2 = metrics.probe_r2(embed(tr), tr, embed(te), te, alpha=1.0)
+    assert all(v > 0.95 for v in r2.values()), r2
+
+
+def test_probe_low_r2_on_noise_and_on_missing_factors():
+    rng = np.random.default_rng(0)
+    tr, te = _params(400, rng), _params(200, rng)
+    r2 = metrics.probe_r2(rng.normal(size=(400, 24)), tr, rng.normal(size=(200, 24)), te, alpha=1.0)
+    assert all(v < 0.1 for v in r2.values()), r2
+    # a vector holding only expression: high for expression, low for identity and pose
+    A = rng.normal(size=(5, 24))
+    r2 = metrics.probe_r2(tr["expression"] @ A, tr, te["expression"] @ A, te, alpha=1.0)
+    assert r2["expression"] > 0.95 and r2["identity"] < 0.1 and r2["pose"] < 0.1, r2
+
+
+def test_r2_score_hand_values():
+    y = np.array([[1.0, 5.0], [2.0, 5.0], [3.0, 5.0]])     # second column constant: left out
+    assert metrics.r2_score(y, y) == 1.0
+    pred = np.array([[2.0, 0.0], [2.0, 0.0], [2.0, 0.0]])   # the mean -> 0
+    assert metrics.r2_score(y, pred) == pytest.approx(0.0)
+    pred = np.array([[1.0, 0], [2.0, 0], [4.0, 0]])         # ss_res 1, ss_tot 2 -> 0.5
+    assert metrics.r2_score(y, pred) == pytest.approx(0.5)
