@@ -175,27 +175,14 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
                 kp_drv = kp_drv.float()
                 if relative:  # expression stays the driving frame's own (Sec. 3.4)
                     kp_drv = relative_keypoints(kp_source, kp_drv, kp_init, adapt_scale)
-                lat, kv_b = _batch_latents(set_latents, kv, len(sel))
-                rgb = model.render(lat, kp_drv, expr_drv, size=(S, S), chunk=chunk, kv=kv_b)   # (b, 3, S, S)
+                # one source set for b frames: the decoder folds the frames into the pixel axis
+                rgb = model.render(set_latents, kp_drv, expr_drv, size=(S, S), chunk=chunk, kv=kv)  # (b, 3, S, S)
             out[t0:t0 + len(sel)] = rgb.float().clamp(0, 1).to(out.device)
             bar.update(len(sel))
         bar.close()
     finally:
         model.train(was_training)
     return out
-
-
-def _batch_latents(set_latents, kv, b):
-    """The source set's latents (and keys/values) for a batch of b driving frames (views, no copies)."""
-    def expand(x):
-        if torch.is_tensor(x):
-            return x.expand(b, *x.shape[1:]) if x.shape[0] == 1 else x
-        if isinstance(x, (list, tuple)):
-            return type(x)(expand(y) for y in x)
-        if isinstance(x, dict):
-            return {k: expand(v) for k, v in x.items()}
-        return x
-    return expand(set_latents), expand(kv)
 
 
 # -----------------------------------------------------------------------------
@@ -365,14 +352,15 @@ def run(args):
     if args.best_frame is not None:
         initial = pick_frames(T, [args.best_frame], "--best-frame")[0]
     elif args.find_best_frame:
-        if landmarks is None:
-            from keypoints import LandmarkDetector
+        if landmarks is None:  # face-alignment on the centre-cropped frames at their own resolution
             try:
-                detector = LandmarkDetector(device=str(device))
-            except (ImportError, OSError, RuntimeError, ValueError) as e:
+                from keypoints import LandmarkDetector
+                detector = LandmarkDetector(device=str(device))      # models are built on the first call
+                landmarks = (detector(src_sq[0]), [detector(f) for f in drv_sq])
+            except Exception as e:
+                msg = " ".join(str(e).split())[:300]
                 raise RuntimeError(f"--find-best-frame needs face-alignment landmarks, which are unavailable "
-                                   f"({e}); use --best-frame N instead") from e
-            landmarks = (detector(src_sq[0]), [detector(f) for f in drv_sq])
+                                   f"({type(e).__name__}: {msg}); use --best-frame N instead") from e
         initial = find_best_frame(*landmarks)
         log(f"best initial frame: {initial}")
     if args.adapt_scale and not relative:
