@@ -29,6 +29,7 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -165,7 +166,6 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
                 kp_init = model.keypoints_and_expression(driving[i0:i0 + 1].to(device))[0].float()  # (1, K, 2)
                 kp_source = (kp_src[:1] if kp_source is None else kp_source).float().to(device)
 
-        from tqdm import tqdm
         bar = tqdm(total=len(idx), unit="frame", disable=not progress, dynamic_ncols=True)
         for t0 in range(0, len(idx), max(1, batch)):
             sel = idx[t0:t0 + max(1, batch)]
@@ -218,7 +218,7 @@ def to_model_size(frames, size, name, log=print):
     T, H, W, _ = frames.shape
     s = min(H, W)
     y0, x0 = (H - s) // 2, (W - s) // 2
-    square = np.ascontiguousarray(frames[:, y0:y0 + s, x0:x0 + s])
+    square = frames[:, y0:y0 + s, x0:x0 + s].copy()                          # (T, s, s, 3)
     x = torch.from_numpy(square).permute(0, 3, 1, 2).float() / 255.0
     if (H, W) != (size, size):
         log(f"notice: {name} is {W}x{H}; centre-cropped to {s}x{s} and resized to {size}x{size}")
