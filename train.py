@@ -1,0 +1,694 @@
+"""Training FSRT (paper Sec. 3.2, 3.3): phases 0-III in one script, single process or plain DDP.
+
+    python train.py --phase 1                      # built-in faces, tiny model on CPU (runs phase 0 first)
+    python train.py --phase 2 --out runs/tiny      # continues from runs/tiny/phase1.pt
+    torchrun --nproc_per_node 4 train.py --phase 1 --data /data/vox --preset paper --out runs/vox
+
+Phases (each starts from the previous phase's checkpoint in --out, or from --init PATH):
+  0  trains the hourglass keypoint detector to regress its 10 keypoints onto the 68-point landmarks
+     keypoints.KP_LANDMARKS (FOMM's checkpoint links are dead). Skipped with --kp-checkpoint vox-cpk.pth.tar.
+  I  MSE on --pixels randomly sampled pixels of the driving frame (Eq. 17) + L_reg (Eq. 16).
+  II + perceptual loss on the full image, with gradient only through every second pixel (render_subsampled).
+  III + keypoint-aware discriminator, LSGAN and feature matching (Eq. 18), after a discriminator warm-up.
+From phase I on the detector is frozen (eval mode, no gradient, not in the optimiser), as in the paper.
+
+Presets: --preset auto (default) is `paper` on CUDA and `tiny` on CPU; every option overrides the preset.
+The run folder (--out) holds phase{P}.pt (one checkpoint per phase; rerunning the same command resumes it),
+log.jsonl, samples/phase{P}_{step}.png (sources | driving (Omega crop) | prediction | ground truth) and
+curves_phase{P}.png (loss and held-out self-reenactment PSNR against copying the source).
+
+Determinism: all randomness of a step (data order, augmentation, pixel choice, the 25% rule) is a function
+of (seed, step, global sample index), never of the rank, so a run on W processes follows a 1-process run of
+the same global batch, and a resumed run follows an uninterrupted one.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import data
+import losses
+import srt
+from keypoints import KP_LANDMARKS, load_kp_detector
+
+# training values per preset: (phase 0, I, II, III) steps; paper values from architecture.md
+PRESETS = {
+    "tiny": dict(image_size=64, batch_size=16, pixels=1024, lr=1e-3, warmup=100,
+                 steps=(300, 2000, 500, 500), disc_warmup=50),
+    "paper": dict(image_size=256, batch_size=24, pixels=4096, lr=1e-4, warmup=2500,
+                  steps=(20000, 200000, 300000, 500000), disc_warmup=500),
+}
+STOP = False   # set by SIGINT/SIGTERM; the step in flight finishes, a checkpoint is written, the run exits
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description="Train FSRT (phases 0-III).")
+    p.add_argument("--phase", type=int, default=1, choices=(0, 1, 2, 3))
+    p.add_argument("--data", default=None, help="VoxCeleb root (see README); default: built-in faces")
+    p.add_argument("--preset", default="auto", choices=("auto", "tiny", "paper"),
+                   help="auto = paper on CUDA, tiny on CPU")
+    p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
+    p.add_argument("--init", default=None, help="fsrt checkpoint to start this phase from (model weights)")
+    p.add_argument("--kp-checkpoint", default=None, help="FOMM vox-cpk.pth.tar: use its detector, skip phase 0")
+    p.add_argument("--vgg-weights", default=None,
+                   help="torchvision vgg19-dcbb9e9d.pth for phases II/III; 'random' = untrained VGG (tests only)")
+    for name, t in (("image-size", int), ("batch-size", int), ("pixels", int), ("lr", float), ("warmup", int),
+                    ("steps", int), ("disc-warmup", int)):
+        p.add_argument("--" + name, type=t, default=None, help="default from the preset")
+    p.add_argument("--num-src", type=int, default=1)
+    p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
+    p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
+    p.add_argument("--no-keypoints", action="store_true", help="ablation: n_K = 0 (no keypoint conditioning)")
+    p.add_argument("--motion", type=float, default=1.0, help="built-in data: pose/expression range scale")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--sample-every", type=int, default=500, help="sample grid + held-out PSNR every N steps")
+    p.add_argument("--eval-videos", type=int, default=4, help="held-out test videos for the PSNR check")
+    p.add_argument("--ckpt-every", type=int, default=500)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    return p.parse_args(argv)
+
+
+def resolve(args):
+    """Fill the preset's values into the options left unset and check the options."""
+    cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
+    args.preset = ("paper" if cuda else "tiny") if args.preset == "auto" else args.preset
+    for k, v in PRESETS[args.preset].items():
+        if k != "steps" and getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.steps is None:
+        args.steps = PRESETS[args.preset]["steps"][args.phase]
+    args.out = args.out or os.path.join("runs", args.preset)
+    if args.data is not None and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data {args.data!r} is not a folder: give a VoxCeleb root prepared as the "
+                                f"README says, or leave --data out to train on the built-in faces")
+    for f in ("init", "kp_checkpoint"):
+        if getattr(args, f) and not os.path.isfile(getattr(args, f)):
+            raise FileNotFoundError(f"--{f.replace('_', '-')} {getattr(args, f)!r}: no such file")
+    if args.vgg_weights not in (None, "random") and not os.path.isfile(args.vgg_weights):
+        raise FileNotFoundError(f"--vgg-weights {args.vgg_weights!r}: no such file (download torchvision's "
+                                f"vgg19-dcbb9e9d.pth)")
+    if min(args.batch_size, args.pixels, args.image_size, args.num_src, args.steps + 1) < 1:
+        raise ValueError("--batch-size, --pixels, --image-size and --num-src must be positive")
+    if args.pixels > args.image_size ** 2:
+        raise ValueError(f"--pixels {args.pixels} exceeds the {args.image_size}x{args.image_size} image")
+    return args
+
+
+def model_config(args):
+    over = dict(image_size=args.image_size, use_keypoints=not args.no_keypoints, small_decoder=args.small_decoder)
+    if args.expr_dim is not None:
+        over["expr_dim"] = args.expr_dim
+    return getattr(srt.FSRTConfig, args.preset)(**over)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them: one process)
+
+def setup_distributed(args):
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    return rank, world, device
+
+
+class GatherWithGrad(torch.autograd.Function):
+    """all_gather along dim 0 whose backward sums the gradient of every rank and returns this rank's slice.
+    Every rank computes the same global loss from the gathered tensor; the summed gradient, then divided by
+    W in average_gradients, equals the gradient of that one global loss (the batch terms L_Cov, L_Var)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather(x, world):
+    return GatherWithGrad.apply(x) if world > 1 else x
+
+
+def average_gradients(params, world):
+    """DDP's gradient averaging done explicitly in one flat all_reduce (the model is driven through several
+    methods - detect, encode, decode - not one forward(), which DistributedDataParallel's wrapper assumes).
+    Returns whether every gradient is finite (the same answer on every rank)."""
+    params = [p for p in params if p.grad is not None]
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    if world > 1:
+        dist.all_reduce(flat)
+        flat /= world
+    i = 0
+    for p in params:
+        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+        i += p.numel()
+    return bool(torch.isfinite(flat).all())
+
+
+def all_agree(flag, world, device):
+    """True on every rank when it is True on any rank (stop requests, non-finite losses)."""
+    if world == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data: the order and every random choice depend on (seed, step, global sample index) only
+
+def sample_rng(seed, step, index):
+    """A torch.Generator for one sample of one step; identical on every rank and after a resume."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0]))
+
+
+def global_indices(step, batch_size, n, seed):
+    """Dataset indices of the global batch of `step`: an endless stream of seeded permutations of range(n)."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, j = divmod(pos, n)
+        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[j]))
+    return out
+
+
+class StepSampler(torch.utils.data.Sampler):
+    """Yields this rank's slice of every global batch from `start` to `stop` (the data position of a resume)."""
+
+    def __init__(self, n, batch_size, rank, world, seed, start, stop):
+        self.n, self.bs, self.rank, self.world, self.seed, self.start, self.stop = n, batch_size, rank, world, \
+            seed, start, stop
+
+    def __iter__(self):
+        b = self.bs // self.world
+        for step in range(self.start, self.stop):
+            yield global_indices(step, self.bs, self.n, self.seed)[self.rank * b:(self.rank + 1) * b]
+
+    def __len__(self):
+        return self.stop - self.start
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the losses of one step
+
+def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offset):
+    """Phase II's gradient pixel sub-sampling (Sec. 3.3): the pixels (offset[1] + 2i, offset[0] + 2j) are
+    decoded with gradient, the other 3/4 under no_grad from detached latents and conditioning; both are
+    assembled into the full image. Returns [B,3,H,W] (unclamped), equal to a full render in value."""
+    H, W = size
+    grid = srt.pixel_grid(H, W, device=set_latents.device)                        # (H*W, 2)
+    mask = torch.zeros(H, W, dtype=torch.bool, device=grid.device)
+    mask[offset[1]::2, offset[0]::2] = True
+    idx_grad, idx_rest = mask.flatten().nonzero()[:, 0], (~mask).flatten().nonzero()[:, 0]
+    rgb_grad = model.decode(set_latents, grid[idx_grad], kp_driving, expr_driving)   # (B, HW/4, 3)
+    with torch.no_grad():
+        rgb_rest = model.decode(set_latents.detach(), grid[idx_rest], kp_driving.detach(),
+                                expr_driving.detach())                                # (B, 3HW/4, 3)
+    order = torch.argsort(torch.cat([idx_grad, idx_rest]))                             # back to row-major
+    rgb = torch.cat([rgb_grad, rgb_rest], dim=1)[:, order]                             # (B, H*W, 3)
+    return rgb.transpose(1, 2).reshape(-1, 3, H, W)
+
+
+def encode_batch(model, b, rngs):
+    """Sec. 3.2 wiring. Returns set_latents, kp_driving, expr_driving and the expression vectors for L_reg."""
+    B, N = b["src"].shape[:2]
+    flat = lambda x: x.flatten(0, 1)
+    # A1 or A2 colours for the uncropped driving expression (Eq. 12), and the 25% rule, per sample
+    use_a2 = torch.tensor([bool(torch.rand(1, generator=g) < 0.5) for g in rngs], device=b["drv"].device)
+    use_full = torch.tensor([bool(torch.rand(1, generator=g) < 0.25) for g in rngs], device=b["drv"].device)
+    drv_a = torch.where(use_a2[:, None, None, None], b["drv_a2"], b["drv"])
+    with torch.no_grad():   # the detector is frozen; one pass over every image of the step
+        det = model.detect(torch.cat([flat(b["src_full"]), b["drv_full"], flat(b["src"]), flat(b["src_a2"]),
+                                      drv_a, b["drv_omega"]]))
+    kp = det["keypoints"]
+    # keypoints of out-of-frame crops are detected on the uncropped frames, then mapped into the crop
+    kp_source = data.map_to_crop(kp[:B * N].view(B, N, *kp.shape[1:]), b["crop"][:, None])   # (B, N, K, 2)
+    kp_driving = data.map_to_crop(kp[B * N:B * N + B], b["crop"])                            # (B, K, 2)
+    e = model.expression_of({k: v[B * N + B:] for k, v in det.items()})      # (2BN + 2B, E), with gradient
+    e_src_a1, e_src_a2 = e[:B * N].view(B, N, -1), e[B * N:2 * B * N].view(B, N, -1)
+    e_drv_a, e_drv_omega = e[2 * B * N:2 * B * N + B], e[2 * B * N + B:]
+    # decoder expression: Omega(A3) of the driving frame, in 25% of cases its uncropped A1/A2 version
+    expr_driving = torch.where(use_full[:, None], e_drv_a, e_drv_omega)
+    # the encoder sees the sources' A1 colours with the expression vectors of their A2 versions
+    set_latents = model.encode(b["src"], kp_source, e_src_a2)                          # (B, N*T, D)
+    return set_latents, kp_driving, expr_driving, (e_src_a1, e_src_a2, e_drv_a, e_drv_omega)
+
+
+def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=None):
+    """Loss of phases I-III for this rank's batch (a mean over it; the global loss is the mean over ranks).
+    gidx: positions of this rank's samples in the global batch. Returns (loss, dict of float terms,
+    prediction (B,P,3) in phase I or the full image (B,3,H,W) later, kp_driving)."""
+    rngs = [sample_rng(args.seed, step, i) for i in gidx]
+    set_latents, kp_driving, expr_driving, es = encode_batch(model, b, rngs)
+    W = args.weights
+    # L_reg (Eq. 16) couples the samples (Cov/Var over E, Eq. 13-15; batch means of L_aug): computed on the
+    # global batch, gathered with gradient, identically on every rank
+    reg, terms = losses.l_reg(*(gather(e, world) for e in es), W)
+    terms = {k: float(v) for k, v in terms.items()}
+    target = b["drv"]                                                                  # (B, 3, H, W)
+    B, _, H, Wd = target.shape
+    if args.phase == 1:   # Eq. (17) on --pixels pixels per driving frame, sampled without replacement
+        idx = torch.stack([torch.randperm(H * Wd, generator=g)[:args.pixels] for g in rngs]).to(target.device)
+        pixels = srt.pixel_grid(H, Wd, device=target.device)[idx]                        # (B, P, 2)
+        pred = model.decode(set_latents, pixels, kp_driving, expr_driving)               # (B, P, 3)
+        gt = torch.gather(target.flatten(2), 2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
+        mse = losses.l_mse(pred, gt)
+        loss = W.mse * mse + reg                                                          # Eq. (16) + (17)
+        terms["mse"] = float(mse)
+        return loss, terms, pred, kp_driving
+    g = torch.Generator().manual_seed(args.seed * 7919 + step)                          # one offset per step
+    offset = [int(v) for v in torch.randint(0, 2, (2,), generator=g)]
+    pred = render_subsampled(model, set_latents, kp_driving, expr_driving, (H, Wd), offset)   # (B, 3, H, W)
+    mse = losses.l_mse(pred, target)                          # Eq. (17) on the assembled full image
+    perc = perceptual(pred, target)                           # lambda_P L_P (per-layer weights inside)
+    adv = fm = None
+    if args.phase == 3 and step >= args.disc_warmup:   # adversarial terms after the discriminator warm-up
+        fake_scores, fake_feats = disc(pred, kp_driving)
+        with torch.no_grad():
+            _, real_feats = disc(target, kp_driving)
+        adv, fm = losses.g_loss(fake_scores), losses.feature_matching(real_feats, fake_feats)
+    loss, weighted = losses.objective(reg, mse, perc, adv, fm, W)                       # Eq. (18)
+    terms.update({k: float(v) for k, v in weighted.items() if k != "reg"})
+    return loss, terms, pred, kp_driving
+
+
+def kp_loss(model, b, args):
+    """Phase 0: the detector's keypoints against the normalised landmarks KP_LANDMARKS (data.to_normalized)."""
+    S = args.image_size
+    images = torch.cat([b["src_full"].flatten(0, 1), b["drv_full"]])
+    lm = torch.cat([b["src_lm"].flatten(0, 1), b["drv_lm"]])[:, list(KP_LANDMARKS)]       # (B', K, 2) pixels
+    target = (lm + 0.5 - S / 2) / (S / 2)
+    kp = model.kp_detector(images)["keypoints"]
+    return torch.nn.functional.mse_loss(kp, target), kp, target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints (one file per phase, srt.save_checkpoint's format; everything loads with weights_only=True)
+
+def rng_state():
+    np_state = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                                                      *np_state[2:]], "python": list(random.getstate()[1])}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    np.random.set_state((s["numpy"][0], s["numpy"][1].numpy().astype(np.uint32), *s["numpy"][2:]))
+    random.setstate((3, tuple(s["python"]), None))
+
+
+def save(path, model, opt, step, iteration, args, disc=None, dopt=None):
+    ckpt = {"format": "fsrt", "config": model.cfg.to_dict(), "model": model.state_dict(), "step": step,
+            "iteration": iteration, "phase": args.phase, "optimizer": opt.state_dict(), "rng": rng_state(),
+            "args": {k: v for k, v in vars(args).items() if k != "weights"}}
+    if disc is not None:
+        ckpt.update(disc=disc.state_dict(), disc_optimizer=dopt.state_dict())
+    srt.save_checkpoint(path, ckpt)
+
+
+def check_config(ckpt, cfg, path):
+    old, new = ckpt["config"], cfg.to_dict()
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if diff:
+        raise ValueError(f"{path} was trained with a different model ({', '.join(diff)} differ): pass the same "
+                         f"--preset/--image-size/ablation options as that run")
+
+
+def lr_at(args, iteration):
+    """The release's schedule: linear warm-up, then x0.16 every 4M iterations. iteration counts from 1."""
+    return args.lr * min(1.0, iteration / args.warmup) * 0.16 ** ((iteration - args.warmup) / 4e6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# what a person sees: held-out PSNR, sample grids, curves
+
+def psnr(a, b):
+    return float((10 * torch.log10(1 / ((a.clamp(0, 1) - b) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10))).mean())
+
+
+@torch.no_grad()
+def evaluate(model, videos, frames=8):
+    """Self-reenactment on held-out videos: source = first frame, driving = up to `frames` later frames.
+    Returns (model PSNR, copy-the-source PSNR), both mean over frames and videos, in dB."""
+    ours, copy = [], []
+    model.eval()
+    for v in videos:
+        f = v["frames"].to(next(model.parameters()).device)                       # (T, 3, S, S)
+        f = f[torch.linspace(0, len(f) - 1, min(len(f), frames + 1)).long()]
+        kp, e = model.keypoints_and_expression(f)                                  # (T, K, 2), (T, E)
+        set_latents = model.encode(f[:1, None], kp[:1, None], e[:1, None])         # (1, T', D)
+        pred = model.render(set_latents.expand(len(f) - 1, -1, -1), kp[1:], e[1:], size=tuple(f.shape[2:]))
+        ours.append(psnr(pred, f[1:]))
+        copy.append(psnr(f[:1].expand_as(f[1:]), f[1:]))
+    return float(np.mean(ours)), float(np.mean(copy))      # the caller puts the model back in train mode
+
+
+@torch.no_grad()
+def evaluate_kp(model, videos):
+    """Phase 0: mean distance in pixels between detected keypoints and the KP_LANDMARKS landmarks."""
+    was_training, err = model.kp_detector.training, []
+    model.kp_detector.eval()
+    for v in videos:
+        if v["landmarks"] is None:
+            continue
+        f = v["frames"].to(next(model.parameters()).device)
+        S = f.shape[-1]
+        kp = (model.kp_detector(f)["keypoints"] * S / 2 + S / 2 - 0.5).cpu()        # pixels
+        lm = torch.as_tensor(np.asarray(v["landmarks"]))[:, list(KP_LANDMARKS)]
+        err.append(float((kp - lm).norm(dim=-1).mean()))
+    model.kp_detector.train(was_training)
+    return float(np.mean(err)) if err else float("nan")
+
+
+def to_pil(img):
+    return Image.fromarray((img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5)
+                           .astype(np.uint8))
+
+
+def save_grid(path, rows, points=None):
+    """rows: list of lists of [3,S,S] images -> one PNG. points: optional per-cell lists of ([K,2] pixels,
+    colour) drawn as dots (phase 0: landmarks green, keypoints red)."""
+    S = rows[0][0].shape[-1]
+    grid = Image.new("RGB", (S * max(len(r) for r in rows), S * len(rows)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, row in enumerate(rows):
+        for j, img in enumerate(row):
+            grid.paste(to_pil(img), (j * S, i * S))
+            for pts, colour in (points or {}).get((i, j), []):
+                for x, y in pts.tolist():
+                    draw.ellipse([j * S + x - 1, i * S + y - 1, j * S + x + 1, i * S + y + 1], fill=colour)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    grid.save(path)
+
+
+def plot_curves(path, panels, width=640, height=200):
+    """panels: list of (title, {name: (xs, ys)}) -> a PNG with one panel per title, drawn with PIL alone."""
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
+    img = Image.new("RGB", (width, height * len(panels)), "white")
+    draw = ImageDraw.Draw(img)
+    for k, (title, series) in enumerate(panels):
+        top, m = k * height, 30
+        pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
+        if not pts:
+            continue
+        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
+        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
+        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
+        fx = lambda x: m + (x - x0) / (x1 - x0) * (width - 2 * m)
+        fy = lambda y: top + height - m - (y - y0) / (y1 - y0) * (height - 2 * m)
+        draw.rectangle([m, top + m, width - m, top + height - m], outline="black")
+        draw.text((m, top + 5), f"{title}   [{y0:.4g}, {y1:.4g}] over steps {x0}-{x1}", fill="black")
+        for c, (name, (xs, ys)) in enumerate(series.items()):
+            line = [(fx(x), fy(y)) for x, y in zip(xs, ys) if math.isfinite(y)]
+            if len(line) > 1:
+                draw.line(line, fill=colours[c % len(colours)], width=2)
+            elif line:
+                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2],
+                             fill=colours[c % len(colours)])
+            draw.text((width - m - 150, top + m + 5 + 12 * c), name, fill=colours[c % len(colours)])
+    img.save(path)
+
+
+def draw_curves(out, phase):
+    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
+    recs = [r for r in recs if r.get("phase") == phase]
+    series = lambda key: ([r["step"] for r in recs if key in r], [r[key] for r in recs if key in r])
+    panels = [("log10 loss", {"loss": (series("loss")[0], [math.log10(max(v, 1e-12)) for v in series("loss")[1]])})]
+    if phase == 0:
+        panels.append(("held-out keypoint error (px)", {"kp_err_px": series("eval_kp_err_px")}))
+    else:
+        panels.append(("held-out self-reenactment PSNR (dB)",
+                       {"model": series("eval_psnr"), "copy source": series("eval_copy_psnr")}))
+    plot_curves(os.path.join(out, f"curves_phase{phase}.png"), panels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one phase
+
+def build(args, device, rank):
+    """Model, optimiser(s) and start position of this phase: resume its own checkpoint, or start from --init /
+    the previous phase's checkpoint / --kp-checkpoint."""
+    cfg, path = model_config(args), os.path.join(args.out, f"phase{args.phase}.pt")
+    torch.manual_seed(args.seed)
+    model = srt.FSRT(cfg).to(device)
+    dcfg = (losses.DiscConfig.tiny if args.preset == "tiny" else losses.DiscConfig)(num_kp=cfg.num_kp)
+    disc = losses.Discriminator(dcfg).to(device) if args.phase == 3 else None
+    if args.phase == 0:
+        params = list(model.kp_detector.parameters())
+    else:
+        model.freeze_detector()   # eval mode (kept across train()), no gradient, not in the optimiser
+        params = [p for n, p in model.named_parameters() if not n.startswith("kp_detector.")]
+    opt = torch.optim.Adam(params, lr=args.lr)
+    dopt = torch.optim.Adam(disc.parameters(), lr=args.lr) if disc is not None else None
+    step = iteration = 0
+    if os.path.exists(path):                                            # resume this phase
+        ck = srt.load_checkpoint(path)
+        check_config(ck, cfg, path)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(ck["disc"])
+            dopt.load_state_dict(ck["disc_optimizer"])
+        step, iteration = ck["step"], ck["iteration"]
+        set_rng_state(ck["rng"])
+    elif args.init:
+        ck = srt.load_checkpoint(args.init)
+        check_config(ck, cfg, args.init)
+        model.load_state_dict(ck["model"])
+    elif args.phase >= 1:
+        prev = os.path.join(args.out, f"phase{args.phase - 1}.pt")
+        if os.path.exists(prev):
+            ck = srt.load_checkpoint(prev)
+            check_config(ck, cfg, prev)
+            model.load_state_dict(ck["model"])
+            if args.phase >= 2:   # phases I-III are one run of the release: optimiser and schedule continue
+                opt.load_state_dict(ck["optimizer"])
+                iteration = ck["iteration"]
+        elif not (args.phase == 1 and args.kp_checkpoint):
+            raise FileNotFoundError(
+                f"{prev} not found: run `python train.py --phase {args.phase - 1} --out {args.out}` first "
+                f"(with the same model options), or pass --init PATH")
+    if args.kp_checkpoint and args.phase >= 1 and not os.path.exists(path):
+        load_kp_detector(args.kp_checkpoint, model.kp_detector)
+    if dist.is_initialized():   # identical start on every rank (already true by seeding; cheap insurance)
+        for t in list(model.state_dict().values()) + (list(disc.state_dict().values()) if disc else []):
+            dist.broadcast(t, 0)
+    return model, opt, disc, dopt, params, step, iteration, path
+
+
+def run_phase(args, rank, world, device):
+    """Train one phase to args.steps. Returns True when stopped by a signal."""
+    global STOP
+    model, opt, disc, dopt, params, step, iteration, path = build(args, device, rank)
+    if step >= args.steps:
+        if rank == 0:
+            print(f"phase {args.phase} already trained to step {step} ({path}); raise --steps to continue")
+        return False
+    ds = data.FaceDataset(root=args.data, split="train", size=args.image_size, num_src=args.num_src,
+                          augment=args.phase >= 1, seed=args.seed, **args.data_kwargs)
+    local_bs = args.batch_size // world
+    loader = torch.utils.data.DataLoader(ds, num_workers=args.workers, batch_sampler=StepSampler(
+        len(ds), args.batch_size, rank, world, args.seed, step, args.steps))
+    perceptual = None
+    if args.phase >= 2:
+        torch.manual_seed(args.seed + 1)   # an untrained VGG ('random', tests only) is the same after a resume
+        perceptual = losses.PerceptualLoss(weights_path=None if args.vgg_weights == "random" else args.vgg_weights,
+                                           random_weights=args.vgg_weights == "random").to(device)
+    videos = []
+    if rank == 0:
+        test = data.VideoSet(root=args.data, split="test", size=args.image_size)
+        videos = [test[i] for i in range(min(args.eval_videos, len(test)))]
+        os.makedirs(args.out, exist_ok=True)
+        log = open(os.path.join(args.out, "log.jsonl"), "a")
+        print(f"phase {args.phase}: {'resuming at' if step else 'starting'} step {step} of {args.steps}, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f} M trained parameters, {world} process(es) on "
+              f"{device}, run folder {args.out}")
+
+    def write(rec):
+        log.write(json.dumps({"phase": args.phase, "step": step, **rec}) + "\n")
+        log.flush()
+
+    def eval_and_sample(b=None, pred=None, kp=None):
+        if args.phase == 0:
+            write({"eval_kp_err_px": evaluate_kp(model, videos)})
+        else:
+            ours, copy = evaluate(model, videos)
+            write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60})
+            bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB)")
+        model.train()
+        if b is not None:
+            sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args, kp)
+
+    from tqdm import tqdm
+    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"phase {args.phase}")
+    t_start = t_log = time.time()
+    if rank == 0 and step == 0:
+        eval_and_sample()
+    model.train()
+    gidx = list(range(rank * local_bs, (rank + 1) * local_bs))
+    acc, n_acc = {}, 0
+    for b in loader:
+        b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+        iteration += 1
+        for group in opt.param_groups:
+            group["lr"] = lr_at(args, iteration)
+        # generator (or detector) step
+        if disc is not None:
+            disc.requires_grad_(False)
+        if args.phase == 0:
+            loss, kp, _ = kp_loss(model, b, args)
+            terms, pred = {"kp": float(loss)}, None
+        else:
+            loss, terms, pred, kp = generator_losses(model, b, args, step, gidx, world, perceptual, disc)
+        opt.zero_grad(set_to_none=True)
+        skipped = all_agree(not bool(torch.isfinite(loss)), world, device)
+        if not skipped:
+            loss.backward()
+            skipped = not average_gradients(params, world)
+        if not skipped:
+            opt.step()
+        # discriminator step (phase III), on the detached prediction
+        if disc is not None:
+            disc.requires_grad_(True)
+            for group in dopt.param_groups:
+                group["lr"] = lr_at(args, iteration)
+            real_scores, _ = disc(b["drv"], kp)
+            fake_scores, _ = disc(pred.detach(), kp)
+            d_loss = args.weights.adv * losses.d_loss(real_scores, fake_scores)
+            dopt.zero_grad(set_to_none=True)
+            d_skipped = all_agree(not bool(torch.isfinite(d_loss)), world, device)
+            if not d_skipped:
+                d_loss.backward()
+                d_skipped = not average_gradients(list(disc.parameters()), world)
+            if not d_skipped:
+                dopt.step()
+            terms["disc"] = float(d_loss)
+            skipped = skipped or d_skipped
+        step += 1
+        bar.update(1)
+        if skipped:   # never written into the weights (Adam's moments untouched too)
+            if rank == 0:
+                write({"skipped": "non-finite loss or gradient", **{k: v for k, v in terms.items()}})
+                bar.write(f"step {step}: non-finite loss or gradient, step skipped")
+        else:
+            terms["loss"] = float(loss)
+            for k, v in terms.items():
+                acc[k] = acc.get(k, 0.0) + v
+            n_acc += 1
+        if step % args.log_every == 0 or step == args.steps:
+            vals = torch.tensor([acc.get(k, 0.0) for k in sorted(acc)] + [n_acc], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(vals)
+            if rank == 0 and vals[-1] > 0:
+                rec = {k: float(v / vals[-1]) for k, v in zip(sorted(acc), vals[:-1])}
+                rate = args.log_every / max(time.time() - t_log, 1e-9)
+                write({**rec, "lr": lr_at(args, iteration), "steps_per_s": rate, "iteration": iteration})
+                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items()})
+            acc, n_acc, t_log = {}, 0, time.time()
+        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
+            eval_and_sample(b, pred, kp)
+            draw_curves(args.out, args.phase)
+        stop = all_agree(STOP, world, device)
+        if step % args.ckpt_every == 0 or step == args.steps or stop:
+            if rank == 0:
+                save(path, model, opt, step, iteration, args, disc, dopt)
+            if world > 1:
+                dist.barrier()
+        if stop:
+            if rank == 0:
+                bar.close()
+                print(f"stopped at step {step}; checkpoint {path} written: rerun the same command to resume")
+            return True
+    bar.close()
+    if rank == 0:
+        draw_curves(args.out, args.phase)
+        print(f"phase {args.phase} done: {path}")
+    return False
+
+
+@torch.no_grad()
+def sample_grid(path, model, b, args, kp, rows=4):
+    """Phase 0: frames with landmarks (green) and keypoints (red); later: sources | driving (the Omega crop the
+    expression net saw) | prediction | ground truth, one sample per row."""
+    S, n = args.image_size, min(rows, len(b["drv"]))
+    if args.phase == 0:
+        px = lambda p: p * S / 2 + S / 2 - 0.5
+        lm = b["drv_lm"][:n, list(KP_LANDMARKS)]
+        kp = px(model.kp_detector.eval()(b["drv_full"][:n])["keypoints"])
+        model.kp_detector.train()
+        save_grid(path, [[b["drv_full"][i]] for i in range(n)],
+                  {(i, 0): [(lm[i], "lime"), (kp[i], "red")] for i in range(n)})
+        return
+    model.eval()
+    sub = {k: v[:n] for k, v in b.items()}
+    set_latents, kp_driving, expr_driving, _ = encode_batch(model, sub, [sample_rng(args.seed, -1, i) for i in
+                                                                        range(n)])
+    pred = model.render(set_latents, kp_driving, expr_driving, size=(S, S))
+    model.train()
+    save_grid(path, [[*sub["src"][i], sub["drv_omega"][i], pred[i], sub["drv"][i]] for i in range(n)])
+
+
+def main(argv=None):
+    global STOP
+    try:
+        args = resolve(get_args(argv))
+        args.weights = losses.LossWeights()
+        args.data_kwargs = {}
+        rank, world, device = setup_distributed(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    def on_signal(signum, frame):
+        global STOP
+        STOP = True
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        phases = [args.phase]
+        if (args.phase == 1 and not args.kp_checkpoint and not args.init
+                and not os.path.exists(os.path.join(args.out, "phase0.pt"))
+                and not os.path.exists(os.path.join(args.out, "phase1.pt"))):
+            phases = [0, 1]   # `python train.py --phase 1` alone: train the detector first
+            if rank == 0:
+                print(f"no keypoint detector yet ({args.out}/phase0.pt, --kp-checkpoint): running phase 0 first")
+        steps = args.steps
+        for ph in phases:
+            args.phase = ph
+            args.steps = steps if ph == phases[-1] else PRESETS[args.preset]["steps"][ph]
+            if run_phase(args, rank, world, device):
+                break
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
