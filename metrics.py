@@ -121,10 +121,9 @@ def make_landmark_fn(required=False):
         fn(np.zeros((64, 64, 3), np.uint8))                     # weights may load lazily: try once
         return fn, None
     except Exception as err:                                    # offline, missing weights, no package ...
-        reason = f"landmark detector unavailable ({type(err).__name__}: {err})".replace("\n", " ")
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
         if required:
-            raise RuntimeError(f"--akd was requested but the {reason}; face-alignment downloads FAN's "
-                               "weights on first use (needs network once), see README") from err
+            raise RuntimeError(f"--akd was requested but the landmark detector is unavailable: {reason}") from err
         return None, reason
 
 
@@ -292,6 +291,15 @@ def probe_r2(X_train, targets_train: dict, X_test, targets_test: dict, alpha=10.
             for name, Y in targets_train.items()}
 
 
+def continuous_vector(params) -> np.ndarray:
+    """The float-valued fields of a parameter dataclass as one vector. Integer fields (hair style, background
+    kind, background seed) are categories or seeds, not quantities a linear map could or should predict:
+    keeping them would pull the identity R^2 down and flatter the disentanglement."""
+    vals = [np.atleast_1d(np.asarray(getattr(params, f.name), np.float64)) for f in dataclasses.fields(params)
+            if not isinstance(getattr(params, f.name), (int, np.integer))]
+    return np.concatenate(vals)
+
+
 @torch.no_grad()
 def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch=32, progress=True):
     """Expression vectors e (model.keypoints_and_expression) of every stride-th frame of built-in videos,
@@ -307,7 +315,7 @@ def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch
             feats.append(model.keypoints_and_expression(frames)[1].float().cpu().numpy())
         targets["expression"] += [exprs[j].vector() for j in idx]
         targets["pose"] += [poses[j].vector() for j in idx]
-        targets["identity"] += [identity.vector()] * len(idx)
+        targets["identity"] += [continuous_vector(identity)] * len(idx)
     return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}
 
 

@@ -186,3 +186,32 @@ def test_r2_score_hand_values():
     assert metrics.r2_score(y, pred) == pytest.approx(0.0)
     pred = np.array([[1.0, 0], [2.0, 0], [4.0, 0]])         # ss_res 1, ss_tot 2 -> 0.5
     assert metrics.r2_score(y, pred) == pytest.approx(0.5)
+
+
+# ---------------------------------------------------------------- ground truth of relative motion
+
+def test_relative_pose_ground_truth():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Pose:
+        yaw: float = 0.0
+        tx: float = 0.0
+        scale: float = 1.0
+    a, b0, b = Pose(10.0, 0.1, 1.2), Pose(-5.0, 0.0, 0.8), Pose(15.0, -0.05, 1.0)
+    r = metrics.relative_pose(a, b, b0)
+    # A's pose moved by B's change since its initial frame: +20 deg, -0.05 translation, scale x 1.25
+    assert r == Pose(pytest.approx(30.0), pytest.approx(0.05), pytest.approx(1.5))
+    assert metrics.relative_pose(a, b0, b0) == a                 # no driving motion -> the source pose
+
+
+def test_continuous_vector_drops_integer_fields():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Identity:
+        width: float = 1.5
+        skin: tuple = (0.1, 0.2, 0.3)
+        hair_style: int = 3
+        background_seed: int = 123456
+    assert metrics.continuous_vector(Identity()).tolist() == [1.5, 0.1, 0.2, 0.3]
