@@ -1,0 +1,413 @@
+"""
+Losses and regularisers of FSRT (paper Sec. 3.2-3.3, Eq. (11)-(18)).
+
+Read top to bottom:
+  1. the expression regularisers: L_aug / L_aug,D (Eq. 11, 12), the stacked matrix E (Eq. 13),
+     L_Cov (Eq. 14), L_Var (Eq. 15) and their combination L_reg (Eq. 16);
+  2. the reconstruction loss L_MSE (Eq. 17) and the full objective (Eq. 18) with the paper's weights;
+  3. the perceptual loss L_P: a VGG19 with torchvision's parameter names, an image pyramid, L1 on
+     relu1_1..relu5_1 features (as FOMM, which the release follows);
+  4. the keypoint-aware discriminator of phase III with the LSGAN losses and feature matching.
+
+Everything is plain torch (torchvision is not a dependency): VGG19 is written here with the same
+parameter names, so torchvision's `vgg19-dcbb9e9d.pth` loads into it.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LossWeights:
+    """The lambdas of Eq. (16) and (18), paper values (Sec. 3.3).
+
+    perceptual and fm are per layer (as in the release, which lists one weight per VGG layer /
+    discriminator block): they are the default layer weights of PerceptualLoss and feature_matching,
+    whose outputs therefore already carry them (see `objective`).
+    adv weighs the generator's L_A and, in the release, the discriminator's loss too.
+    """
+    mse: float = 1.0          # lambda_MSE
+    perceptual: float = 0.01  # lambda_P, per VGG layer
+    adv: float = 0.001        # lambda_A
+    fm: float = 0.01          # lambda_A^F, per discriminator block
+    aug: float = 1.0          # lambda_aug
+    cov: float = 1.0          # lambda_Cov
+    var: float = 0.2          # lambda_Var
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Expression regularisers, Eq. (11)-(16)
+
+def l_aug(e1, e2):
+    """Eq. (11) / (12): ||e1 - e2||_2^2 / |e| per vector, averaged over all vectors (the batch mean
+    of Eq. (16)).  e1, e2: [..., c] (e.g. [bs, c] or [bs, n_src, c]) -> scalar."""
+    if e1.shape != e2.shape:
+        raise ValueError(f"l_aug: shapes differ: {tuple(e1.shape)} vs {tuple(e2.shape)}")
+    per_vector = (e1 - e2).pow(2).sum(-1) / e1.shape[-1]  # (...)
+    return per_vector.mean()
+
+
+def stack_E(e_src, e_drv):
+    """Eq. (13): E = [e_S1^(1), ..., e_Sn^(1), e_D^(1), ..., e_S1^(bs), ..., e_Sn^(bs), e_D^(bs)].
+
+    e_src: [bs, n_src, c] (or [bs, c] for one source), e_drv: [bs, c] -> E [(n_src+1)*bs, c]."""
+    if e_src.dim() == 2:
+        e_src = e_src[:, None]
+    bs, n, c = e_src.shape
+    if e_drv.shape != (bs, c):
+        raise ValueError(f"stack_E: e_drv must be [{bs}, {c}], got {tuple(e_drv.shape)}")
+    return torch.cat([e_src, e_drv[:, None]], dim=1).reshape(bs * (n + 1), c)  # ((n+1)*bs, c)
+
+
+def covariance(E):
+    """Cov(E) of the c feature dimensions over the N rows, unbiased (divides by N - 1, as VICReg's
+    code). E: [N, c] -> [c, c]."""
+    N = E.shape[0]
+    if N < 2:
+        raise ValueError(f"covariance needs at least 2 rows of E, got {N}")
+    Ec = E - E.mean(0, keepdim=True)  # (N, c)
+    return Ec.t() @ Ec / (N - 1)      # (c, c)
+
+
+def l_cov(E):
+    """Eq. (14): (sum_{i!=j} Cov_ij^2 + sum_k Cov_kk^2) / c, i.e. the sum of ALL squared entries of
+    the covariance matrix divided by c.  Unlike VICReg the diagonal (variances) is penalised too, an
+    extra information bottleneck.  E: [N, c] -> scalar."""
+    C = covariance(E)                 # (c, c)
+    return C.pow(2).sum() / E.shape[1]
+
+
+def l_var(E, eps=1e-4):
+    """Eq. (15): mean over the vectors e of E of max(0, 1 - sqrt(Var(e) + eps)), where Var(e) is the
+    variance of ONE vector across its own c features (not VICReg's variance across the batch).
+    The variance is unbiased (divides by c - 1), like the covariance above; eps = 1e-4 as VICReg.
+    E: [N, c] -> scalar."""
+    std = torch.sqrt(E.var(dim=1) + eps)  # (N,)
+    return F.relu(1.0 - std).mean()
+
+
+def l_reg(e_src_a1, e_src_a2, e_drv, e_drv_omega, weights=None):
+    """Eq. (16): lambda_aug/2 (mean L_aug + mean L_aug,D) + lambda_Cov L_Cov + lambda_Var L_Var.
+
+    e_src_a1, e_src_a2: [bs, n_src, c] (or [bs, c]) expression vectors of the sources in colour
+        versions A1 and A2 (Eq. 11);
+    e_drv: [bs, c] of the uncropped driving frame I_D^A, e_drv_omega: [bs, c] of Omega(I_D^A3) (Eq. 12).
+    L_Cov = L_Cov^E1 + L_Cov^E2 and L_Var likewise, with E1 = {sources A1, driving uncropped} and
+    E2 = {sources A2, driving Omega-cropped} (Eq. 13).
+    Returns (total, {"aug", "aug_d", "cov", "var"}) with the unweighted terms."""
+    w = weights or LossWeights()
+    aug = l_aug(e_src_a1, e_src_a2)                               # Eq. (11), batch mean
+    aug_d = l_aug(e_drv, e_drv_omega)                             # Eq. (12), batch mean
+    E1, E2 = stack_E(e_src_a1, e_drv), stack_E(e_src_a2, e_drv_omega)  # Eq. (13)
+    cov = l_cov(E1) + l_cov(E2)                                   # Eq. (14)
+    var = l_var(E1) + l_var(E2)                                   # Eq. (15)
+    total = w.aug / 2 * (aug + aug_d) + w.cov * cov + w.var * var
+    return total, {"aug": aug, "aug_d": aug_d, "cov": cov, "var": var}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Reconstruction and the full objective, Eq. (17)-(18)
+
+def l_mse(pred, target):
+    """Eq. (17): E_q ||D(q) - I_D(q)||_2^2, the squared norm of the RGB difference summed over the 3
+    channels and averaged over pixels (and batch).  pred, target: [B, P, 3] (colour last, the
+    decoder's output) or [B, 3, H, W] (image) -> scalar.
+    Note: SRT's code averages over the channels as well, i.e. 1/3 of this; we follow the equation."""
+    if pred.shape != target.shape:
+        raise ValueError(f"l_mse: shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    channel_dim = 1 if pred.dim() == 4 else -1
+    return (pred - target).pow(2).sum(channel_dim).mean()
+
+
+def objective(reg, mse, perceptual=None, adv=None, fm=None, weights=None):
+    """Eq. (18): L = L_reg + lambda_MSE L_MSE + lambda_P L_P + lambda_A L_A + lambda_A^F L_A^F.
+
+    reg: the total of `l_reg` (weighted inside, Eq. 16); mse: `l_mse` (Eq. 17), multiplied by lambda_MSE;
+    perceptual: output of PerceptualLoss and fm: output of feature_matching -- both ALREADY carry their
+        per-layer weights lambda_P and lambda_A^F (defaults LossWeights.perceptual / .fm), so they are
+        added as they are and not weighted twice;
+    adv: g_loss(D(fake)), multiplied here by lambda_A.
+    Terms left None are absent (phase I: reg + MSE; phase II: + P; phase III: + A + A^F).
+    Returns (total, dict of the weighted terms)."""
+    w = weights or LossWeights()
+    terms = {"reg": reg, "mse": w.mse * mse}
+    if perceptual is not None:
+        terms["perceptual"] = perceptual
+    if adv is not None:
+        terms["adv"] = w.adv * adv
+    if fm is not None:
+        terms["fm"] = fm
+    return sum(terms.values()), terms
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Perceptual loss: VGG19 (torchvision names), image pyramid, L1 on relu1_1..relu5_1
+
+VGG19_FILE = "vgg19-dcbb9e9d.pth"
+VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
+# torchvision's VGG19 `features` ("E" config): numbers are 3x3 conv widths (each followed by ReLU), M = max pool
+_VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
+              512, 512, 512, 512, "M"]
+_VGG19_SLICES = [(0, 2), (2, 7), (7, 12), (12, 21), (21, 30)]  # -> relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
+
+
+def vgg19_weights_path():
+    """Where torchvision (and this file) keep the VGG19 weights: <torch hub dir>/checkpoints/."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", VGG19_FILE)
+
+
+class VGG19(nn.Module):
+    """torchvision's VGG19 `features` (all 16 convs, so the state dict has exactly torchvision's
+    `features.N.weight/bias` names and shapes); no classifier.  Frozen: no parameter needs grad.
+    Only features[0:30] (up to relu5_1) are run."""
+
+    def __init__(self):
+        super().__init__()
+        layers, c_in = [], 3
+        for v in _VGG19_CFG:
+            if v == "M":
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            else:
+                layers += [nn.Conv2d(c_in, v, kernel_size=3, padding=1), nn.ReLU(inplace=False)]
+                c_in = v
+        self.features = nn.Sequential(*layers)
+        # ImageNet normalisation; non-persistent so the state dict stays torchvision's
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1), persistent=False)
+        for m in self.features:  # torchvision's init, for random_weights=True
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+        self.requires_grad_(False)
+
+    def load_torchvision(self, state_dict):
+        """Load torchvision's VGG19 state dict: `features.*` strictly, `classifier.*` ignored."""
+        feats = {k: v for k, v in state_dict.items() if not k.startswith("classifier.")}
+        self.load_state_dict(feats, strict=True)
+
+    def forward(self, x):
+        """x: [B, 3, H, W] in [0, 1] -> list of up to 5 maps (relu1_1 [B,64,H,W], relu2_1 [B,128,H/2,W/2],
+        ..., relu5_1 [B,512,H/16,W/16]).  Small-image guard: every slice after the first starts a new
+        resolution with a 2x2 max pool; when the map is already below 2 pixels the pool would give an
+        empty map, so the remaining (deeper) layers are skipped and fewer maps are returned (at 64^2 the
+        pyramid's 8x8 level gives relu1_1..relu4_1 only)."""
+        h = (x - self.mean) / self.std
+        out = []
+        for a, b in _VGG19_SLICES:
+            if a > 0 and min(h.shape[-2:]) < 2:
+                break
+            h = self.features[a:b](h)
+            out.append(h)
+        return out
+
+
+def load_vgg19(weights_path=None, random_weights=False):
+    """A frozen VGG19 with torchvision's ImageNet weights.
+
+    weights_path: a `vgg19-dcbb9e9d.pth` file; None -> torch hub cache (<hub dir>/checkpoints/), downloaded
+    there with torch.hub when missing and online.  random_weights=True: no file, random weights (tests,
+    CPU demos only -- the loss is then not a perceptual loss).  Never falls back silently."""
+    vgg = VGG19()
+    if random_weights:
+        return vgg
+    if weights_path is not None:
+        if not os.path.isfile(weights_path):
+            raise FileNotFoundError(f"VGG19 weights not found at {weights_path}: download {VGG19_URL} "
+                                    f"and pass its path, or leave the path out to use {vgg19_weights_path()}")
+        sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+    elif os.path.isfile(vgg19_weights_path()):
+        sd = torch.load(vgg19_weights_path(), map_location="cpu", weights_only=True)
+    else:
+        try:
+            sd = torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", progress=False)
+        except Exception as err:  # offline, proxy, ...
+            raise FileNotFoundError(
+                f"VGG19 weights {VGG19_FILE} are missing and could not be downloaded ({type(err).__name__}: "
+                f"{err}). Download {VGG19_URL} and put it at {vgg19_weights_path()} (or pass its path), "
+                f"or ask explicitly for random VGG weights (random_weights=True) for tests") from None
+    try:
+        vgg.load_torchvision(sd)
+    except RuntimeError as err:
+        raise RuntimeError(f"{weights_path or vgg19_weights_path()} is not torchvision's VGG19 state dict: {err}") from None
+    return vgg
+
+
+def antialias_downsample(x, scale):
+    """FOMM's AntiAliasInterpolation2d: Gaussian blur with sigma = (1/scale - 1)/2 (kernel 2*round(4 sigma)+1,
+    zero padding as FOMM), then every (1/scale)-th pixel.  x: [B, C, H, W] -> [B, C, H*scale, W*scale]."""
+    if scale == 1:
+        return x
+    sigma = (1 / scale - 1) / 2
+    ks = 2 * round(sigma * 4) + 1
+    t = torch.arange(ks, dtype=x.dtype, device=x.device) - (ks - 1) / 2
+    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, ks, ks)  # (C, 1, ks, ks), depthwise
+    ka = ks // 2
+    out = F.conv2d(F.pad(x, (ka, ka, ka, ka)), kernel, groups=x.shape[1])
+    step = int(round(1 / scale))
+    return out[:, :, ::step, ::step]
+
+
+class PerceptualLoss(nn.Module):
+    """L_P (phase II on): sum over pyramid scales (1, 1/2, 1/4, 1/8) and VGG layers relu1_1..relu5_1 of
+    layer_weight * mean |VGG(pred) - VGG(target).detach()| (as FOMM).  The per-layer weights (default
+    lambda_P = 0.01 each) are applied here, so the output is lambda_P * L_P of Eq. (18)."""
+
+    def __init__(self, weights_path=None, random_weights=False, layer_weights=None,
+                 scales=(1, 0.5, 0.25, 0.125)):
+        super().__init__()
+        self.vgg = load_vgg19(weights_path, random_weights)
+        self.layer_weights = tuple(layer_weights) if layer_weights is not None else (LossWeights.perceptual,) * 5
+        if len(self.layer_weights) != 5:
+            raise ValueError(f"PerceptualLoss: need 5 layer weights (relu1_1..relu5_1), got {len(self.layer_weights)}")
+        self.scales = tuple(scales)
+
+    def train(self, mode=True):  # the VGG stays frozen and deterministic
+        super().train(mode)
+        self.vgg.eval()
+        return self
+
+    def forward(self, pred, target):
+        """pred, target: [B, 3, H, W] in [0, 1] -> scalar.  Gradient flows to pred only."""
+        total = pred.new_zeros(())
+        for s in self.scales:
+            x_feats = self.vgg(antialias_downsample(pred, s))
+            with torch.no_grad():
+                y_feats = self.vgg(antialias_downsample(target, s))
+            for w, xf, yf in zip(self.layer_weights, x_feats, y_feats):
+                total = total + w * (xf - yf.detach()).abs().mean()
+        return total
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Keypoint-aware discriminator (phase III), LSGAN and feature matching
+
+@dataclass
+class DiscConfig:
+    """Pix2Pix-style one-scale discriminator of FOMM, conditioned on keypoint heatmaps.
+
+    Block i outputs min(max_features, block_expansion * 2^i) channels.  Defaults give the spec's listed
+    channels 13 -> 64 -> 128 -> 256 -> 512 (2.77 M parameters).  NOTE: the spec's parameter count of the
+    release, 6.85 M, does not match these channels; it matches FOMM's widths 13 -> 128 -> 256 -> 512 -> 512
+    (FOMM's block_expansion 64 doubles before the first block), i.e. `DiscConfig.fomm()` here."""
+    num_channels: int = 3
+    num_kp: int = 10
+    block_expansion: int = 64   # channels of the first block
+    max_features: int = 512
+    num_blocks: int = 4
+    kp_variance: float = 0.01
+
+    @classmethod
+    def fomm(cls, **kw):
+        return cls(**{"block_expansion": 128, **kw})
+
+    @classmethod
+    def tiny(cls, **kw):
+        return cls(**{"block_expansion": 16, "max_features": 128, **kw})
+
+
+def kp2gaussian(kp, size, variance=0.01):
+    """FOMM's kp2gaussian: exp(-||p - k||^2 / (2 variance)) for every pixel p.  kp: [B, K, 2] (x, y) in
+    the project's normalised coordinates; size (H, W).  The grid uses this project's pixel-centre
+    convention (i + 0.5 - S/2) / (S/2) (FOMM's grid spans [-1, 1] inclusive; the difference is < 1 pixel).
+    -> [B, K, H, W]."""
+    H, W = size
+    ys = (torch.arange(H, device=kp.device, dtype=kp.dtype) + 0.5 - H / 2) / (H / 2)
+    xs = (torch.arange(W, device=kp.device, dtype=kp.dtype) + 0.5 - W / 2) / (W / 2)
+    dx = xs.view(1, 1, 1, W) - kp[..., 0, None, None]  # (B, K, 1, W)
+    dy = ys.view(1, 1, H, 1) - kp[..., 1, None, None]  # (B, K, H, 1)
+    return torch.exp(-0.5 * (dx ** 2 + dy ** 2) / variance)  # (B, K, H, W)
+
+
+class DownBlock2d(nn.Module):
+    """4x4 conv (no padding) -> [instance norm] -> LeakyReLU 0.2 -> [2x2 average pool]  (FOMM)."""
+
+    def __init__(self, c_in, c_out, norm, pool):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=4)
+        self.norm = nn.InstanceNorm2d(c_out, affine=True) if norm else None
+        self.pool = pool
+
+    def forward(self, x):
+        out = self.conv(x)
+        if self.norm is not None:
+            out = self.norm(out)
+        out = F.leaky_relu(out, 0.2)
+        if self.pool:
+            out = F.avg_pool2d(out, 2)
+        return out
+
+
+class Discriminator(nn.Module):
+    """Keypoint-aware discriminator A of phase III (Sec. 3.3, following FOMM)."""
+
+    def __init__(self, cfg=None):
+        super().__init__()
+        self.cfg = cfg = cfg or DiscConfig()
+        blocks, c_in = [], cfg.num_channels + cfg.num_kp
+        for i in range(cfg.num_blocks):
+            c_out = min(cfg.max_features, cfg.block_expansion * 2 ** i)
+            blocks.append(DownBlock2d(c_in, c_out, norm=i != 0, pool=i != cfg.num_blocks - 1))
+            c_in = c_out
+        self.down_blocks = nn.ModuleList(blocks)
+        self.conv = nn.Conv2d(c_in, 1, kernel_size=1)
+        self.min_size = self._min_size()
+
+    def _min_size(self):
+        """Smallest input side for which every block has >= 2x2 outputs (instance norm needs > 1 value)."""
+        s = 1
+        while True:
+            h = s
+            for i in range(self.cfg.num_blocks):
+                h = h - 3
+                if i != self.cfg.num_blocks - 1:
+                    h //= 2
+                if h < 2:
+                    break
+            else:
+                return s
+            s += 1
+
+    def forward(self, image, kp):
+        """image: [B, 3, H, W] in [0, 1] (real or generated, at the model size); kp: [B, K, 2] driving
+        keypoints (detached here: the discriminator must not move the keypoints).
+        -> (score_map [B, 1, h, w], [block outputs]); at 64^2: features [B,64,30,30], [B,128,13,13],
+        [B,256,5,5], [B,512,2,2] and scores [B,1,2,2]; at 256^2: 126, 61, 29, 26 and [B,1,26,26]."""
+        H, W = image.shape[-2:]
+        if min(H, W) < self.min_size:
+            raise ValueError(f"Discriminator: images must be at least {self.min_size}x{self.min_size}, got {H}x{W}")
+        heat = kp2gaussian(kp.detach(), (H, W), self.cfg.kp_variance).to(image.dtype)  # (B, K, H, W)
+        out = torch.cat([image, heat], dim=1)  # (B, 3+K, H, W)
+        feats = []
+        for block in self.down_blocks:
+            out = block(out)
+            feats.append(out)
+        return self.conv(out), feats
+
+
+def d_loss(real_scores, fake_scores):
+    """LSGAN discriminator loss: mean (1 - D(real))^2 + mean D(fake)^2 (fake images detached by the caller).
+    The release multiplies it by lambda_A (LossWeights.adv)."""
+    return (1 - real_scores).pow(2).mean() + fake_scores.pow(2).mean()
+
+
+def g_loss(fake_scores):
+    """LSGAN generator loss L_A: mean (1 - D(fake))^2."""
+    return (1 - fake_scores).pow(2).mean()
+
+
+def feature_matching(real_feats, fake_feats, weights=None):
+    """L_A^F: sum over the discriminator's block outputs of weight * mean |real.detach() - fake|; the
+    per-block weight is lambda_A^F (default 0.01 each), so the output is lambda_A^F * L_A^F of Eq. (18)."""
+    if len(real_feats) != len(fake_feats):
+        raise ValueError(f"feature_matching: {len(real_feats)} real vs {len(fake_feats)} fake feature maps")
+    weights = weights if weights is not None else (LossWeights.fm,) * len(real_feats)
+    total = fake_feats[0].new_zeros(())
+    for w, r, f in zip(weights, real_feats, fake_feats):
+        total = total + w * (r.detach() - f).abs().mean()
+    return total

@@ -1,0 +1,397 @@
+"""Tests of losses.py against hand computations of Eq. (11)-(18), the VGG19 layout of torchvision and the
+discriminator's shapes.  No network: downloads are monkeypatched to fail."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import losses as L
+
+
+# ---------------------------------------------------------------- Eq. (11), (12)
+
+def test_l_aug_hand_computation():
+    e1 = torch.tensor([[1.0, 2.0], [3.0, 3.0]])
+    e2 = torch.tensor([[0.0, 0.0], [3.0, 1.0]])
+    # per vector ||d||^2 / |e|: (1 + 4)/2 = 2.5 and (0 + 4)/2 = 2; batch mean 2.25
+    assert L.l_aug(e1, e2).item() == pytest.approx(2.25)
+    # [bs, n_src, c] averages over every source vector
+    assert L.l_aug(e1[None], e2[None]).item() == pytest.approx(2.25)
+
+
+def test_l_aug_zero_iff_equal_and_gradients():
+    e1 = torch.randn(4, 8, requires_grad=True)
+    assert L.l_aug(e1, e1.detach().clone()).item() == 0.0
+    e2 = e1.detach() + 1e-3 * torch.randn(4, 8)
+    loss = L.l_aug(e1, e2)
+    assert loss.item() > 0
+    loss.backward()
+    assert e1.grad is not None and e1.grad.abs().sum() > 0
+    with pytest.raises(ValueError):
+        L.l_aug(torch.zeros(2, 3), torch.zeros(2, 4))
+
+
+# ---------------------------------------------------------------- Eq. (13)
+
+def test_stack_E_paper_order():
+    bs, n, c = 2, 3, 4
+    e_src = torch.arange(bs * n * c, dtype=torch.float32).view(bs, n, c)
+    e_drv = -1 - torch.arange(bs * c, dtype=torch.float32).view(bs, c)
+    E = L.stack_E(e_src, e_drv)
+    assert E.shape == ((n + 1) * bs, c)
+    expected = []
+    for b in range(bs):           # per sample: its sources, then its driving vector
+        expected += [e_src[b, i] for i in range(n)] + [e_drv[b]]
+    assert torch.equal(E, torch.stack(expected))
+    # one source given as [bs, c]
+    assert torch.equal(L.stack_E(e_src[:, 0], e_drv), torch.stack([e_src[0, 0], e_drv[0], e_src[1, 0], e_drv[1]]))
+
+
+# ---------------------------------------------------------------- Eq. (14)
+
+def _cov_loss_loop(E):
+    N, c = E.shape
+    mean = [sum(E[n, i].item() for n in range(N)) / N for i in range(c)]
+    total = 0.0
+    for i in range(c):
+        for j in range(c):
+            cov = sum((E[n, i].item() - mean[i]) * (E[n, j].item() - mean[j]) for n in range(N)) / (N - 1)
+            total += cov ** 2            # off-diagonal (i != j) and diagonal (i == j) alike
+    return total / c
+
+
+def test_l_cov_matches_double_loop():
+    E = torch.randn(6, 5, dtype=torch.float64)
+    assert L.l_cov(E).item() == pytest.approx(_cov_loss_loop(E), rel=1e-10)
+
+
+def test_l_cov_hand_value():
+    E = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    # column means 0; Cov_00 = (1 + 1)/(2 - 1) = 2, others 0  ->  2^2 / 2 = 2
+    assert L.l_cov(E).item() == pytest.approx(2.0)
+
+
+def test_l_cov_diagonal_counts():
+    # uncorrelated columns: the covariance matrix is diagonal (2/3, 2/3), off-diagonal exactly 0
+    E = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    C = L.covariance(E)
+    assert C[0, 1].item() == 0.0 and C[1, 0].item() == 0.0
+    assert L.l_cov(E).item() == pytest.approx((2 * (2 / 3) ** 2) / 2)
+    assert L.l_cov(E).item() > 0
+
+
+def test_l_cov_zero_iff_rows_equal():
+    row = torch.randn(1, 7)
+    assert L.l_cov(row.repeat(5, 1)).item() == 0.0
+    E = row.repeat(5, 1)
+    E[2, 3] += 0.1
+    assert L.l_cov(E).item() > 0
+    with pytest.raises(ValueError):
+        L.l_cov(torch.randn(1, 4))
+
+
+# ---------------------------------------------------------------- Eq. (15)
+
+def _var_loss_loop(E, eps):
+    N, c = E.shape
+    total = 0.0
+    for n in range(N):
+        m = sum(E[n, k].item() for k in range(c)) / c
+        var = sum((E[n, k].item() - m) ** 2 for k in range(c)) / (c - 1)
+        total += max(0.0, 1.0 - math.sqrt(var + eps))
+    return total / N
+
+
+def test_l_var_matches_per_vector_loop():
+    E = 0.7 * torch.randn(6, 5, dtype=torch.float64)
+    E[1] *= 4  # one vector above the hinge
+    assert L.l_var(E, eps=1e-4).item() == pytest.approx(_var_loss_loop(E, 1e-4), rel=1e-10)
+
+
+def test_l_var_hand_values_and_zero():
+    eps = 1e-4
+    # [0, 2]: Var = 2 -> std > 1 -> 0;  [0, 0]: 1 - sqrt(eps) = 0.99
+    E = torch.tensor([[0.0, 2.0], [0.0, 0.0]])
+    assert L.l_var(E, eps).item() == pytest.approx((0 + (1 - math.sqrt(eps))) / 2, rel=1e-6)
+    assert L.l_var(E[:1], eps).item() == 0.0      # every vector varies enough -> zero
+    assert L.l_var(0.1 * torch.randn(3, 16), eps).item() > 0
+    # per vector across its features, NOT across the batch: identical rows with spread features give 0
+    assert L.l_var(torch.tensor([[-2.0, 2.0, 0.0]]).repeat(4, 1), eps).item() == 0.0
+
+
+# ---------------------------------------------------------------- Eq. (16)
+
+def test_l_reg_combination_and_sets():
+    torch.manual_seed(1)
+    bs, n, c = 3, 2, 6
+    s1, s2 = torch.randn(bs, n, c), torch.randn(bs, n, c)
+    d, dom = torch.randn(bs, c), torch.randn(bs, c)
+    total, t = L.l_reg(s1, s2, d, dom)
+    aug = sum(((s1[b, i] - s2[b, i]) ** 2).sum() / c for b in range(bs) for i in range(n)) / (bs * n)
+    aug_d = sum(((d[b] - dom[b]) ** 2).sum() / c for b in range(bs)) / bs
+    E1 = torch.stack([v for b in range(bs) for v in list(s1[b]) + [d[b]]])     # sources A1, driving uncropped
+    E2 = torch.stack([v for b in range(bs) for v in list(s2[b]) + [dom[b]]])   # sources A2, driving Omega
+    cov = _cov_loss_loop(E1) + _cov_loss_loop(E2)
+    var = _var_loss_loop(E1, 1e-4) + _var_loss_loop(E2, 1e-4)
+    assert t["aug"].item() == pytest.approx(aug.item(), rel=1e-5)
+    assert t["aug_d"].item() == pytest.approx(aug_d.item(), rel=1e-5)
+    assert t["cov"].item() == pytest.approx(cov, rel=1e-5)
+    assert t["var"].item() == pytest.approx(var, rel=1e-5)
+    expected = 1 / 2 * (aug + aug_d) + 1 * cov + 0.2 * var   # lambda_aug/2, lambda_Cov = 1, lambda_Var = 0.2
+    assert total.item() == pytest.approx(expected.item(), rel=1e-5)
+    # swapping which driving vector belongs to E1/E2 changes the result (the sets are not symmetric)
+    total_swapped, _ = L.l_reg(s1, s2, dom, d)
+    assert total_swapped.item() != pytest.approx(total.item(), rel=1e-6)
+    # custom weights are used
+    w = L.LossWeights(aug=2.0, cov=0.0, var=0.0)
+    assert L.l_reg(s1, s2, d, dom, w)[0].item() == pytest.approx((aug + aug_d).item(), rel=1e-5)
+
+
+def test_l_reg_gradients_reach_all_expression_vectors():
+    xs = [torch.randn(2, 1, 8, requires_grad=True), torch.randn(2, 1, 8, requires_grad=True),
+          torch.randn(2, 8, requires_grad=True), torch.randn(2, 8, requires_grad=True)]
+    L.l_reg(*xs)[0].backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in xs)
+
+
+# ---------------------------------------------------------------- Eq. (17), (18)
+
+def test_l_mse_hand_and_layouts():
+    pred = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.5]]])   # [B=1, P=2, 3]
+    target = torch.zeros(1, 2, 3)
+    # ||.||^2 per pixel: 1 and 0.75; mean over pixels: 0.875
+    assert L.l_mse(pred, target).item() == pytest.approx(0.875)
+    img_p, img_t = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5)
+    as_pixels = lambda x: x.flatten(2).transpose(1, 2)   # [B, H*W, 3]
+    assert L.l_mse(img_p, img_t).item() == pytest.approx(L.l_mse(as_pixels(img_p), as_pixels(img_t)).item(), rel=1e-6)
+    assert L.l_mse(img_t, img_t).item() == 0.0
+
+
+def test_objective_weights():
+    w = L.LossWeights()
+    assert (w.mse, w.perceptual, w.adv, w.fm, w.aug, w.cov, w.var) == (1, 0.01, 0.001, 0.01, 1, 1, 0.2)
+    t = {k: torch.tensor(v) for k, v in dict(reg=1.0, mse=2.0, p=3.0, adv=4.0, fm=5.0).items()}
+    total, terms = L.objective(t["reg"], t["mse"], perceptual=t["p"], adv=t["adv"], fm=t["fm"])
+    # perceptual and fm carry their per-layer lambdas already (PerceptualLoss / feature_matching)
+    assert total.item() == pytest.approx(1 + 1 * 2 + 3 + 0.001 * 4 + 5)
+    assert set(terms) == {"reg", "mse", "perceptual", "adv", "fm"}
+    total1, terms1 = L.objective(t["reg"], t["mse"])             # phase I
+    assert total1.item() == pytest.approx(3.0) and set(terms1) == {"reg", "mse"}
+    total2, _ = L.objective(t["reg"], t["mse"], weights=L.LossWeights(mse=0.5))
+    assert total2.item() == pytest.approx(2.0)
+
+
+def test_objective_applies_lambda_p_and_fm_once():
+    # through PerceptualLoss / feature_matching each VGG layer / block contributes exactly 0.01 * L1
+    pred, target = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    p01 = L.PerceptualLoss(random_weights=True, scales=(1,))
+    p1 = L.PerceptualLoss(random_weights=True, scales=(1,), layer_weights=(1,) * 5)
+    p1.vgg.load_state_dict(p01.vgg.state_dict())
+    real, fake = [torch.rand(1, 2, 3, 3)] * 4, [torch.rand(1, 2, 3, 3)] * 4
+    zero = torch.tensor(0.0)
+    total, _ = L.objective(zero, zero, perceptual=p01(pred, target), fm=L.feature_matching(real, fake))
+    raw = p1(pred, target) + L.feature_matching(real, fake, weights=(1,) * 4)
+    assert total.item() == pytest.approx(0.01 * raw.item(), rel=1e-4)
+
+
+# ---------------------------------------------------------------- VGG19 / perceptual loss
+
+# torchvision's vgg19 `features`: the 16 conv layers' indices and weight shapes
+VGG19_CONVS = [(0, 64, 3), (2, 64, 64), (5, 128, 64), (7, 128, 128), (10, 256, 128), (12, 256, 256),
+               (14, 256, 256), (16, 256, 256), (19, 512, 256), (21, 512, 512), (23, 512, 512),
+               (25, 512, 512), (28, 512, 512), (30, 512, 512), (32, 512, 512), (34, 512, 512)]
+
+
+def _fake_torchvision_sd():
+    sd = {}
+    for i, co, ci in VGG19_CONVS:
+        sd[f"features.{i}.weight"] = torch.randn(co, ci, 3, 3) * 0.01
+        sd[f"features.{i}.bias"] = torch.randn(co) * 0.01
+    sd["classifier.0.weight"] = torch.randn(8, 4)   # real file: [4096, 25088]; only the name matters
+    sd["classifier.0.bias"] = torch.randn(8)
+    sd["classifier.6.weight"] = torch.randn(2, 8)
+    return sd
+
+
+def test_vgg19_state_dict_is_torchvision():
+    vgg = L.VGG19()
+    expected = {}
+    for i, co, ci in VGG19_CONVS:
+        expected[f"features.{i}.weight"] = (co, ci, 3, 3)
+        expected[f"features.{i}.bias"] = (co,)
+    got = {k: tuple(v.shape) for k, v in vgg.state_dict().items()}
+    assert got == expected
+    assert not any(p.requires_grad for p in vgg.parameters())
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An empty torch hub dir and a download that fails (never touches the network)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    calls = []
+
+    def no_download(url, *a, **k):
+        calls.append(url)
+        raise OSError("network disabled in tests")
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    return tmp_path / "torch" / "hub" / "checkpoints", calls
+
+
+def test_vgg19_loads_fake_file_from_hub_dir(offline_hub):
+    ckpt_dir, calls = offline_hub
+    assert L.vgg19_weights_path() == str(ckpt_dir / "vgg19-dcbb9e9d.pth")
+    ckpt_dir.mkdir(parents=True)
+    sd = _fake_torchvision_sd()
+    torch.save(sd, ckpt_dir / "vgg19-dcbb9e9d.pth")
+    vgg = L.load_vgg19()
+    assert calls == []                                    # found in the cache, no download tried
+    assert torch.equal(vgg.features[34].weight, sd["features.34.weight"])
+    assert torch.equal(vgg.features[0].bias, sd["features.0.bias"])
+    # an explicit path works too
+    vgg2 = L.PerceptualLoss(weights_path=str(ckpt_dir / "vgg19-dcbb9e9d.pth")).vgg
+    assert torch.equal(vgg2.features[5].weight, sd["features.5.weight"])
+
+
+def test_vgg19_missing_file_is_a_clear_error(offline_hub, tmp_path):
+    ckpt_dir, calls = offline_hub
+    with pytest.raises(FileNotFoundError) as err:
+        L.PerceptualLoss()
+    msg = str(err.value)
+    assert "vgg19-dcbb9e9d.pth" in msg and str(ckpt_dir) in msg and "random_weights=True" in msg
+    assert calls == [L.VGG19_URL]                         # it did try the (failing) download
+    with pytest.raises(FileNotFoundError, match="vgg19"):
+        L.PerceptualLoss(weights_path=str(tmp_path / "nope" / "vgg19.pth"))
+    # a wrong state dict is refused
+    bad = _fake_torchvision_sd()
+    del bad["features.34.bias"]
+    torch.save(bad, tmp_path / "bad.pth")
+    with pytest.raises(RuntimeError, match="torchvision"):
+        L.load_vgg19(str(tmp_path / "bad.pth"))
+    # explicit random weights: no file needed, no download tried
+    calls.clear()
+    L.PerceptualLoss(random_weights=True)
+    assert calls == []
+
+
+@pytest.fixture(scope="module")
+def perc():
+    torch.manual_seed(0)
+    return L.PerceptualLoss(random_weights=True)
+
+
+def test_perceptual_single_layer_by_hand(perc):
+    pred, target = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    conv = perc.vgg.features[0]
+    relu1_1 = lambda x: F.relu(conv((x - mean) / std))
+    expected = 0.01 * (relu1_1(pred) - relu1_1(target)).abs().mean()
+    one = L.PerceptualLoss(random_weights=True, layer_weights=(0.01, 0, 0, 0, 0), scales=(1,))
+    one.vgg.load_state_dict(perc.vgg.state_dict())
+    assert one(pred, target).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_perceptual_zero_positive_weights_and_gradients(perc):
+    target = torch.rand(2, 3, 64, 64)
+    assert perc(target, target).item() == 0.0
+    pred = (target + 0.05 * torch.randn_like(target)).requires_grad_(True)
+    target = target.clone().requires_grad_(True)
+    loss = perc(pred, target)
+    assert loss.item() > 0
+    loss.backward()
+    assert pred.grad is not None and pred.grad.abs().sum() > 0
+    assert target.grad is None                            # the target side gets no gradient
+    assert all(p.grad is None for p in perc.vgg.parameters())
+    # layer weights scale linearly (default 0.01 per layer = lambda_P)
+    assert perc.layer_weights == (0.01,) * 5
+    ones = L.PerceptualLoss(random_weights=True, layer_weights=(1,) * 5)
+    ones.vgg.load_state_dict(perc.vgg.state_dict())
+    assert ones(pred, target).item() == pytest.approx(100 * loss.item(), rel=1e-4)
+
+
+def test_perceptual_pyramid_small_sizes(perc):
+    # at 64^2 the 1/8 level is 8x8: relu5_1 would need a 2x2 pool of a 1x1 map -> skipped, no crash
+    feats = perc.vgg(torch.rand(1, 3, 8, 8))
+    assert [tuple(f.shape[1:]) for f in feats] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
+    assert len(perc.vgg(torch.rand(1, 3, 16, 16))) == 5
+    x = torch.rand(1, 3, 64, 64)
+    assert [tuple(L.antialias_downsample(x, s).shape[-2:]) for s in perc.scales] == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    # the anti-aliasing blur keeps a constant image constant away from the (zero-padded) border
+    down = L.antialias_downsample(torch.full((1, 3, 64, 64), 0.5), 0.25)
+    assert torch.allclose(down[..., 4:-4, 4:-4], torch.tensor(0.5), atol=1e-5)
+    # and averages away the highest frequency: a checkerboard becomes grey (plain subsampling gives all 0)
+    checker = ((torch.arange(64)[:, None] + torch.arange(64)[None, :]) % 2).float().expand(1, 3, 64, 64)
+    down = L.antialias_downsample(checker, 0.25)          # sigma 1.5
+    assert torch.allclose(down[..., 4:-4, 4:-4], torch.tensor(0.5), atol=0.01)
+    down = L.antialias_downsample(checker, 0.5)           # sigma 0.5 (FOMM): a partial blur only
+    assert (down[..., 4:-4, 4:-4] > 0.3).all()
+
+
+# ---------------------------------------------------------------- discriminator, LSGAN, feature matching
+
+def test_kp2gaussian_peak_and_width():
+    S = 16
+    i, j = 5, 9                                          # column (x) 5, row (y) 9
+    kp = torch.tensor([[[(i + 0.5 - S / 2) / (S / 2), (j + 0.5 - S / 2) / (S / 2)]]])
+    heat = L.kp2gaussian(kp, (S, S), 0.01)
+    assert heat.shape == (1, 1, S, S)
+    assert heat[0, 0, j, i].item() == pytest.approx(1.0)
+    assert heat[0, 0].argmax().item() == j * S + i
+    # one pixel away: exp(-0.5 * (2/S)^2 / 0.01)
+    assert heat[0, 0, j, i + 1].item() == pytest.approx(math.exp(-0.5 * (2 / S) ** 2 / 0.01), rel=1e-5)
+
+
+@pytest.mark.parametrize("size, feat_shapes, score_hw", [
+    (64, [(64, 30, 30), (128, 13, 13), (256, 5, 5), (512, 2, 2)], (2, 2)),
+    (256, [(64, 126, 126), (128, 61, 61), (256, 29, 29), (512, 26, 26)], (26, 26)),
+])
+def test_discriminator_shapes(size, feat_shapes, score_hw):
+    D = L.Discriminator()
+    assert D.down_blocks[0].conv.in_channels == 13 and D.down_blocks[0].norm is None
+    assert all(b.norm is not None for b in D.down_blocks[1:])
+    scores, feats = D(torch.rand(2, 3, size, size), torch.rand(2, 10, 2) * 2 - 1)
+    assert scores.shape == (2, 1) + score_hw
+    assert [tuple(f.shape) for f in feats] == [(2,) + s for s in feat_shapes]
+
+
+def test_discriminator_sizes_and_keypoints():
+    n_params = lambda m: sum(p.numel() for p in m.parameters())
+    assert n_params(L.Discriminator()) == 2_769_089                    # spec's channels 64-128-256-512
+    assert round(n_params(L.Discriminator(L.DiscConfig.fomm())) / 1e6, 2) == 6.85   # release's count
+    D = L.Discriminator(L.DiscConfig.tiny())
+    img = torch.rand(2, 3, 64, 64, requires_grad=True)
+    kp = (torch.rand(2, 10, 2) * 2 - 1).requires_grad_(True)
+    scores, feats = D(img, kp)
+    (scores.sum() + sum(f.sum() for f in feats)).backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0
+    assert kp.grad is None                                # keypoints are detached
+    with torch.no_grad():                                 # the heatmaps are really an input
+        assert not torch.allclose(D(img, kp)[0], D(img, -kp)[0])
+    with pytest.raises(ValueError, match="at least"):
+        D(torch.rand(1, 3, 60, 60), torch.zeros(1, 10, 2))
+
+
+def test_lsgan_losses_hand_values():
+    real, fake = torch.tensor([1.0, 0.5]), torch.tensor([0.0, 0.5])
+    # d: mean((1-real)^2) = (0 + 0.25)/2, mean(fake^2) = (0 + 0.25)/2 -> 0.25 ; g: mean((1-fake)^2) = (1 + 0.25)/2
+    assert L.d_loss(real, fake).item() == pytest.approx(0.25)
+    assert L.g_loss(fake).item() == pytest.approx(0.625)
+    assert L.d_loss(torch.ones(3), torch.zeros(3)).item() == 0.0
+    assert L.g_loss(torch.ones(3)).item() == 0.0
+    assert L.d_loss(torch.ones(3), torch.full((3,), 0.1)).item() > 0
+
+
+def test_feature_matching_hand_and_gradients():
+    real = [torch.zeros(1, 2, 2, 2), torch.ones(1, 1, 3, 3)]
+    fake = [torch.full((1, 2, 2, 2), 0.5, requires_grad=True), torch.ones(1, 1, 3, 3, requires_grad=True)]
+    fm = L.feature_matching(real, fake)
+    assert fm.item() == pytest.approx(0.01 * 0.5 + 0.01 * 0.0)
+    assert L.feature_matching(real, [r.clone() for r in real]).item() == 0.0
+    real_g = [r.clone().requires_grad_(True) for r in real]
+    L.feature_matching(real_g, fake).backward()
+    assert fake[0].grad is not None and fake[0].grad.abs().sum() > 0
+    assert all(r.grad is None for r in real_g)            # real features are detached
+    assert L.feature_matching(real, fake, weights=(1.0, 1.0)).item() == pytest.approx(0.5)
