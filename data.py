@@ -348,7 +348,7 @@ def render_face(identity, pose, expression, size=64):
     d.line(_catmull(lm[60:65], 3).ravel().tolist(), fill=_col(identity.lip, 0.45), width=max(1, round(0.02 * unit)))
     fg = np.asarray(img.reduce(f), dtype=np.float32) / 255.0           # box filter = coverage anti-aliasing
     cover = np.asarray(mask.reduce(f), dtype=np.float32)[..., None] / 255.0
-    image = fg + (1 - cover) * _background(identity, size)            # pre-multiplied "over"
+    image = np.clip(fg + (1 - cover) * _background(identity, size), 0, 1)   # pre-multiplied "over"
     landmarks = ((P["lm"] + 0.5) / f - 0.5).astype(np.float32)        # canvas -> output pixel coordinates
     return image, landmarks
 
@@ -852,3 +852,75 @@ class FaceDataset(torch.utils.data.Dataset):
         return dict(src=x1[:N], src_a2=x2[:N], drv=x1[N], drv_a2=x2[N], drv_omega=omega, src_full=full[:N],
                     drv_full=full[N], crop=torch.tensor(crop, dtype=torch.float32),
                     src_lm=torch.from_numpy(lm[:N]), drv_lm=torch.from_numpy(lm[N]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. command line: export the built-in data to the VoxCeleb layout, extract landmarks, preview samples
+
+def export(root, videos=8, test_videos=4, frames=64, size=64, fmt="mp4", motion_scale=1.0, progress=True):
+    """Write built-in videos as ROOT/{train,test}/id1xxxx#<11 chars>#<start>#<end>.mp4 (or PNG folders) with
+    their true landmarks `<video>.landmarks.npy`. Train identities get 2 videos each, test identities 1."""
+    from tqdm import tqdm
+    if fmt not in ("mp4", "png"):
+        raise ValueError(f"--format must be mp4 or png, not {fmt!r}")
+    letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"))
+    jobs = [("train", k // 2, k % 2) for k in range(videos)] + [("test", k, 0) for k in range(test_videos)]
+    for split, j, v in tqdm(jobs, desc=f"export {root}", unit="video", disable=not progress):
+        seed, name, ident = builtin_identity(split, j)
+        poses, exprs = builtin_motion(seed, v, frames, motion_scale)
+        out = [render_face(ident, p, e, size) for p, e in zip(poses, exprs)]
+        start = 100 * v + 1
+        yt = "".join(np.random.default_rng([13, seed, v]).choice(letters, 11))
+        path = os.path.join(root, split, f"{name}#{yt}#{start:06d}#{start + frames - 1:06d}" + (".mp4" if fmt == "mp4" else ""))
+        write_video(path, np.stack([np.round(o[0] * 255).astype(np.uint8) for o in out]))
+        np.save(landmark_path(path), np.stack([o[1] for o in out]))
+
+
+def preview(path, root=None, size=64, n=6, num_src=1, seed=0):
+    """A picture of n training samples: src, src_a2, drv, drv_a2, drv_omega, src_full, drv_full per row."""
+    ds = FaceDataset(root=root, size=size, num_src=num_src, seed=seed)
+    rows = []
+    for i in range(n):
+        s = ds[i]
+        rows.append(torch.cat([s["src"][0], s["src_a2"][0], s["drv"], s["drv_a2"], s["drv_omega"], s["src_full"][0],
+                               s["drv_full"]], 2))
+    Image.fromarray((torch.cat(rows, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="FSRT data: built-in faces, VoxCeleb landmarks, previews.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="write the built-in data in FOMM's VoxCeleb layout (with true landmarks)")
+    e.add_argument("root")
+    e.add_argument("--videos", type=int, default=8, help="train videos (2 per identity)")
+    e.add_argument("--test-videos", type=int, default=4, help="test videos (1 per identity)")
+    e.add_argument("--frames", type=int, default=64)
+    e.add_argument("--size", type=int, default=64)
+    e.add_argument("--format", choices=("mp4", "png"), default="mp4")
+    e.add_argument("--motion", type=float, default=1.0, help="pose/expression range scale")
+    lm = sub.add_parser("landmarks", help="68 landmarks of every frame -> <video>.landmarks.npy (resumable)")
+    lm.add_argument("root")
+    lm.add_argument("--overwrite", action="store_true")
+    pv = sub.add_parser("preview", help="a PNG of augmented training samples")
+    pv.add_argument("out")
+    pv.add_argument("--root", default=None, help="VoxCeleb root (default: built-in faces)")
+    pv.add_argument("--size", type=int, default=64)
+    pv.add_argument("--n", type=int, default=6)
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "export":
+            export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
+        elif args.cmd == "landmarks":
+            c = extract_landmarks(args.root, overwrite=args.overwrite)
+            print(f"{c['done']} videos done, {c['skipped_existing']} already had landmarks, {c['broken']} unreadable, "
+                  f"{c['no_face_frames']} frames without a face (stored as NaN)")
+        else:
+            preview(args.out, args.root, args.size, args.n)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
