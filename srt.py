@@ -56,26 +56,18 @@ class FSRTConfig:
     """Paper values as defaults (the release's vox256). `expr_dim` and `num_kp` are the single knobs:
     the nested ExpressionConfig / KPConfig get them (and the detector's feature channels) in __post_init__."""
     image_size: int = 256
-    num_kp: int = 10
+    num_kp: int = 10                     # n_K
     expr_dim: int = 256                  # |e|; ablations 128, 64
     use_keypoints: bool = True           # False = n_K = 0 ablation: gamma_key dropped from Eq. (6), (7)
-    kp_octaves: int = 4                  # Eq. (4): O_key, s_O_key
-    kp_start_octave: int = -1
-    pix_octaves: int = 16                # Eq. (5): O_pix, s_O_pix
-    pix_start_octave: int = -1
+    kp_octaves: int = 4; kp_start_octave: int = -1      # Eq. (4): O_key, s_O_key
+    pix_octaves: int = 16; pix_start_octave: int = -1   # Eq. (5): O_pix, s_O_pix
     cnn_channels: tuple = ((96, 192), (192, 384), (384, 768))   # per block: (stride-1 conv, stride-2 conv)
-    width: int = 768                     # encoder token width d (1x1 conv output)
-    enc_blocks: int = 5
-    enc_heads: int = 12
-    enc_head_dim: int = 64
-    enc_mlp: int = 1536
-    dec_blocks: int = 2
-    dec_heads: int = 12
-    dec_head_dim: int = 64
-    dec_mlp: int = 1536
+    width: int = 768                     # token width d of the encoder (the 1x1 conv's output)
+    enc_blocks: int = 5; enc_heads: int = 12; enc_head_dim: int = 64; enc_mlp: int = 1536
+    dec_blocks: int = 2; dec_heads: int = 12; dec_head_dim: int = 64; dec_mlp: int = 1536
     query_mlp_ratio: float = 1.5         # query MLP 480 -> 720 -> 480
     render_hidden: tuple = (1536, 1536, 1536, 1536)
-    small_decoder: bool = False          # halves heads and decoder MLP, render MLP (r0, r0 / 2)
+    small_decoder: bool = False          # halves heads and decoder MLP; render MLP (r0, r0 / 2)
     chunk: int = 8192                    # pixels decoded at once (per frame)
     kp: KPConfig = field(default_factory=KPConfig)
     expression: ExpressionConfig = field(default_factory=ExpressionConfig)
@@ -87,22 +79,11 @@ class FSRTConfig:
         self.expression = replace(self.expression, expr_dim=self.expr_dim, num_kp=self.num_kp,
                                   in_channels=self.kp.block_expansion + self.kp.num_channels)
 
-    # derived sizes
-    @property
-    def pix_dim(self):    # 2 coords x O_pix x (sin, cos) = 64
-        return 2 * 2 * self.pix_octaves
-
-    @property
-    def key_dim(self):    # n_K x 2 coords x O_key x (sin, cos) = 160, 0 for the n_K = 0 ablation
-        return self.num_kp * 2 * 2 * self.kp_octaves if self.use_keypoints else 0
-
-    @property
-    def in_dim(self):     # Eq. (6): 3 + 64 + 160 + 256 = 483
-        return 3 + self.pix_dim + self.key_dim + self.expr_dim
-
-    @property
-    def query_dim(self):  # Eq. (7): 64 + 160 + 256 = 480
-        return self.pix_dim + self.key_dim + self.expr_dim
+    # derived sizes: Eq. (5) 2 coords x O_pix x (sin, cos) = 64; Eq. (4) n_K x 2 x O_key x 2 = 160 (0 if n_K = 0)
+    pix_dim = property(lambda self: 2 * 2 * self.pix_octaves)
+    key_dim = property(lambda self: self.num_kp * 2 * 2 * self.kp_octaves if self.use_keypoints else 0)
+    in_dim = property(lambda self: 3 + self.pix_dim + self.key_dim + self.expr_dim)   # Eq. (6): 483
+    query_dim = property(lambda self: self.pix_dim + self.key_dim + self.expr_dim)    # Eq. (7): 480
 
     def decoder_sizes(self):
         """(heads, mlp, render_hidden) of the decoder, after the small-decoder switch."""
@@ -132,78 +113,47 @@ class FSRTConfig:
 
     @classmethod
     def from_dict(cls, d):
+        """Inverse of to_dict; unknown keys (e.g. from a newer version) are dropped with a warning."""
         def build(klass, dd):
-            known = {f.name for f in fields(klass)}
-            unknown = sorted(set(dd) - known)
-            if unknown:
-                warnings.warn(f"{klass.__name__}.from_dict: ignoring unknown keys {unknown}")
-            return {k: tuple(v) if isinstance(v, list) else v for k, v in dd.items() if k in known}
-        d = build(cls, dict(d))
-        if isinstance(d.get("kp"), dict):
-            d["kp"] = KPConfig(**build(KPConfig, d["kp"]))
-        if isinstance(d.get("expression"), dict):
-            d["expression"] = ExpressionConfig(**build(ExpressionConfig, d["expression"]))
-        return cls(**d)
+            known, nested = {f.name for f in fields(klass)}, {"kp": KPConfig, "expression": ExpressionConfig}
+            if set(dd) - known:
+                warnings.warn(f"{klass.__name__}.from_dict: ignoring unknown keys {sorted(set(dd) - known)}")
+            return klass(**{k: build(nested[k], v) if k in nested and klass is cls else
+                            tuple(v) if isinstance(v, list) else v for k, v in dd.items() if k in known})
+        return build(cls, d)
 
 # -----------------------------------------------------------------------------
-# building blocks (pre-LN transformer, SRT style: qkv without bias, out projection with bias)
+# transformer block (pre-LN, SRT style: q/k/v without bias, output projection with bias, GELU MLP)
 
 
-class MLP(nn.Module):
-    def __init__(self, dim, hidden):
-        super().__init__()
-        self.c_fc = nn.Linear(dim, hidden)
-        self.c_proj = nn.Linear(hidden, dim)
+class Block(nn.Module):
+    """x + Attention(LN(x)), then x + MLP(LN(x)). Self-attention (encoder) when kv_dim is None, otherwise
+    cross-attention to the set-latents (decoder; no self-attention there): only the query is normalised and
+    keys/values come from the raw kv_dim-wide set-latents, as in the release."""
 
-    def forward(self, x):
-        return self.c_proj(F.gelu(self.c_fc(x)))
-
-
-class SelfAttentionBlock(nn.Module):
-    """Encoder block: x + SelfAttn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, dim, heads, head_dim, mlp):
-        super().__init__()
-        self.heads, self.head_dim = heads, head_dim
-        self.ln_1 = nn.LayerNorm(dim)
-        self.c_attn = nn.Linear(dim, 3 * heads * head_dim, bias=False)
-        self.c_proj = nn.Linear(heads * head_dim, dim)
-        self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp)
-
-    def forward(self, x):                                                   # x: (B, T, C)
-        B, T, _ = x.shape
-        q, k, v = self.c_attn(self.ln_1(x)).split(self.heads * self.head_dim, dim=-1)
-        q, k, v = (t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, -1)
-        x = x + self.c_proj(y)
-        return x + self.mlp(self.ln_2(x))
-
-
-class CrossAttentionBlock(nn.Module):
-    """Decoder block (no self-attention): x + CrossAttn(LN(x), z), then x + MLP(LN(x)).
-    Only the query is normalised; keys/values come from the raw 768-d set-latents (as the release)."""
-
-    def __init__(self, dim, kv_dim, heads, head_dim, mlp):
+    def __init__(self, dim, heads, head_dim, mlp, kv_dim=None):
         super().__init__()
         self.heads, self.head_dim = heads, head_dim
         self.ln_1 = nn.LayerNorm(dim)
         self.c_q = nn.Linear(dim, heads * head_dim, bias=False)
-        self.c_kv = nn.Linear(kv_dim, 2 * heads * head_dim, bias=False)
+        self.c_kv = nn.Linear(kv_dim or dim, 2 * heads * head_dim, bias=False)
         self.c_proj = nn.Linear(heads * head_dim, dim)
         self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, mlp)
+        self.mlp = nn.Sequential(nn.Linear(dim, mlp), nn.GELU(), nn.Linear(mlp, dim))
 
-    def kv(self, z):                                                        # z: (B, T, D) -> 2 x (B, nh, T, hs)
-        B, T, _ = z.shape
-        k, v = self.c_kv(z).split(self.heads * self.head_dim, dim=-1)
-        return tuple(t.view(B, T, self.heads, self.head_dim).transpose(1, 2) for t in (k, v))
+    def split_heads(self, t):                                               # (B, T, nh*hs) -> (B, nh, T, hs)
+        return t.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, x, kv):                                               # x: (B, P, C)
-        B, P, _ = x.shape
-        q = self.c_q(self.ln_1(x)).view(B, P, self.heads, self.head_dim).transpose(1, 2)  # (B, nh, P, hs)
-        y = F.scaled_dot_product_attention(q, *kv).transpose(1, 2).reshape(B, P, -1)
-        x = x + self.c_proj(y)
+    def kv(self, z):
+        """z: (B, T, kv_dim) -> keys, values, each (B, nh, T, hs)."""
+        return tuple(map(self.split_heads, self.c_kv(z).chunk(2, dim=-1)))
+
+    def forward(self, x, kv=None):
+        """x: (B, P, dim); kv: this block's (keys, values) for cross-attention, None for self-attention."""
+        h = self.ln_1(x)
+        k, v = kv if kv is not None else self.kv(h)
+        y = F.scaled_dot_product_attention(self.split_heads(self.c_q(h)), k, v)   # (B, nh, P, hs)
+        x = x + self.c_proj(y.transpose(1, 2).flatten(2))
         return x + self.mlp(self.ln_2(x))
 
 # -----------------------------------------------------------------------------
@@ -258,7 +208,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.cnn = PatchCNN(cfg.in_dim, cfg.pix_dim, cfg.cnn_channels, cfg.width)
-        self.blocks = nn.ModuleList(SelfAttentionBlock(cfg.width, cfg.enc_heads, cfg.enc_head_dim, cfg.enc_mlp)
+        self.blocks = nn.ModuleList(Block(cfg.width, cfg.enc_heads, cfg.enc_head_dim, cfg.enc_mlp)
                                     for _ in range(cfg.enc_blocks))
 
     def forward(self, feats, B):
@@ -281,7 +231,7 @@ class Decoder(nn.Module):
         self.pix_dim = cfg.pix_dim
         self.query_mlp = nn.Sequential(nn.Linear(dq, int(dq * cfg.query_mlp_ratio)), nn.ReLU(),
                                        nn.Linear(int(dq * cfg.query_mlp_ratio), dq))
-        self.blocks = nn.ModuleList(CrossAttentionBlock(dq, cfg.width, heads, cfg.dec_head_dim, mlp)
+        self.blocks = nn.ModuleList(Block(dq, heads, cfg.dec_head_dim, mlp, kv_dim=cfg.width)
                                     for _ in range(cfg.dec_blocks))
         layers, d = [], dq
         for h in render:
@@ -453,11 +403,10 @@ def save_checkpoint(path, ckpt):
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(ckpt, f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+        os.replace(tmp, path)                                               # atomic on POSIX and Windows
+    finally:
+        if os.path.exists(tmp):                                             # only after a failure
             os.remove(tmp)
-        raise
 
 
 def _describe(obj):
