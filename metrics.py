@@ -269,7 +269,8 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
 def fit_ridge(X, Y, alpha=10.0):
     """Ridge regression Y ~ X on standardised X, closed form. Returns predict(X_new) -> Y_hat."""
     X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
-    mu, sd = X.mean(0), X.std(0) + 1e-8
+    mu, sd = X.mean(0), X.std(0)
+    sd[sd <= 1e-6 * max(float(sd.max()), 1e-12)] = np.inf     # constant features (dead units) -> 0, not noise x 1e8
     Xs, y_mu = (X - mu) / sd, Y.mean(0)
     W = np.linalg.solve(Xs.T @ Xs + alpha * np.eye(X.shape[1]), Xs.T @ (Y - y_mu))
     return lambda X_new: ((np.asarray(X_new, np.float64) - mu) / sd) @ W + y_mu
@@ -414,7 +415,7 @@ def main(argv=None) -> int:
     akd.add_argument("--akd", action="store_true", help="fail if AKD cannot be computed")
     p.add_argument("--no-cross", action="store_true", help="skip cross-reenactment (built-in data)")
     p.add_argument("--no-probe", action="store_true", help="skip the disentanglement probe (built-in data)")
-    p.add_argument("--probe-videos", type=int, default=32, help="train videos the probe is fitted on")
+    p.add_argument("--probe-videos", type=int, default=64, help="train videos the probe is fitted on")
     p.add_argument("--probe-stride", type=int, default=5, help="probe uses every N-th frame")
     p.add_argument("--probe-alpha", type=float, default=10.0, help="ridge penalty (standardised features)")
     p.add_argument("--chunk", type=int, default=None, help="pixels decoded per chunk")

@@ -215,3 +215,74 @@ def test_continuous_vector_drops_integer_fields():
         hair_style: int = 3
         background_seed: int = 123456
     assert metrics.continuous_vector(Identity()).tolist() == [1.5, 0.1, 0.2, 0.3]
+
+
+def test_ridge_ignores_constant_features():
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(100, 1))
+    X = np.concatenate([y + 0.01 * rng.normal(size=(100, 1)), np.full((100, 1), 3.0)], 1)
+    X_test = np.array([[1.0, 3.0 + 1e-9], [-1.0, 3.0 - 1e-9]])     # float noise on the dead feature
+    assert np.allclose(metrics.fit_ridge(X, y, alpha=1e-3)(X_test)[:, 0], [1.0, -1.0], atol=0.05)
+
+
+# ---------------------------------------------------------------- AKD availability
+
+def test_missing_landmark_detector_is_reported_not_raised(monkeypatch):
+    import keypoints
+
+    class Offline:
+        def __init__(self, *a, **k):
+            pass
+
+        def __call__(self, image):
+            raise RuntimeError("needs s3fd-619a316812.pth in ~/.cache/torch/hub/checkpoints")
+    monkeypatch.setattr(keypoints, "LandmarkDetector", Offline)
+    fn, reason = metrics.make_landmark_fn(required=False)
+    assert fn is None and "s3fd-619a316812.pth" in reason
+    with pytest.raises(RuntimeError, match="--akd"):
+        metrics.make_landmark_fn(required=True)
+
+
+# ---------------------------------------------------------------- end to end on a tiny random checkpoint
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    import srt
+    torch.manual_seed(0)
+    cfg = srt.FSRTConfig.tiny()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    srt.save_checkpoint(str(path), {"format": "fsrt", "config": cfg.to_dict(), "model": srt.FSRT(cfg).state_dict(),
+                                    "step": 0, "phase": 1})
+    return str(path)
+
+
+def test_main_end_to_end(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    args = ["--checkpoint", tiny_checkpoint, "--max-videos", "2", "--no-akd", "--probe-videos", "2",
+            "--probe-stride", "10", "--out", str(out)]
+    assert metrics.main(args) == 0
+    r = json.loads(out.read_text())
+    assert {"checkpoint", "data", "num_src", "image_size", "self", "akd", "cross", "probe"} <= set(r)
+    for row in (r["self"]["model"], r["self"]["baseline"], *(r["cross"][k] for k in ("absolute", "relative",
+                                                                                     "baseline"))):
+        assert {"ssim", "psnr", "l1", "frames"} <= set(row) and row["frames"] > 0
+        assert 0 <= row["l1"] <= 1 and -1 <= row["ssim"] <= 1
+    assert r["self"]["videos"] == 2 and r["cross"]["pairs"] == 2
+    assert r["akd"]["available"] is False and "--no-akd" in r["akd"]["reason"]
+    assert set(r["probe"]["r2"]) == {"expression", "identity", "pose"}
+    # a random model is far worse than copying the source: the two rows really are different computations
+    assert r["self"]["baseline"]["psnr"] > r["self"]["model"]["psnr"]
+    printed = capsys.readouterr().out
+    assert "copy nearest source" in printed and "SSIM" in printed and "R^2" in printed
+    # deterministic: a second run gives the same numbers
+    out2 = tmp_path / "r2.json"
+    assert metrics.main(args[:-1] + [str(out2), "--no-cross", "--no-probe"]) == 0
+    assert json.loads(out2.read_text())["self"] == r["self"]
+
+
+def test_main_bad_checkpoint_is_one_error_line(tmp_path, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert metrics.main(["--checkpoint", str(bad), "--no-akd", "--out", str(tmp_path / "r.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "bad.pt" in err[0]
