@@ -50,8 +50,8 @@ class Identity:
     background_kind: int = 0        # 0 plain, 1 gradient, 2 stripes, 3 smooth blobs
     background_seed: int = 0
 
-    def vector(self):
-        return np.array([v for x in astuple(self) for v in np.atleast_1d(x)], np.float64)
+    def vector(self):               # numeric features for probes (background_seed left out)
+        return np.array([v for x in astuple(self)[:-1] for v in np.atleast_1d(x)], np.float64)
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,7 @@ _HAIRLINE = {0: (0.98, 0.45), 1: (0.98, 0.45), 2: (1.6, 1.2), 3: (0.78, 0.35)}  
 _SKULL_C, _SKULL_R = np.array([0.0, 0.45, -0.3]), np.array([1.08, 1.45, 1.25])
 
 
-def _half(xs, ys, zs):
-    """Points of the image-left half, mirrored into the right half by the callers."""
+def _xyz(xs, ys, zs):
     return np.stack([xs, ys, zs], 1)
 
 
@@ -149,29 +148,29 @@ def face_points_3d(identity, expression):
                        0.75 * s], 1)
     u = np.array([-0.40, -0.22, -0.03, 0.15, 0.30])                  # brows 17..21 outer -> inner
     by = 0.63 + np.array([0.0, 0.07, 0.09, 0.07, 0.03]) + 0.1 * E.brow_raise * np.array([.6, .8, 1, 1, .9])
-    p[17:22] = _half(-es + u, by, np.linspace(0.72, 0.92, 5))
+    p[17:22] = _xyz(-es + u, by, np.linspace(0.72, 0.92, 5))
     t = np.arange(4) / 3.0                                          # nose bridge 27..30, nostrils 31..35
-    p[27:31] = _half(0 * t, 0.42 - 0.55 * I.nose_length * t, 0.92 + 0.33 * I.nose_length * t)
-    p[31:36] = _half(np.array([-0.2, -0.1, 0, 0.1, 0.2]), p[30, 1] - 0.1 * np.array([1, 1.2, 1.3, 1.2, 1]),
+    p[27:31] = _xyz(0 * t, 0.42 - 0.55 * I.nose_length * t, 0.92 + 0.33 * I.nose_length * t)
+    p[31:36] = _xyz(np.array([-0.2, -0.1, 0, 0.1, 0.2]), p[30, 1] - 0.1 * np.array([1, 1.2, 1.3, 1.2, 1]),
                      np.array([0.95, 1.03, 1.1, 1.03, 0.95]))
     up = eh * (1 - E.blink_l) - 0.3 * eh * E.blink_l               # eye 36..41 (image left)
     lo = -0.75 * eh * (1 - E.blink_l) - 0.3 * eh * E.blink_l
-    p[36:42] = _half(-es + ew * np.array([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3]),
+    p[36:42] = _xyz(-es + ew * np.array([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3]),
                      0.35 + np.array([0, up, up, 0, lo, lo]), np.array([0.8, 0.86, 0.86, 0.82, 0.86, 0.86]))
     ym, mw, o, sm = -0.62, 0.36 * I.mouth_width * (1 + 0.12 * E.smile), E.mouth_open, E.smile
     gap = 0.34 * o                                                  # lips 48..67
-    p[48:55] = _half(mw * np.array([-1, -0.6, -0.25, 0, 0.25, 0.6, 1]),
+    p[48:55] = _xyz(mw * np.array([-1, -0.6, -0.25, 0, 0.25, 0.6, 1]),
                      ym + np.array([0.09 * sm, 0.08 + .04 * sm, 0.11 + .02 * sm, 0.09 + .02 * sm, 0.11 + .02 * sm,
                                     0.08 + .04 * sm, 0.09 * sm]) + 0.02 * o,
                      np.array([0.82, 0.95, 1.0, 1.02, 1.0, 0.95, 0.82]) - 0.06 * max(sm, 0))
     low_in = ym - gap * np.array([0.8, 1, 0.8]) + 0.03 * sm * np.array([1, 0.5, 1])
-    p[55:60] = _half(mw * np.array([0.6, 0.25, 0, -0.25, -0.6]),
+    p[55:60] = _xyz(mw * np.array([0.6, 0.25, 0, -0.25, -0.6]),
                      np.array([low_in[2] - 0.09, low_in[1] - 0.13, low_in[1] - 0.14, low_in[1] - 0.13,
                                low_in[0] - 0.09]), np.array([0.93, 0.98, 1.0, 0.98, 0.93]) - 0.05 * o)
-    p[60:65] = _half(mw * np.array([-0.85, -0.35, 0, 0.35, 0.85]),
+    p[60:65] = _xyz(mw * np.array([-0.85, -0.35, 0, 0.35, 0.85]),
                      ym + np.array([0.07 * sm, 0.03 * o + .02 * sm, 0.03 * o + .01 * sm, 0.03 * o + .02 * sm, 0.07 * sm]),
                      np.array([0.86, 0.97, 0.99, 0.97, 0.86]))
-    p[65:68] = _half(mw * np.array([0.35, 0, -0.35]), low_in[::-1], np.array([0.96, 0.98, 0.96]) - 0.05 * o)
+    p[65:68] = _xyz(mw * np.array([0.35, 0, -0.35]), low_in[::-1], np.array([0.96, 0.98, 0.96]) - 0.05 * o)
     p[22:27] = p[21:16:-1] * [-1, 1, 1]                             # mirror brows and the right eye
     up = eh * (1 - E.blink_r) - 0.3 * eh * E.blink_r
     lo = -0.75 * eh * (1 - E.blink_r) - 0.3 * eh * E.blink_r
@@ -220,17 +219,15 @@ def _catmull(pts, n=4, closed=False):
     return out if closed else np.concatenate([out, pts[-1:]])
 
 
+_DIRS = np.stack([np.cos(np.linspace(0, 2 * np.pi, 64, endpoint=False)),
+                  np.sin(np.linspace(0, 2 * np.pi, 64, endpoint=False))], 1)
+
+
 def _hull(pts):
-    """Convex hull (monotone chain) of [M,2] points, counter-clockwise."""
-    pts = sorted(map(tuple, pts))
-    def half(seq):
-        h = []
-        for q in seq:
-            while len(h) >= 2 and (h[-1][0] - h[-2][0]) * (q[1] - h[-2][1]) - (h[-1][1] - h[-2][1]) * (q[0] - h[-2][0]) <= 0:
-                h.pop()
-            h.append(q)
-        return h[:-1]
-    return half(pts) + half(pts[::-1])
+    """Convex hull of [M,2] points, vertices in angular order: the extreme point in each of 64 directions
+    (vectorised; may skip a vertex between two sampled directions, which a smooth outline never misses)."""
+    idx = np.argmax(pts @ _DIRS.T, 0)
+    return pts[idx[idx != np.roll(idx, 1)]]
 
 
 _BG_CACHE = {}
@@ -308,6 +305,7 @@ def render_face(identity, pose, expression, size=64):
         d.polygon(pts, fill=col)
         if silhouette:
             dm.polygon(pts, fill=255)
+
     neck_top = P["neck"][:2].mean(0)
     down = (P["neck"][2:].mean(0) - neck_top) / np.linalg.norm(P["neck"][2:].mean(0) - neck_top)
     side = np.array([-down[1], down[0]])
@@ -318,7 +316,8 @@ def render_face(identity, pose, expression, size=64):
     if identity.hair_style == 1:
         poly(_hull(P["longhair"]), hair, True)
     poly(_skull_outline(R, to_canvas), skin if identity.hair_style == 2 else hair, True)
-    poly(np.concatenate([_catmull(lm[:17]), P["fore"]]), skin, True)
+    face = _hull(np.concatenate([lm[:17], P["fore"], P["brow"][10:], lm[36:48]]))   # far-side brow and eye
+    poly(_catmull(face, 3, closed=True), skin, True)                    # stay on the skin when yawed
     for i in (36, 42):                                   # eyes
         e = lm[i:i + 6]
         poly(_catmull(e, 3, closed=True), (240, 240, 235))
@@ -334,10 +333,10 @@ def render_face(identity, pose, expression, size=64):
         d.line(lid.ravel().tolist(), fill=(40, 25, 20), width=max(1, round(0.025 * unit)))
     brow_col = _col(identity.hair, 0.7)
     for a, b in ((0, 5), (5, 10)):
-        poly(np.concatenate([P["brow"][a:b], P["brow"][10 + a:10 + b][::-1]]), brow_col)
+        poly(np.concatenate([P["brow"][a:b], P["brow"][10 + a:10 + b][::-1]]), brow_col, True)
     poly(_hull(lm[27:36]), _col(identity.skin, 0.88))
     for i in (32, 34):
-        q, r = (lm[i] + lm[33]) / 2 * 0.5 + lm[i] * 0.5, 0.035 * unit
+        q, r = 0.75 * lm[i] + 0.25 * lm[33], 0.035 * unit
         d.ellipse([q[0] - r, q[1] - r * 0.7, q[0] + r, q[1] + r * 0.7], fill=_col(identity.skin, 0.35))
     poly(_catmull(lm[48:60], 3, closed=True), _col(identity.lip))
     inner = _catmull(lm[60:68], 3, closed=True)
@@ -406,7 +405,7 @@ def builtin_motion(seed, video, frames, motion_scale=1.0, at=None, fps=DEFAULT_F
     pose = np.clip(base[:, None] + np.stack([smooth(0.5 * v) for v in lim]), -lim[:, None], lim[:, None])
     pose[5] = np.exp(pose[5])
     phase = 2 * np.pi * rng.uniform(2.5, 4.5) * t + 1.5 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6.3))
-    speaking = np.clip(0.45 + smooth(1.2, 0.05, 0.3), 0, 1)
+    speaking = np.clip(0.65 + smooth(0.8, 0.05, 0.3), 0.15, 1)        # mostly talking, some pauses
     mouth = np.clip(speaking * (0.5 - 0.5 * np.cos(phase)) ** 1.5 * rng.uniform(0.6, 1.0), 0, 1) * m
     smile = np.clip(rng.uniform(-0.2, 0.6) + smooth(0.4, 0.02, 0.2), -0.3, 1) * m
     brow = np.clip(smooth(0.7, 0.05, 0.4), -1, 1) * m
