@@ -425,28 +425,28 @@ IMAGE_EXTS, VIDEO_EXTS = (".png", ".jpg", ".jpeg"), (".mp4", ".gif", ".mov")
 
 
 def _rgb8(a):
-    """Any image array (gray, gray+alpha, RGBA, 16-bit, float) -> uint8 [H,W,3]."""
+    """Image array (gray, gray+alpha, RGB, RGBA; uint8, uint16, or float in [0, 1]) -> uint8 [H,W,3]."""
     a = np.asarray(a)
-    if a.dtype == np.uint16 or (a.dtype.kind in "iu" and a.max(initial=0) > 255):
-        a = a.astype(np.float64) / 257.0
-    elif a.dtype.kind == "f":
-        a = a * 255.0 if a.max(initial=0) <= 1.0 else a
+    if a.dtype != np.uint8:
+        a = a / 257.0 if a.dtype == np.uint16 else a * 255.0 if a.dtype.kind == "f" else a
+        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
     if a.ndim == 2:
         a = a[..., None]
     if a.shape[-1] in (2, 4):
         a = a[..., :-1]                         # drop alpha
-    if a.shape[-1] == 1:
-        a = np.repeat(a, 3, -1)
-    return np.clip(np.round(a), 0, 255).astype(np.uint8) if a.dtype != np.uint8 else np.ascontiguousarray(a)
+    return np.ascontiguousarray(np.repeat(a, 3, -1) if a.shape[-1] == 1 else a)
 
 
 def read_image(path):
-    """-> np.uint8 [H,W,3]."""
+    """-> np.uint8 [H,W,3] (16-bit scaled down, gray repeated, alpha dropped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
     try:
         with Image.open(path) as im:
-            a = np.asarray(im) if im.mode.startswith(("I", "L", "RGB")) else np.asarray(im.convert("RGB"))
+            if im.mode.startswith("I"):         # 16-bit (or 32-bit int holding 16-bit) gray
+                a = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+            else:
+                a = np.asarray(im) if im.mode in ("L", "LA", "RGB", "RGBA") else np.asarray(im.convert("RGB"))
     except Exception as e:
         raise ValueError(f"{path}: cannot read image ({e})") from None
     return _rgb8(a)
@@ -504,8 +504,9 @@ def read_video(path):
 
 
 def write_video(path, frames, fps=DEFAULT_FPS):
-    """frames uint8 [T,H,W,3] -> .mp4/.mov (H.264), .gif, or (no such extension) a folder of PNG frames."""
-    frames = np.asarray(frames)
+    """frames [T,H,W,3] (uint8, or float in [0, 1]) -> .mp4/.mov (H.264), .gif, or (any other name) a folder
+    of PNG frames."""
+    frames = _rgb8(np.asarray(frames))
     ext = os.path.splitext(path)[1].lower()
     if ext not in VIDEO_EXTS:
         os.makedirs(path, exist_ok=True)
