@@ -22,6 +22,14 @@ FAN, as the paper), also on the built-in data whose true landmarks are known: a 
 would add the detector's own error on drawn faces to the score, detector-vs-detector cancels it, as in the
 paper. Frames where the detector finds no face in the real or the generated image are counted and reported.
 The "copy the source" baseline predicts each driving frame by its nearest source frame (ties: the earlier).
+
+Built-in data only (its ground truth is known; details in evaluate_cross and probe_features):
+  * cross-reenactment: identity A (test video i) driven by B (video i+1) is scored against render_face(A's
+    identity, B's pose, B's expression) for absolute motion, and for relative motion against A's first-frame
+    pose moved by B's pose change since B's frame 0 (relative_pose) with B's expression as-is.
+  * disentanglement probe: a ridge map from e (model.keypoints_and_expression) to the expression, identity
+    and pose parameters, fitted on train-split frames, R^2 on test-split frames (held-out identities). A
+    well-disentangled e gives high expression R^2 and low identity and pose R^2.
 """
 import argparse
 import dataclasses
@@ -31,8 +39,14 @@ import sys
 
 import numpy as np
 import torch
+from PIL import Image
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
+
+import data
+import keypoints
+from reenact import reenact
+from srt import model_from_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -100,8 +114,6 @@ def detector_landmark_fn(detector, min_size=256):
     """Wrap keypoints.LandmarkDetector for small frames: FAN's face detector misses 64x64 faces, so frames
     are upsampled (bicubic, integer factor k) to at least min_size and the landmarks mapped back with the
     pixel-centre convention x_small = (x_big + 0.5) / k - 0.5. AKD stays in pixels of the evaluated size."""
-    from PIL import Image
-
     def landmark_fn(image_uint8):
         k = max(1, math.ceil(min_size / image_uint8.shape[0]))
         if k > 1:
@@ -116,8 +128,7 @@ def make_landmark_fn(required=False):
     """The AKD landmark function, or (None, reason) when face-alignment or FAN's weights are unavailable
     (offline). With required=True the failure is raised instead."""
     try:
-        from keypoints import LandmarkDetector
-        fn = detector_landmark_fn(LandmarkDetector())
+        fn = detector_landmark_fn(keypoints.LandmarkDetector())
         fn(np.zeros((64, 64, 3), np.uint8))                     # weights may load lazily: try once
         return fn, None
     except Exception as err:                                    # offline, missing weights, no package ...
@@ -178,7 +189,6 @@ def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=No
         baseline = frames[[nearest_source(src_idx, j) for j in drv_idx]]  # copy the nearest source
         rows_base.append(_score(baseline, targets, landmark_fn))
         if model is not None:
-            from reenact import reenact
             pred = reenact(model, frames[src_idx].to(device), targets.to(device), relative=False,
                            chunk=chunk).cpu()
             rows_model.append(_score(pred, targets, landmark_fn))
@@ -229,8 +239,6 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
       absolute: B's pose;   relative: A's first-frame pose moved by B's change since B's frame 0
     (relative_pose; the model runs with relative=True, initial_frame = B's frame 0, no scale adaption).
     Scores: SSIM, PSNR, L1 for both, and the copy-the-source baseline against the absolute ground truth."""
-    import data
-    from reenact import reenact
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     if n < 2:
         raise ValueError("cross-reenactment needs at least 2 videos (--max-videos >= 2)")
@@ -347,8 +355,6 @@ def _jsonable(x):
 
 
 def run(args) -> dict:
-    import data
-    from srt import model_from_checkpoint
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

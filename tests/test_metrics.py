@@ -256,7 +256,10 @@ def tiny_checkpoint(tmp_path_factory):
     return str(path)
 
 
-def test_main_end_to_end(tiny_checkpoint, tmp_path, capsys):
+def test_main_end_to_end(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    import data
+    video_set = data.VideoSet                             # shorter built-in videos keep the test fast:
+    monkeypatch.setattr(data, "VideoSet", lambda **kw: video_set(frames=25, **kw))   # driving 10, 20
     out = tmp_path / "r.json"
     args = ["--checkpoint", tiny_checkpoint, "--max-videos", "2", "--no-akd", "--probe-videos", "2",
             "--probe-stride", "10", "--out", str(out)]
@@ -268,6 +271,7 @@ def test_main_end_to_end(tiny_checkpoint, tmp_path, capsys):
         assert {"ssim", "psnr", "l1", "frames"} <= set(row) and row["frames"] > 0
         assert 0 <= row["l1"] <= 1 and -1 <= row["ssim"] <= 1
     assert r["self"]["videos"] == 2 and r["cross"]["pairs"] == 2
+    assert r["self"]["model"]["frames"] == 4 and r["cross"]["relative"]["frames"] == 4
     assert r["akd"]["available"] is False and "--no-akd" in r["akd"]["reason"]
     assert set(r["probe"]["r2"]) == {"expression", "identity", "pose"}
     # a random model is far worse than copying the source: the two rows really are different computations
