@@ -28,8 +28,12 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
+
+import data
+import srt
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -107,13 +111,13 @@ def find_best_frame(source_lm, driving_lms):
         raise ValueError("no face landmarks found in the source image, so the best driving frame cannot be "
                          "found; use --best-frame N instead")
     src = normalize_landmarks(source_lm)
-    best, best_dist = None, np.inf
+    best, best_err = None, np.inf
     for i, lm in enumerate(driving_lms):
         if not usable(lm):
             continue
-        dist = float(((src - normalize_landmarks(lm)) ** 2).sum())
-        if dist < best_dist:
-            best, best_dist = i, dist
+        err = float(((src - normalize_landmarks(lm)) ** 2).sum())
+        if err < best_err:
+            best, best_err = i, err
     if best is None:
         raise ValueError("no face landmarks found in any driving frame; use --best-frame N instead")
     return best
@@ -190,7 +194,6 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
 
 def load_frames(path):
     """An image, a video or a folder of frames -> (uint8 [T, H, W, 3], fps or None for a still image)."""
-    import data
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     ext = os.path.splitext(path)[1].lower()
@@ -272,7 +275,6 @@ def setup_processes(device_arg):
     cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
     if world <= 1:
         return 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
-    import torch.distributed as dist
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if cuda:
         torch.cuda.set_device(local)
@@ -285,14 +287,11 @@ def setup_processes(device_arg):
 
 
 def load_model(path, device):
-    import srt
     if path is None:
         if not os.path.exists(BUILTIN_CKPT):
             raise FileNotFoundError(f"no --checkpoint given and the built-in checkpoint {BUILTIN_CKPT} is missing: "
                                     "train one with `python train.py --phase 1` or pass --checkpoint PATH")
         path = BUILTIN_CKPT
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: checkpoint not found")
     return srt.model_from_checkpoint(path, device=device)
 
 
@@ -302,18 +301,21 @@ def gather_inputs(args, S, log):
     if (args.source is None) != (args.driving is None):
         raise ValueError("give both --source and --driving, or neither for the built-in demo")
     if args.source is None:  # built-in demo: a test identity driven by another identity's video
-        import data
-        videos = data.VideoSet(split="test", size=S)
+        # the built-in videos are rendered on access: render only the frames needed
+        videos = data.VideoSet(split="test", size=S, **({} if args.max_frames is None else
+                                                          dict(frames=max(1, args.max_frames))))
         if len(videos) < 2:
             raise RuntimeError("the built-in test set has fewer than 2 videos")
         src = videos[0]
-        drv = next((videos[i] for i in range(1, len(videos)) if videos[i]["identity"] != src["identity"]), videos[1])
+        for i in range(1, len(videos)):
+            drv = videos[i]
+            if drv["identity"] != src["identity"]:
+                break
         log(f"demo: source {src['name']} ({src['identity']}), driving {drv['name']} ({drv['identity']})")
         sel = pick_frames(len(src["frames"]), args.source_frames, src["name"])
-        n = len(drv["frames"]) if args.max_frames is None else max(1, args.max_frames)
-        sources, driving = src["frames"][sel].float(), drv["frames"][:n].float()
+        sources, driving = src["frames"][sel].float(), drv["frames"].float()
         src_lm = None if src.get("landmarks") is None else np.asarray(src["landmarks"])[sel[0]]
-        drv_lm = None if drv.get("landmarks") is None else list(np.asarray(drv["landmarks"])[:n])
+        drv_lm = None if drv.get("landmarks") is None else list(np.asarray(drv["landmarks"]))
         fps = float(drv.get("fps") or DEFAULT_FPS)
         return sources, driving, to_uint8(sources), to_uint8(driving), fps, (src_lm, drv_lm)
 
@@ -341,6 +343,9 @@ def run(args):
     out = args.out or ("demo.mp4" if args.source is None else None)
     if out is None:
         raise ValueError("--out is required (a .mp4, .gif or a folder for PNG frames)")
+    ext = os.path.splitext(out)[1].lower()
+    if ext and ext not in (".mp4", ".mov", ".gif"):
+        raise ValueError(f"--out {out}: unknown video type '{ext}'; use .mp4, .mov, .gif or a folder name")
     side_by_side = args.side_by_side or args.source is None
     T = len(driving)
 
@@ -369,12 +374,13 @@ def run(args):
     # this process's share of the frames (contiguous, in order); rank 0 writes them all
     bounds = np.linspace(0, T, world + 1).round().astype(int)
     mine = slice(int(bounds[rank]), int(bounds[rank + 1]))
+    if world > 1:
+        log(f"{T} frames split across {world} processes; the progress bar shows rank 0's {mine.stop} frames")
     result = reenact(model, sources, driving, relative=relative, adapt_scale=args.adapt_scale,
                      initial_frame=initial, chunk=args.chunk, bf16=args.bf16, batch=args.batch,
                      progress=rank == 0 and not args.no_progress, frames=mine)
     result = to_uint8(result)
     if world > 1:
-        import torch.distributed as dist
         parts = [None] * world if rank == 0 else None
         dist.gather_object(result, parts, dst=0)
         if rank == 0:
@@ -384,7 +390,6 @@ def run(args):
     if side_by_side:
         source = np.broadcast_to(first_source(src_sq, S), result.shape)
         result = np.concatenate([source, to_uint8(driving), result], axis=2)   # (T, S, 3S, 3)
-    import data
     parent = os.path.dirname(os.path.abspath(out))
     os.makedirs(parent, exist_ok=True)
     data.write_video(out, result, fps)
@@ -408,7 +413,6 @@ def main(argv=None):
         print(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
-        import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
     return 0

@@ -163,11 +163,15 @@ def test_reenact_relative_motion(tiny):
 
 @torch.no_grad()
 def test_one_vs_two_sources(tiny):
-    src, drv = _frames(2, 5), _frames(3, 6)
+    src, drv = _frames(2, 5), _frames(2, 6)
     one = reenact.reenact(tiny, src[:1], drv)
     two = reenact.reenact(tiny, src, drv)
-    assert one.shape == two.shape == (3, 3, 64, 64)
-    assert (one - two).abs().max() > 1e-4
+    other = reenact.reenact(tiny, src[1:], drv)
+    assert one.shape == two.shape == (2, 3, 64, 64)
+    # a random model depends only weakly on its sources (~1e-4 here), but far above float noise (~1e-7;
+    # the same call twice is bit-identical): the set-latents of both sources are attended
+    assert torch.equal(reenact.reenact(tiny, src[:1], drv), one)
+    assert (one - two).abs().max() > 1e-6 and (other - two).abs().max() > 1e-6
     assert torch.allclose(reenact.reenact(tiny, src[0], drv), one)         # [3,S,S] is one source
 
 
@@ -202,12 +206,13 @@ def test_cli_demo_builtin_data(tiny_ckpt, tmp_path, capsys):
     """No --source/--driving: a test identity driven by another's video, side by side, driving fps."""
     import data
     out = tmp_path / "demo.mp4"
-    assert reenact.main(["--checkpoint", tiny_ckpt, "--max-frames", "2", "--out", str(out), "--no-progress"]) == 0
+    assert reenact.main(["--checkpoint", tiny_ckpt, "--max-frames", "2", "--out", str(out), "--no-progress",
+                         "--find-best-frame"]) == 0         # best frame from the built-in data's landmarks
     frames, fps = data.read_video(str(out))
     assert frames.shape[0] == 2 and frames.shape[1:] == (64, 3 * 64, 3)       # source | driving | result
-    videos = data.VideoSet(split="test", size=64)
-    assert fps == pytest.approx(float(videos[1].get("fps") or reenact.DEFAULT_FPS), rel=1e-3)
-    assert "demo: source" in capsys.readouterr().out
+    assert fps == pytest.approx(data.DEFAULT_FPS, rel=1e-3)
+    printed = capsys.readouterr().out
+    assert "demo: source" in printed and "best initial frame:" in printed
 
 
 def test_cli_files_sources_and_formats(tiny_ckpt, tmp_path, capsys):
@@ -261,7 +266,8 @@ def test_cli_bad_inputs_one_error_line(tiny_ckpt, tmp_path, capsys, monkeypatch)
              (["--source", png, "--driving", str(tmp_path / "empty")], "empty"),
              (["--source", str(tmp_path / "notes.txt"), "--driving", gif], "notes.txt"),
              (["--source", png, "--driving", gif, "--best-frame", "7"], "frame 7"),
-             (["--source", png], "--driving")]
+             (["--source", png], "--driving"),
+             (["--source", png, "--driving", gif, "--out", str(tmp_path / "o.avi")], ".avi")]
     for args, needle in cases:
         code = reenact.main(["--checkpoint", tiny_ckpt, "--out", str(tmp_path / "o.mp4"), "--no-progress"] + args)
         line = _one_error_line(capsys.readouterr().err)
