@@ -69,6 +69,7 @@ def get_args(argv=None):
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
     p.add_argument("--no-keypoints", action="store_true", help="ablation: n_K = 0 (no keypoint conditioning)")
     p.add_argument("--motion", type=float, default=1.0, help="built-in data: pose/expression range scale")
+    p.add_argument("--identities", type=int, default=None, help="built-in data: number of training identities")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--sample-every", type=int, default=500, help="sample grid + held-out PSNR every N steps")
@@ -76,6 +77,7 @@ def get_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=500)
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--double", action="store_true", help="float64 everywhere (exactness checks in the tests)")
     return p.parse_args(argv)
 
 
@@ -89,6 +91,7 @@ def resolve(args):
     if args.steps is None:
         args.steps = PRESETS[args.preset]["steps"][args.phase]
     args.out = args.out or os.path.join("runs", args.preset)
+    args.dtype = torch.float64 if args.double else torch.float32
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data!r} is not a folder: give a VoxCeleb root prepared as the "
                                 f"README says, or leave --data out to train on the built-in faces")
@@ -187,11 +190,14 @@ def sample_rng(seed, step, index):
 
 
 def global_indices(step, batch_size, n, seed):
-    """Dataset indices of the global batch of `step`: an endless stream of seeded permutations of range(n)."""
+    """Dataset indices of the global batch of `step`: an endless stream of seeded permutations of range(n),
+    epoch e's entries offset by e * n (FaceDataset draws its augmentation from the index, so every epoch
+    gets new draws)."""
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, j = divmod(pos, n)
-        out.append(int(torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))[j]))
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+        out.append(epoch * n + int(perm[j]))
     return out
 
 
@@ -267,7 +273,7 @@ def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=No
     # L_reg (Eq. 16) couples the samples (Cov/Var over E, Eq. 13-15; batch means of L_aug): computed on the
     # global batch, gathered with gradient, identically on every rank
     reg, terms = losses.l_reg(*(gather(e, world) for e in es), W)
-    terms = {k: float(v) for k, v in terms.items()}
+    terms = {k: v.item() for k, v in terms.items()}
     target = b["drv"]                                                                  # (B, 3, H, W)
     B, _, H, Wd = target.shape
     if args.phase == 1:   # Eq. (17) on --pixels pixels per driving frame, sampled without replacement
@@ -277,7 +283,7 @@ def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=No
         gt = torch.gather(target.flatten(2), 2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
         mse = losses.l_mse(pred, gt)
         loss = W.mse * mse + reg                                                          # Eq. (16) + (17)
-        terms["mse"] = float(mse)
+        terms["mse"] = mse.item()
         return loss, terms, pred, kp_driving
     g = torch.Generator().manual_seed(args.seed * 7919 + step)                          # one offset per step
     offset = [int(v) for v in torch.randint(0, 2, (2,), generator=g)]
@@ -291,7 +297,7 @@ def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=No
             _, real_feats = disc(target, kp_driving)
         adv, fm = losses.g_loss(fake_scores), losses.feature_matching(real_feats, fake_feats)
     loss, weighted = losses.objective(reg, mse, perc, adv, fm, W)                       # Eq. (18)
-    terms.update({k: float(v) for k, v in weighted.items() if k != "reg"})
+    terms.update({k: v.item() for k, v in weighted.items() if k != "reg"})
     return loss, terms, pred, kp_driving
 
 
@@ -323,7 +329,7 @@ def set_rng_state(s):
 def save(path, model, opt, step, iteration, args, disc=None, dopt=None):
     ckpt = {"format": "fsrt", "config": model.cfg.to_dict(), "model": model.state_dict(), "step": step,
             "iteration": iteration, "phase": args.phase, "optimizer": opt.state_dict(), "rng": rng_state(),
-            "args": {k: v for k, v in vars(args).items() if k != "weights"}}
+            "args": {k: v for k, v in vars(args).items() if k not in ("weights", "dtype")}}
     if disc is not None:
         ckpt.update(disc=disc.state_dict(), disc_optimizer=dopt.state_dict())
     srt.save_checkpoint(path, ckpt)
@@ -356,7 +362,8 @@ def evaluate(model, videos, frames=8):
     ours, copy = [], []
     model.eval()
     for v in videos:
-        f = v["frames"].to(next(model.parameters()).device)                       # (T, 3, S, S)
+        p = next(model.parameters())
+        f = v["frames"].to(p.device, p.dtype)                                          # (T, 3, S, S)
         f = f[torch.linspace(0, len(f) - 1, min(len(f), frames + 1)).long()]
         kp, e = model.keypoints_and_expression(f)                                  # (T, K, 2), (T, E)
         set_latents = model.encode(f[:1, None], kp[:1, None], e[:1, None])         # (1, T', D)
@@ -374,7 +381,8 @@ def evaluate_kp(model, videos):
     for v in videos:
         if v["landmarks"] is None:
             continue
-        f = v["frames"].to(next(model.parameters()).device)
+        p = next(model.parameters())
+        f = v["frames"].to(p.device, p.dtype)
         S = f.shape[-1]
         kp = (model.kp_detector(f)["keypoints"] * S / 2 + S / 2 - 0.5).cpu()        # pixels
         lm = torch.as_tensor(np.asarray(v["landmarks"]))[:, list(KP_LANDMARKS)]
@@ -453,9 +461,9 @@ def build(args, device, rank):
     the previous phase's checkpoint / --kp-checkpoint."""
     cfg, path = model_config(args), os.path.join(args.out, f"phase{args.phase}.pt")
     torch.manual_seed(args.seed)
-    model = srt.FSRT(cfg).to(device)
+    model = srt.FSRT(cfg).to(device, args.dtype)
     dcfg = (losses.DiscConfig.tiny if args.preset == "tiny" else losses.DiscConfig)(num_kp=cfg.num_kp)
-    disc = losses.Discriminator(dcfg).to(device) if args.phase == 3 else None
+    disc = losses.Discriminator(dcfg).to(device, args.dtype) if args.phase == 3 else None
     if args.phase == 0:
         params = list(model.kp_detector.parameters())
     else:
@@ -507,8 +515,9 @@ def run_phase(args, rank, world, device):
         if rank == 0:
             print(f"phase {args.phase} already trained to step {step} ({path}); raise --steps to continue")
         return False
+    builtin = dict(motion_scale=args.motion, num_identities=args.identities) if args.data is None else {}
     ds = data.FaceDataset(root=args.data, split="train", size=args.image_size, num_src=args.num_src,
-                          augment=args.phase >= 1, seed=args.seed, **args.data_kwargs)
+                          augment=True, seed=args.seed, **builtin)
     local_bs = args.batch_size // world
     loader = torch.utils.data.DataLoader(ds, num_workers=args.workers, batch_sampler=StepSampler(
         len(ds), args.batch_size, rank, world, args.seed, step, args.steps))
@@ -516,10 +525,11 @@ def run_phase(args, rank, world, device):
     if args.phase >= 2:
         torch.manual_seed(args.seed + 1)   # an untrained VGG ('random', tests only) is the same after a resume
         perceptual = losses.PerceptualLoss(weights_path=None if args.vgg_weights == "random" else args.vgg_weights,
-                                           random_weights=args.vgg_weights == "random").to(device)
+                                           random_weights=args.vgg_weights == "random")
+        perceptual = perceptual.to(device, args.dtype)
     videos = []
     if rank == 0:
-        test = data.VideoSet(root=args.data, split="test", size=args.image_size)
+        test = data.VideoSet(root=args.data, split="test", size=args.image_size, frames=32)   # 32-frame clips
         videos = [test[i] for i in range(min(args.eval_videos, len(test)))]
         os.makedirs(args.out, exist_ok=True)
         log = open(os.path.join(args.out, "log.jsonl"), "a")
@@ -532,7 +542,9 @@ def run_phase(args, rank, world, device):
         log.flush()
 
     def eval_and_sample(b=None, pred=None, kp=None):
-        if args.phase == 0:
+        if not videos:
+            pass
+        elif args.phase == 0:
             write({"eval_kp_err_px": evaluate_kp(model, videos)})
         else:
             ours, copy = evaluate(model, videos)
@@ -551,7 +563,7 @@ def run_phase(args, rank, world, device):
     gidx = list(range(rank * local_bs, (rank + 1) * local_bs))
     acc, n_acc = {}, 0
     for b in loader:
-        b = {k: v.to(device) for k, v in b.items() if torch.is_tensor(v)}
+        b = {k: v.to(device, args.dtype if v.is_floating_point() else v.dtype) for k, v in b.items() if torch.is_tensor(v)}
         iteration += 1
         for group in opt.param_groups:
             group["lr"] = lr_at(args, iteration)
@@ -560,7 +572,7 @@ def run_phase(args, rank, world, device):
             disc.requires_grad_(False)
         if args.phase == 0:
             loss, kp, _ = kp_loss(model, b, args)
-            terms, pred = {"kp": float(loss)}, None
+            terms, pred = {"kp": loss.item()}, None
         else:
             loss, terms, pred, kp = generator_losses(model, b, args, step, gidx, world, perceptual, disc)
         opt.zero_grad(set_to_none=True)
@@ -585,7 +597,7 @@ def run_phase(args, rank, world, device):
                 d_skipped = not average_gradients(list(disc.parameters()), world)
             if not d_skipped:
                 dopt.step()
-            terms["disc"] = float(d_loss)
+            terms["disc"] = d_loss.item()
             skipped = skipped or d_skipped
         step += 1
         bar.update(1)
@@ -594,7 +606,7 @@ def run_phase(args, rank, world, device):
                 write({"skipped": "non-finite loss or gradient", **{k: v for k, v in terms.items()}})
                 bar.write(f"step {step}: non-finite loss or gradient, step skipped")
         else:
-            terms["loss"] = float(loss)
+            terms["loss"] = loss.item()
             for k, v in terms.items():
                 acc[k] = acc.get(k, 0.0) + v
             n_acc += 1
@@ -644,7 +656,7 @@ def sample_grid(path, model, b, args, kp, rows=4):
         return
     model.eval()
     sub = {k: v[:n] for k, v in b.items()}
-    set_latents, kp_driving, expr_driving, _ = encode_batch(model, sub, [sample_rng(args.seed, -1, i) for i in
+    set_latents, kp_driving, expr_driving, _ = encode_batch(model, sub, [sample_rng(args.seed, 2 ** 31, i) for i in
                                                                         range(n)])
     pred = model.render(set_latents, kp_driving, expr_driving, size=(S, S))
     model.train()
@@ -656,7 +668,6 @@ def main(argv=None):
     try:
         args = resolve(get_args(argv))
         args.weights = losses.LossWeights()
-        args.data_kwargs = {}
         rank, world, device = setup_distributed(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -682,6 +693,8 @@ def main(argv=None):
             if run_phase(args, rank, world, device):
                 break
     except (ValueError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("FSRT_DEBUG"):   # FSRT_DEBUG=1 shows the traceback
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

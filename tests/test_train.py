@@ -76,7 +76,133 @@ def test_lr_schedule_is_the_release_one():
 def test_global_batches_split_over_ranks_without_overlap():
     n, bs = 10, 4
     first = [i for s in range(5) for i in train.global_indices(s, bs, n, seed=3)]
-    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))   # epochs
+    assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10, 20))   # epochs
     per_rank = [list(train.StepSampler(n, bs, r, 2, 3, 1, 3)) for r in range(2)]
     for step in range(2):   # the two ranks' halves make up the global batch of that step
         assert per_rank[0][step] + per_rank[1][step] == train.global_indices(step + 1, bs, n, 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# whole runs on the built-in data (32x32 tiny model, a few steps)
+
+FAST = ["--image-size", "32", "--batch-size", "4", "--log-every", "1", "--sample-every", "1000",
+        "--eval-videos", "0", "--lr", "1e-3", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def phase0(tmp_path_factory):
+    """A phase-0 checkpoint (2 detector steps) to start phase I runs from."""
+    out = tmp_path_factory.mktemp("p0")
+    assert train.main(["--phase", "0", "--steps", "2", "--out", str(out), *FAST]) == 0
+    return out / "phase0.pt"
+
+
+def run_folder(tmp_path, name, phase0):
+    out = tmp_path / name
+    out.mkdir()
+    (out / "phase0.pt").write_bytes(phase0.read_bytes())
+    return out
+
+
+def params(path):
+    return torch.load(path, weights_only=True)["model"]
+
+
+def max_diff(a, b):
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+def test_phase0_and_phase1_write_log_samples_curves_and_checkpoint(tmp_path, phase0):
+    out = run_folder(tmp_path, "run", phase0)
+    assert train.main(["--phase", "1", "--steps", "2", "--out", str(out), *FAST, "--sample-every", "2", "--eval-videos", "1"]) == 0
+    ck = torch.load(out / "phase1.pt", weights_only=True)
+    assert ck["format"] == "fsrt" and ck["phase"] == 1 and ck["step"] == 2 and ck["optimizer"]["state"]
+    assert set(ck["rng"]) == {"torch", "numpy", "python"} and ck["args"]["batch_size"] == 4
+    # the frozen detector did not move; the rest did
+    p0 = params(phase0)
+    det = [k for k in p0 if k.startswith("kp_detector.")]
+    assert all(torch.equal(p0[k], ck["model"][k]) for k in det)
+    assert max_diff({k: v for k, v in p0.items() if k not in det}, ck["model"]) > 1e-4
+    recs = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert {"mse", "aug", "aug_d", "cov", "var", "loss", "lr"} <= set(recs[1])
+    evals = [r for r in recs if "eval_psnr" in r]
+    assert [r["step"] for r in evals] == [0, 2] and all(r["eval_copy_psnr"] > 10 for r in evals)
+    assert (out / "samples" / "phase1_0000002.png").exists() and (out / "curves_phase1.png").exists()
+
+
+def test_two_gloo_processes_end_with_the_parameters_of_one(tmp_path, phase0):
+    """Same global batch of 4 on 1 process and on 2 (2 each): the data, the pixel samples, the 25% rule and
+    L_reg's batch terms (gathered) do not depend on the rank. float64, because in float32 Adam turns the
+    rounding differences of near-zero gradients into +-lr steps."""
+    args = ["train.py", "--phase", "1", "--steps", "3", "--double", *FAST]
+    one, two = run_folder(tmp_path, "one", phase0), run_folder(tmp_path, "two", phase0)
+    r1 = subprocess.run([sys.executable, *args, "--out", str(one)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    r2 = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                         *args, "--out", str(two)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    assert r2.returncode == 0, r2.stderr[-2000:]
+    a, b = params(one / "phase1.pt"), params(two / "phase1.pt")
+    assert max_diff(a, b) < 1e-5
+    assert max_diff(a, params(phase0)) > 1e-3          # the parameters really moved
+
+
+def test_run_stopped_by_sigint_resumes_to_the_uninterrupted_parameters(tmp_path, phase0):
+    args = [sys.executable, "train.py", "--phase", "1", "--steps", "12", "--ckpt-every", "5", *FAST]
+    full, cut = run_folder(tmp_path, "full", phase0), run_folder(tmp_path, "cut", phase0)
+    assert subprocess.run(args + ["--out", str(full)], cwd=ROOT, env=ENV, capture_output=True).returncode == 0
+    p = subprocess.Popen(args + ["--out", str(cut)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    log, t0 = cut / "log.jsonl", time.time()
+    while time.time() - t0 < 120 and not (log.exists() and '"step": 2,' in log.read_text()):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 0, stderr[-2000:]
+    stopped = torch.load(cut / "phase1.pt", weights_only=True)["step"]
+    assert 2 <= stopped < 12 and "stopped at step" in stdout
+    # restarting with the same command continues from the checkpoint
+    r = subprocess.run(args + ["--out", str(cut)], cwd=ROOT, env=ENV, capture_output=True, text=True)
+    assert r.returncode == 0 and f"resuming at step {stopped}" in r.stdout
+    assert max_diff(params(full / "phase1.pt"), params(cut / "phase1.pt")) < 1e-6
+
+
+def test_a_non_finite_step_is_skipped_and_logged(tmp_path, phase0, monkeypatch):
+    out = run_folder(tmp_path, "nan", phase0)
+    calls, l_mse = [], train.losses.l_mse
+
+    def poisoned(pred, target):   # the second step's loss is NaN
+        calls.append(1)
+        return l_mse(pred, target) * (float("nan") if len(calls) == 2 else 1.0)
+    monkeypatch.setattr(train.losses, "l_mse", poisoned)
+    assert train.main(["--phase", "1", "--steps", "3", "--out", str(out), *FAST]) == 0
+    ck = torch.load(out / "phase1.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+    assert all(int(s["step"]) == 2 for s in ck["optimizer"]["state"].values())   # Adam stepped twice
+    skipped = [json.loads(l) for l in open(out / "log.jsonl") if "skipped" in l]
+    assert [r["step"] for r in skipped] == [2]
+
+
+def test_phases_2_and_3_run_from_the_previous_phase(tmp_path):
+    out = tmp_path / "run"
+    common = ["--out", str(out), "--image-size", "64", "--batch-size", "2", "--log-every", "1",
+              "--sample-every", "1000", "--eval-videos", "0", "--vgg-weights", "random"]
+    assert train.main(["--phase", "0", "--steps", "1", *common]) == 0
+    assert train.main(["--phase", "1", "--steps", "1", *common]) == 0
+    assert train.main(["--phase", "2", "--steps", "2", *common]) == 0
+    assert train.main(["--phase", "3", "--steps", "2", "--disc-warmup", "1", *common]) == 0
+    recs = [json.loads(l) for l in open(out / "log.jsonl")]
+    p2 = [r for r in recs if r["phase"] == 2 and "loss" in r]
+    p3 = [r for r in recs if r["phase"] == 3 and "loss" in r]
+    assert "perceptual" in p2[0] and "adv" not in p2[0]
+    assert "disc" in p3[0] and "adv" not in p3[0] and {"adv", "fm"} <= set(p3[1])   # after the warm-up
+    ck = torch.load(out / "phase3.pt", weights_only=True)
+    assert ck["iteration"] == 5 and "disc" in ck and "disc_optimizer" in ck   # the schedule continues
+
+
+def test_bad_options_give_one_line_errors(tmp_path, capsys):
+    assert train.main(["--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --data") and "\n" not in err
+    assert train.main(["--phase", "2", "--out", str(tmp_path / "new"), "--vgg-weights", "random"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "phase1.pt not found" in err and "python train.py --phase 1" in err and "\n" not in err
