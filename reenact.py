@@ -362,10 +362,10 @@ def run(args):
                 from keypoints import LandmarkDetector
                 detector = LandmarkDetector(device=str(device))      # models are built on the first call
                 landmarks = (detector(src_sq[0]), [detector(f) for f in drv_sq])
-            except Exception as e:
-                msg = " ".join(str(e).split())[:300]
-                raise RuntimeError(f"--find-best-frame needs face-alignment landmarks, which are unavailable "
-                                   f"({type(e).__name__}: {msg}); use --best-frame N instead") from e
+            except Exception as e:      # keypoints.py's messages name the files to download and where
+                msg = str(e) if isinstance(e, (RuntimeError, ValueError)) else f"{type(e).__name__}: {e}"
+                raise RuntimeError(f"--find-best-frame needs face-alignment landmarks: {msg} "
+                                   "(or give the initial frame with --best-frame N)") from e
         initial = find_best_frame(*landmarks)
         log(f"best initial frame: {initial}")
     if args.adapt_scale and not relative:
@@ -410,6 +410,7 @@ def main(argv=None):
         run(args)
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
+        msg = msg if len(msg) <= 1000 else msg[:1000] + " ..."
         print(f"error: {msg}", file=sys.stderr)
         return 2
     finally:
