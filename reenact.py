@@ -390,9 +390,7 @@ def run(args):
     if side_by_side:
         source = np.broadcast_to(first_source(src_sq, S), result.shape)
         result = np.concatenate([source, to_uint8(driving), result], axis=2)   # (T, S, 3S, 3)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    data.write_video(out, result, fps)
+    data.write_video(out, result, fps)                                   # creates folders as needed
     log(f"wrote {out}: {len(result)} frames at {fps:g} fps" + (" (source | driving | result)" if side_by_side else ""))
 
 
