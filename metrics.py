@@ -294,10 +294,36 @@ def r2_score(Y, Y_hat) -> float:
     return float(np.mean(1.0 - ss_res[keep] / ss_tot[keep])) if keep.any() else math.nan
 
 
-def probe_r2(X_train, targets_train: dict, X_test, targets_test: dict, alpha=10.0) -> dict:
-    """Held-out R^2 of a ridge map from features X to each named target ([n, m] arrays)."""
-    return {name: r2_score(targets_test[name], fit_ridge(X_train, Y, alpha)(X_test))
-            for name, Y in targets_train.items()}
+ALPHAS = tuple(10.0 ** k for k in range(-2, 6))
+
+
+def choose_alpha(X, Y, groups, alphas=ALPHAS, folds=4) -> float:
+    """Ridge penalty by grouped cross-validation on the training frames: each fold holds out whole
+    identities, so the choice rewards what transfers to unseen identities, as the held-out test does."""
+    X, Y, groups = np.asarray(X, np.float64), np.asarray(Y, np.float64), np.asarray(groups)
+    ids = np.unique(groups)
+    if len(ids) < 2:
+        return float(np.median(alphas))
+    fold = np.searchsorted(ids, groups) % min(folds, len(ids))       # identity k -> fold k mod folds
+    scores = []
+    for a in alphas:
+        s = [r2_score(Y[fold == k], fit_ridge(X[fold != k], Y[fold != k], a)(X[fold == k]))
+             for k in range(fold.max() + 1)]
+        s = [v for v in s if not math.isnan(v)]
+        scores.append(np.mean(s) if s else -np.inf)
+    return float(alphas[int(np.argmax(scores))])
+
+
+def probe_r2(X_train, targets_train: dict, X_test, targets_test: dict, alpha=None, groups=None):
+    """Held-out R^2 of a ridge map from features X to each named target ([n, m] arrays).
+    alpha=None: chosen per target by choose_alpha over `groups` (identity per training frame; None: every
+    frame its own group). Returns ({name: R^2}, {name: alpha})."""
+    r2, alphas = {}, {}
+    for name, Y in targets_train.items():
+        g = np.arange(len(Y)) if groups is None else groups
+        alphas[name] = choose_alpha(X_train, Y, g) if alpha is None else float(alpha)
+        r2[name] = r2_score(targets_test[name], fit_ridge(X_train, Y, alphas[name])(X_test))
+    return r2, alphas
 
 
 def continuous_vector(params) -> np.ndarray:
@@ -312,9 +338,10 @@ def continuous_vector(params) -> np.ndarray:
 @torch.no_grad()
 def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch=32, progress=True):
     """Expression vectors e (model.keypoints_and_expression) of every stride-th frame of built-in videos,
-    with the true parameter vectors of the same frames: (e [n,E], {"expression", "identity", "pose"})."""
+    with the true parameter vectors of the same frames and the video index of each frame (one identity per
+    built-in video): (e [n,E], {"expression", "identity", "pose"} -> [n, m], groups [n])."""
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
-    feats, targets = [], {"expression": [], "identity": [], "pose": []}
+    feats, targets, groups = [], {"expression": [], "identity": [], "pose": []}, []
     for i in tqdm(range(n), desc="probe features", disable=not progress):
         item = videos[i]
         identity, poses, exprs = video_params(item)
@@ -325,7 +352,8 @@ def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch
         targets["expression"] += [exprs[j].vector() for j in idx]
         targets["pose"] += [poses[j].vector() for j in idx]
         targets["identity"] += [continuous_vector(identity)] * len(idx)
-    return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}
+        groups += [i] * len(idx)
+    return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}, np.array(groups)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -394,10 +422,11 @@ def run(args) -> dict:
                 print(format_row(name, args.num_src, cross[key])[:-7])
     if builtin and not args.no_probe:
         train = data.VideoSet(root=None, split="train", size=size)
-        X_tr, Y_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)
-        X_te, Y_te = probe_features(model, videos, args.max_videos, args.probe_stride, device)
-        r2 = probe_r2(X_tr, Y_tr, X_te, Y_te, args.probe_alpha)
-        out["probe"] = {"r2": r2, "train_frames": len(X_tr), "test_frames": len(X_te), "alpha": args.probe_alpha}
+        X_tr, Y_tr, g_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)
+        X_te, Y_te, g_te = probe_features(model, videos, args.max_videos, args.probe_stride, device)
+        r2, alphas = probe_r2(X_tr, Y_tr, X_te, Y_te, args.probe_alpha, g_tr)
+        out["probe"] = {"r2": r2, "alpha": alphas, "train_frames": len(X_tr), "test_frames": len(X_te),
+                        "train_identities": len(set(g_tr.tolist())), "test_identities": len(set(g_te.tolist()))}
         print(f"\ndisentanglement probe: ridge map from e to the true parameters, R^2 on held-out identities "
               f"({len(X_tr)} train / {len(X_te)} test frames; want expression high, identity and pose low)")
         print("  " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in r2.items()))
@@ -423,7 +452,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-probe", action="store_true", help="skip the disentanglement probe (built-in data)")
     p.add_argument("--probe-videos", type=int, default=64, help="train videos the probe is fitted on")
     p.add_argument("--probe-stride", type=int, default=5, help="probe uses every N-th frame")
-    p.add_argument("--probe-alpha", type=float, default=10.0, help="ridge penalty (standardised features)")
+    p.add_argument("--probe-alpha", type=float, default=None,
+                   help="ridge penalty (default: chosen by cross-validation over training identities)")
     p.add_argument("--chunk", type=int, default=None, help="pixels decoded per chunk")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)

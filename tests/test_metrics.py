@@ -164,18 +164,18 @@ def test_probe_high_r2_when_vector_contains_parameters():
     def embed(p):                                          # linear mix of all parameters + small noise
         P = np.concatenate([p["expression"], p["identity"], p["pose"]], 1)
         return P @ A + 0.05 * rng.normal(size=(len(P), 24))
-    r2 = metrics.probe_r2(embed(tr), tr, embed(te), te, alpha=1.0)
+    r2, _ = metrics.probe_r2(embed(tr), tr, embed(te), te, alpha=1.0)
     assert all(v > 0.95 for v in r2.values()), r2
 
 
 def test_probe_low_r2_on_noise_and_on_missing_factors():
     rng = np.random.default_rng(0)
     tr, te = _params(400, rng), _params(200, rng)
-    r2 = metrics.probe_r2(rng.normal(size=(400, 24)), tr, rng.normal(size=(200, 24)), te, alpha=1.0)
+    r2, _ = metrics.probe_r2(rng.normal(size=(400, 24)), tr, rng.normal(size=(200, 24)), te, alpha=1.0)
     assert all(v < 0.1 for v in r2.values()), r2
     # a vector holding only expression: high for expression, low for identity and pose
     A = rng.normal(size=(5, 24))
-    r2 = metrics.probe_r2(tr["expression"] @ A, tr, te["expression"] @ A, te, alpha=1.0)
+    r2, _ = metrics.probe_r2(tr["expression"] @ A, tr, te["expression"] @ A, te, alpha=1.0)
     assert r2["expression"] > 0.95 and r2["identity"] < 0.1 and r2["pose"] < 0.1, r2
 
 
@@ -290,3 +290,20 @@ def test_main_bad_checkpoint_is_one_error_line(tmp_path, capsys):
     assert metrics.main(["--checkpoint", str(bad), "--no-akd", "--out", str(tmp_path / "r.json")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:") and "bad.pt" in err[0]
+
+
+def test_probe_alpha_by_grouped_cross_validation():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 10)                 # 20 identities x 10 frames
+    X_noise, Y_noise = rng.normal(size=(200, 50)), rng.normal(size=(200, 3))
+    X_test, Y_test = rng.normal(size=(100, 50)), rng.normal(size=(100, 3))
+    # 50 noise features on 200 frames: a weak penalty overfits (clearly negative R^2); CV picks a strong one
+    overfit = metrics.r2_score(Y_test, metrics.fit_ridge(X_noise, Y_noise, 0.01)(X_test))
+    alpha = metrics.choose_alpha(X_noise, Y_noise, groups)
+    chosen = metrics.r2_score(Y_test, metrics.fit_ridge(X_noise, Y_noise, alpha)(X_test))
+    assert overfit < -0.1 and alpha >= 1e3 and -0.05 < chosen < 0.05, (overfit, alpha, chosen)
+    # clean linear signal: CV keeps the penalty small and the default probe (alpha=None) reads it out
+    A = rng.normal(size=(3, 50))
+    r2, alphas = metrics.probe_r2(Y_noise @ A, {"expression": Y_noise}, Y_test @ A, {"expression": Y_test},
+                                  groups=groups)
+    assert alphas["expression"] <= 1.0 and r2["expression"] > 0.99, (r2, alphas)
