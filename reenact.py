@@ -152,6 +152,9 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
     if sources.dim() != 4 or sources.shape[1:] != (3, S, S) or driving.dim() != 4 or driving.shape[1:] != (3, S, S):
         raise ValueError(f"reenact expects sources [N,3,{S},{S}] and driving [T,3,{S},{S}], "
                          f"got {tuple(sources.shape)} and {tuple(driving.shape)}")
+    if relative and not model.cfg.use_keypoints:
+        raise ValueError("this model has no keypoint input (the n_K = 0 ablation), so relative motion transfer "
+                         "is impossible (Sec. 4.2); use absolute motion")
     T = driving.shape[0]
     idx = np.arange(T)[frames] if frames is not None else np.arange(T)
     out = torch.empty(len(idx), 3, S, S, dtype=torch.float32, device=driving.device)

@@ -159,6 +159,10 @@ def test_reenact_relative_motion(tiny):
     assert (got[1] - absolute[0]).abs().max() > 1e-4
     with pytest.raises(ValueError, match="outside"):
         reenact.reenact(tiny, src, drv, relative=True, initial_frame=3)
+    import srt
+    no_kp = srt.FSRT(srt.FSRTConfig.tiny(use_keypoints=False))
+    with pytest.raises(ValueError, match="n_K = 0"):
+        reenact.reenact(no_kp, src, drv, relative=True)
 
 
 @torch.no_grad()
@@ -239,12 +243,14 @@ def test_cli_16bit_and_rgba_sources_are_converted(tiny_ckpt, tmp_path):
     import data
     from PIL import Image
     _, gif, _ = _write_inputs(tmp_path)
+    folder = str(tmp_path / "frames")                                    # driving as a folder of PNGs
+    data.write_video(folder, data.read_video(gif)[0], 10)
     rng = np.random.default_rng(1)
     Image.fromarray(rng.integers(0, 65536, size=(64, 64), dtype=np.uint16)).save(tmp_path / "g16.png")
     Image.fromarray(rng.integers(0, 256, size=(64, 64, 4), dtype=np.uint8), "RGBA").save(tmp_path / "rgba.png")
     for name in ("g16.png", "rgba.png"):
         out = tmp_path / f"{name}.mp4"
-        assert reenact.main(["--checkpoint", tiny_ckpt, "--source", str(tmp_path / name), "--driving", gif,
+        assert reenact.main(["--checkpoint", tiny_ckpt, "--source", str(tmp_path / name), "--driving", folder,
                              "--out", str(out), "--no-progress", "--max-frames", "1"]) == 0
         assert len(data.read_video(str(out))[0]) == 1
 
