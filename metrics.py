@@ -408,11 +408,13 @@ def run(args) -> dict:
         print(f"AKD over {m['akd_frames']} frames; no face found in {m['akd_missing_real']} real and "
               f"{m['akd_missing_generated']} generated frames")
 
-    builtin = len(videos) > 0 and videos[0].get("params") is not None
+    builtin = args.data is None                       # ground-truth parameters exist only there
     out["cross"] = out["probe"] = None
     if not builtin:
         out["cross_reason"] = out["probe_reason"] = "needs ground-truth parameters: built-in data only"
-    if builtin and not args.no_cross:
+    elif min(len(videos), args.max_videos or len(videos)) < 2:
+        out["cross_reason"] = "needs at least 2 test videos"
+    if builtin and not args.no_cross and out.get("cross_reason") is None:
         out["cross"] = cross = evaluate_cross(videos, model, args.num_src, args.max_videos, device, args.chunk)
         if cross is not None:
             print(f"\ncross-reenactment vs ground truth (identity A with B's motion), {cross['pairs']} pairs")
