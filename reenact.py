@@ -19,7 +19,12 @@ Motion transfer (Sec. 3.4, following FOMM [38]):
 
 The per-frame loop `reenact()` is shared with metrics.py: the sources are encoded once (set-latents and
 the decoder's attention keys/values once per source set), then per batch of driving frames: keypoints and
-expression, motion transfer, chunked decoding of all pixels.
+expression, motion transfer, chunked decoding of all pixels. Its output is clamped to [0, 1].
+
+Inputs: PNG/JPG images, mp4/gif/mov videos or folders of frames, any size (centre-cropped to a square and
+resized to the model's size, with a notice), gray/RGBA/16-bit converted (data.read_image). Output by the
+extension of --out (.mp4/.mov/.gif, or a folder of PNGs) at the driving video's frame rate. Errors end with
+one line `error: ...` on stderr and exit code 2.
 """
 import argparse
 import contextlib
@@ -38,7 +43,6 @@ import srt
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 BUILTIN_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "builtin_tiny.pt")
-DEFAULT_FPS = 25.0
 
 
 # -----------------------------------------------------------------------------
@@ -319,7 +323,7 @@ def gather_inputs(args, S, log):
         sources, driving = src["frames"][sel].float(), drv["frames"].float()
         src_lm = None if src.get("landmarks") is None else np.asarray(src["landmarks"])[sel[0]]
         drv_lm = None if drv.get("landmarks") is None else list(np.asarray(drv["landmarks"]))
-        fps = float(drv.get("fps") or DEFAULT_FPS)
+        fps = float(drv.get("fps") or data.DEFAULT_FPS)
         return sources, driving, to_uint8(sources), to_uint8(driving), fps, (src_lm, drv_lm)
 
     sources, squares = [], []
@@ -334,7 +338,7 @@ def gather_inputs(args, S, log):
     if args.max_frames is not None:
         frames = frames[:max(1, args.max_frames)]
     drv_sq, driving = to_model_size(frames, S, args.driving, log)
-    return torch.cat(sources), driving, squares, drv_sq, float(fps or DEFAULT_FPS), None
+    return torch.cat(sources), driving, squares, drv_sq, float(fps or data.DEFAULT_FPS), None
 
 
 def run(args):

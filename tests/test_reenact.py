@@ -284,9 +284,9 @@ def test_cli_bad_inputs_one_error_line(tiny_ckpt, tmp_path, capsys, monkeypatch)
 
 
 def test_cli_subprocess_error_has_no_traceback(tmp_path):
-    r = subprocess.run([sys.executable, "reenact.py", "--checkpoint", str(tmp_path / "none.pt"), "--source",
-                        str(tmp_path / "a.png"), "--driving", str(tmp_path / "d.mp4"), "--out", str(tmp_path / "o.mp4")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    args = ["--checkpoint", str(tmp_path / "none.pt"), "--source", str(tmp_path / "a.png"),
+            "--driving", str(tmp_path / "d.mp4"), "--out", str(tmp_path / "o.mp4")]
+    r = subprocess.run([sys.executable, "reenact.py"] + args, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "none.pt" in _one_error_line(r.stderr)
 
