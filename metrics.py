@@ -242,6 +242,8 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     if n < 2:
         raise ValueError("cross-reenactment needs at least 2 videos (--max-videos >= 2)")
+    # the n_K = 0 ablation has no keypoints to move: relative motion does not exist for it (reenact refuses)
+    modes = ("absolute", "relative") if model.cfg.use_keypoints else ("absolute",)
     rows = {"absolute": [], "relative": [], "baseline": []}
     for i in tqdm(range(n), desc="cross-reenactment", disable=not progress):
         a, b = videos[i], videos[(i + 1) % n]
@@ -256,7 +258,7 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
         sources = a["frames"][src_idx].to(device)
         driving = b["frames"][[0] + drv_idx].to(device)      # B's frame 0 leads: the relative anchor
         gt = {}
-        for mode in ("absolute", "relative"):
+        for mode in modes:
             poses = [poses_b[j] if mode == "absolute" else relative_pose(poses_a[0], poses_b[j], poses_b[0])
                      for j in drv_idx]
             gt[mode] = torch.stack([torch.from_numpy(data.render_face(id_a, p, exprs_b[j], size=size)[0])
@@ -268,7 +270,7 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
         rows["baseline"].append(frame_scores(copy, gt["absolute"]))
     if not rows["absolute"]:
         return None
-    return {k: mean_over_videos(v) for k, v in rows.items()} | {"pairs": len(rows["absolute"])}
+    return {k: mean_over_videos(v) if v else None for k, v in rows.items()} | {"pairs": len(rows["absolute"])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,7 +423,8 @@ def run(args) -> dict:
             print(f"{'':<26}{'#src':>5}  {'SSIM':>6}  {'PSNR':>6}  {'L1':>6}")
             for key, name in (("absolute", "FSRT, absolute motion"), ("relative", "FSRT, relative motion"),
                               ("baseline", "copy source (vs absolute)")):
-                print(format_row(name, args.num_src, cross[key])[:-7])
+                if cross[key] is not None:
+                    print(format_row(name, args.num_src, cross[key])[:-7])
     if builtin and not args.no_probe:
         train = data.VideoSet(root=None, split="train", size=size)
         X_tr, Y_tr, g_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)

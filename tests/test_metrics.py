@@ -307,3 +307,13 @@ def test_probe_alpha_by_grouped_cross_validation():
     r2, alphas = metrics.probe_r2(Y_noise @ A, {"expression": Y_noise}, Y_test @ A, {"expression": Y_test},
                                   groups=groups)
     assert alphas["expression"] <= 1.0 and r2["expression"] > 0.99, (r2, alphas)
+
+
+def test_cross_without_keypoints_scores_absolute_only():
+    import data
+    import srt
+    model = srt.FSRT(srt.FSRTConfig.tiny(use_keypoints=False)).eval()      # the n_K = 0 ablation
+    videos = data.VideoSet(split="test", frames=21)                         # driving frames 10, 20
+    r = metrics.evaluate_cross(videos, model, max_videos=2, progress=False)
+    assert r["pairs"] == 2 and r["relative"] is None
+    assert r["absolute"]["frames"] == 4 and r["baseline"]["frames"] == 4
