@@ -95,7 +95,7 @@ def _tiny_model():
     import srt
     torch.manual_seed(0)
     model = srt.FSRT(srt.FSRTConfig.tiny()).eval()
-    last = model.decoder.render_mlp[-1]
+    last = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear) and m.out_features == 3][-1]
     with torch.no_grad():
         last.weight.mul_(8.0)
         last.bias.fill_(0.5)
