@@ -466,7 +466,8 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print("error: " + " ".join(str(err).split()), file=sys.stderr)
+        msg = " ".join(str(err).split())
+        print("error: " + (msg if len(msg) <= 400 else msg[:400] + " ..."), file=sys.stderr)
         return 2
     return 0
 
