@@ -1,0 +1,291 @@
+"""
+Speed and memory of fsrt on the machine at hand, measured in one run, printed as one table.
+
+    python bench.py                 # CPU-sized defaults (a few minutes on 2 cores)
+    python bench.py --full          # every row at the paper's 256x256 on whole frames (GPU-sized)
+
+Rows:
+  decode   per-frame decode time at 256^2 for the full and the small decoder of the paper preset:
+           the naive reference path (full 480-d query built per pixel, fp32, as the authors' release)
+           vs the optimised path (per-frame query part once, keys/values once, chunked pixels),
+           fp32 and bf16; the fraction of the machine's measured matmul throughput decoding reaches.
+  data     frames/s of the built-in procedural dataset at 64^2 and 256^2.
+  train    one training step's time and peak memory with and without gradient pixel sub-sampling.
+Targets (checked here, never in timed tests): optimised fp32 decode >= 4x faster per frame than the
+naive one; bf16 output within 40 dB PSNR of fp32 (i.e. PSNR(bf16, fp32) >= 40 dB).
+On CPU the decode rows time a subset of the 65,536 pixels and scale linearly (every pixel is decoded
+independently, Eq. (2)); the table says how many pixels were timed.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+import srt
+
+
+def timeit(fn, repeat=3, warmup=1, sync=None):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def matmul_flops(device, dtype, n=2048):
+    """Measured dense matmul throughput of this machine (FLOP/s)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    t = timeit(lambda: a @ b, repeat=5, sync=sync)
+    return 2 * n ** 3 / t
+
+
+def decoder_flops_per_pixel(model, num_tokens):
+    """FLOPs (2 x multiply-adds) of the decoder for one pixel: every linear layer except the set-latents'
+    keys/values (once per source set) and the per-frame columns of the query MLP's first layer (once per
+    frame), plus q.k and attn.v over the num_tokens set-latents."""
+    dec, cfg = model.decoder, model.cfg
+    flops = 0
+    for name, m in dec.named_modules():
+        if isinstance(m, torch.nn.Linear) and not name.endswith("c_kv"):
+            flops += 2 * m.in_features * m.out_features
+    first = dec.query_mlp[0]
+    flops -= 2 * (first.in_features - cfg.pix_dim) * first.out_features
+    heads = dec.blocks[0].heads
+    flops += len(dec.blocks) * 2 * 2 * heads * cfg.dec_head_dim * num_tokens
+    return flops
+
+
+def bench_decode(args, device, rows):
+    px_total = args.size * args.size
+    for small in (False, True):
+        cfg = srt.FSRTConfig.paper(image_size=args.size, small_decoder=small)
+        model = srt.FSRT(cfg).to(device).eval()
+        B, N = 1, 1
+        with torch.no_grad():
+            img = torch.rand(B, N, 3, args.size, args.size, device=device)
+            kp, e = model.keypoints_and_expression(img[:, 0])
+            latents = model.encode(img, kp[:, None], e[:, None])
+            kv = model.latent_kv(latents)
+        npx = px_total if args.full or device.type == "cuda" else args.cpu_pixels
+        pixels = srt.pixel_grid(args.size, args.size, device=device)[:npx]
+        sync = torch.cuda.synchronize if device.type == "cuda" else None
+        name = "small" if small else "full"
+        outs = {}
+        results = {}
+        for path, dtype in (("naive", torch.float32), ("optimised", torch.float32), ("optimised", torch.bfloat16)):
+            def run():
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    if path == "naive":
+                        return model.decode_naive(latents, pixels, kp, e, chunk=args.chunk)
+                    return model.decode(latents, pixels, kp, e, chunk=args.chunk, kv=kv)
+            t = timeit(run, repeat=args.repeat, sync=sync) * px_total / npx
+            outs[(path, dtype)] = run().float()
+            results[(path, dtype)] = t
+            peak = matmul_flops(device, dtype)
+            achieved = decoder_flops_per_pixel(model, latents.shape[1]) * px_total / t
+            rows.append((f"decode {name} {path} {str(dtype).split('.')[-1]}", f"{t * 1000:.1f} ms/frame",
+                         f"{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of matmul "
+                         f"({peak / 1e9:.0f} GFLOP/s); timed {npx} px"))
+        ref = outs[("optimised", torch.float32)]
+        mse = (outs[("optimised", torch.bfloat16)] - ref).pow(2).mean().item()
+        rng = (ref.max() - ref.min()).item() or 1.0
+        psnr = 10 * np.log10(rng ** 2 / max(mse, 1e-20))
+        speedup = results[("naive", torch.float32)] / results[("optimised", torch.float32)]
+        rows.append((f"decode {name} targets", f"speed-up {speedup:.1f}x (>= 4x: {'OK' if speedup >= 4 else 'MISSED'})",
+                     f"bf16 vs fp32 PSNR {psnr:.1f} dB (>= 40 dB: {'OK' if psnr >= 40 else 'MISSED'})"))
+
+
+def bench_data(args, rows):
+    import data
+    for size in (64, 256):
+        n = 200 if size == 64 else 40
+        rng = np.random.default_rng(0)
+        params = [(data.sample_identity(rng), data.sample_pose(rng), data.sample_expression(rng)) for _ in range(n)]
+        t0 = time.perf_counter()
+        for ident, pose, expr in params:
+            data.render_face(ident, pose, expr, size=size)
+        fps = n / (time.perf_counter() - t0)
+        rows.append((f"data render {size}^2", f"{fps:.0f} frames/s", "one process, built-in procedural faces"))
+
+
+def bench_train_step(args, device, rows):
+    """Each variant runs in a fresh process so that its peak memory is its own."""
+    for subsample in (False, True):
+        cmd = [sys.executable, __file__, "--_train-step", "1" if subsample else "0", "--preset", args.preset,
+               "--train-size", str(args.train_size), "--batch", str(args.batch)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            rows.append((f"train step ({'sub-sampled' if subsample else 'full grad'})", "FAILED", out.stderr.strip().splitlines()[-1:]))
+            continue
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        rows.append((f"train step phase II {args.preset} {args.train_size}^2 bs {args.batch} "
+                     f"({'gradient pixel sub-sampling' if subsample else 'gradient on every pixel'})",
+                     f"{r['time'] * 1000:.0f} ms/step", f"peak memory {r['peak_mb']:.0f} MB ({r['mem_kind']})"))
+
+
+def _train_step_child(args):
+    import losses
+    import train
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = (srt.FSRTConfig.paper if args.preset == "paper" else srt.FSRTConfig.tiny)(image_size=args.train_size)
+    model = srt.FSRT(cfg).to(device)
+    model.freeze_detector()
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    perc = losses.PerceptualLoss(random_weights=True).to(device)
+    S, B = args.train_size, args.batch
+    src = torch.rand(B, 1, 3, S, S, device=device)
+    drv = torch.rand(B, 3, S, S, device=device)
+
+    def step():
+        kp_s, e_s = model.keypoints_and_expression(src[:, 0])
+        kp_d, e_d = model.keypoints_and_expression(drv)
+        latents = model.encode(src, kp_s[:, None], e_s[:, None])
+        if args._train_step == 1:
+            pred = train.render_subsampled(model, latents, kp_d, e_d, (S, S), (0, 1))
+        else:
+            pred = model.render(latents, kp_d, e_d, (S, S))
+        loss = (pred - drv).pow(2).mean() + perc(pred, drv)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t = timeit(step, repeat=3, sync=sync)
+    if device.type == "cuda":
+        peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, "CUDA allocated"
+    else:
+        peak, kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process max RSS"
+    print(json.dumps({"time": t, "peak_mb": peak, "mem_kind": kind}))
+
+
+PAPER_STEPS = {1: 200_000, 2: 300_000, 3: 500_000}   # Sec. 3.3; batch 24
+A100_BF16 = 312e12                                    # dense bf16 tensor-core peak, FLOP/s
+
+
+def step_flops(phase, S=256, pixels=4096):
+    """FLOPs of one training sample (forward + backward) of the paper preset, counted on the meta device
+    (no memory, no time): detector + expression net on source and driving frames, encoder, decoder
+    (phase I: `pixels` sampled pixels; phase II/III: 1/4 of the image with gradient, 3/4 without),
+    VGG19 pyramid (phase II/III) and discriminator on real and fake images (phase III)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    import losses
+    with torch.device("meta"):
+        model = srt.FSRT(srt.FSRTConfig.paper(image_size=S))
+        vgg = losses.VGG19() if phase >= 2 else None
+        disc = losses.Discriminator() if phase >= 3 else None
+    model.freeze_detector()
+    src, drv = torch.rand(1, 1, 3, S, S, device="meta"), torch.rand(1, 3, S, S, device="meta")
+    counter = FlopCounterMode(display=False)
+    with counter:
+        kp_s, e_s = model.keypoints_and_expression(src[:, 0])
+        kp_d, e_d = model.keypoints_and_expression(drv)
+        z = model.encode(src, kp_s[:, None], e_s[:, None])
+        grid = srt.pixel_grid(S, S, device="meta")
+        n_grad = pixels if phase == 1 else S * S // 4
+        loss = model.decode(z, grid[:n_grad], kp_d, e_d).pow(2).mean()
+        if phase >= 2:
+            with torch.no_grad():
+                model.decode(z.detach(), grid[n_grad:], kp_d, e_d)
+            img = torch.rand(1, 3, S, S, device="meta", requires_grad=True)
+            for s in (1, 2, 4, 8):   # pyramid: prediction with gradient, target without
+                x = img[..., ::s, ::s]
+                loss = loss + sum(f.mean() for f in vgg(x))
+                with torch.no_grad():
+                    vgg(x)
+            if phase >= 3:
+                scores, feats = disc(img, kp_d)
+                loss = loss + scores.mean() + disc(img.detach(), kp_d)[0].mean()
+        loss.backward()
+    return counter.get_total_flops()
+
+
+def bench_plan(args, device, rows):
+    """Costed plan for Table 1: FLOPs per step (counted) and a measured step time on this machine give the
+    fraction of matmul peak a training step reaches; GPU-hours assume an A100 reaching the same fraction."""
+    fl = {p: step_flops(p) for p in (1, 2, 3)}
+    # measured: one phase-I sample of the paper preset at 256^2 on this machine
+    model = srt.FSRT(srt.FSRTConfig.paper()).to(device)
+    model.freeze_detector()
+    S = 256
+    src, drv = torch.rand(1, 1, 3, S, S, device=device), torch.rand(1, 3, S, S, device=device)
+    pix = srt.pixel_grid(S, S, device=device)[torch.randperm(S * S, device=device)[:4096]]
+
+    def step():
+        kp_s, e_s = model.keypoints_and_expression(src[:, 0])
+        kp_d, e_d = model.keypoints_and_expression(drv)
+        z = model.encode(src, kp_s[:, None], e_s[:, None])
+        model.decode(z, pix, kp_d, e_d).pow(2).mean().backward()
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    t = timeit(step, repeat=1, sync=sync)
+    peak = matmul_flops(device, torch.float32)
+    util = fl[1] / t / peak
+    rows.append(("plan: measured paper phase-I sample (fwd+bwd)", f"{t:.2f} s",
+                 f"{fl[1] / 1e12:.2f} TFLOP -> {100 * util:.0f}% of this machine's fp32 matmul peak"))
+    total = 0
+    for p in (1, 2, 3):
+        step_s = 24 * fl[p] / (A100_BF16 * util)
+        hours = PAPER_STEPS[p] * step_s / 3600
+        total += hours
+        rows.append((f"plan: phase {'I' * p} ({PAPER_STEPS[p]:,} steps x batch 24)",
+                     f"{hours:,.0f} A100-hours", f"{fl[p] / 1e12:.2f} TFLOP/sample, {step_s:.2f} s/step on one A100"
+                     f" at {100 * util:.0f}% of bf16 peak"))
+    rows.append(("plan: Table 1 (one model, phases I-III)", f"{total:,.0f} A100-hours",
+                 f"= {total / 3:,.0f} h on the paper's 3 A100s; each ablation row costs the same again"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=256, help="decode image size (paper: 256)")
+    p.add_argument("--cpu-pixels", type=int, default=2048, help="pixels timed per decode on CPU (scaled to a frame)")
+    p.add_argument("--chunk", type=int, default=4096)
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--full", action="store_true", help="whole frames, paper preset at 256^2 for the train rows")
+    p.add_argument("--preset", default=None, help="train-step preset (default: paper on CUDA/--full, tiny on CPU)")
+    p.add_argument("--train-size", type=int, default=None)
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "data", "train", "plan"])
+    p.add_argument("--_train-step", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    big = args.full or torch.cuda.is_available()
+    args.preset = args.preset or ("paper" if big else "tiny")
+    args.train_size = args.train_size or (256 if args.preset == "paper" else 64)
+    args.batch = args.batch or (4 if args.preset == "paper" else 8)
+    if args._train_step is not None:
+        return _train_step_child(args)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    if "data" not in args.skip:
+        bench_data(args, rows)
+    if "train" not in args.skip:
+        bench_train_step(args, device, rows)
+    if "decode" not in args.skip:
+        bench_decode(args, device, rows)
+    if "plan" not in args.skip:
+        bench_plan(args, device, rows)
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nfsrt bench on {dev}, torch {torch.__version__}")
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(str(r[1])) for r in rows)
+    for r in rows:
+        print(f"{r[0]:<{w0}}  {str(r[1]):<{w1}}  {r[2]}")
+
+
+if __name__ == "__main__":
+    main()
