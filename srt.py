@@ -448,7 +448,12 @@ def model_from_checkpoint(path_or_dict, device="cpu"):
     else:
         ckpt = load_checkpoint(path_or_dict)
     model = FSRT(FSRTConfig.from_dict(ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:   # a short message instead of torch's list of every key
+        where = "the given dict" if isinstance(path_or_dict, dict) else path_or_dict
+        raise ValueError(f"{where} does not match this srt.py ({len(missing)} missing keys, e.g. {missing[:2]}; "
+                         f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): it was written by another "
+                         "version of the code; retrain or use the matching version")
     if ckpt.get("phase", 1) >= 1:
         model.freeze_detector()
     return model.to(device).eval()

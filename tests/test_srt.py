@@ -272,3 +272,13 @@ def test_checkpoint_errors(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="junk.pt"):
         load_checkpoint(junk)
+
+
+def test_checkpoint_of_another_version_gives_a_short_error(model, tmp_path):
+    sd = dict(model.state_dict())
+    sd["decoder.old_name.weight"] = sd.pop("decoder.render_mlp.0.weight")
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"config": model.cfg.to_dict(), "model": sd, "step": 0, "phase": 1})
+    with pytest.raises(ValueError, match=r"old.pt does not match.*1 missing.*1 unexpected") as err:
+        model_from_checkpoint(str(path))
+    assert len(str(err.value)) < 500
