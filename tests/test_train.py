@@ -77,9 +77,10 @@ def test_global_batches_split_over_ranks_without_overlap():
     n, bs = 10, 4
     first = [i for s in range(5) for i in train.global_indices(s, bs, n, seed=3)]
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10, 20))   # epochs
-    per_rank = [list(train.StepSampler(n, bs, r, 2, 3, 1, 3)) for r in range(2)]
+    per_rank = [list(train.StepSampler(n, bs, r, 2, 3, 1, 3, motion=lambda t: t / 10)) for r in range(2)]
     for step in range(2):   # the two ranks' halves make up the global batch of that step
-        assert per_rank[0][step] + per_rank[1][step] == train.global_indices(step + 1, bs, n, 3)
+        assert [i for i, _ in per_rank[0][step] + per_rank[1][step]] == train.global_indices(step + 1, bs, n, 3)
+        assert {m for _, m in per_rank[0][step] + per_rank[1][step]} == {(step + 1) / 10}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -206,3 +207,53 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys):
     assert train.main(["--phase", "2", "--out", str(tmp_path / "new"), "--vgg-weights", "random"]) == 2
     err = capsys.readouterr().err.strip()
     assert "phase1.pt not found" in err and "python train.py --phase 1" in err and "\n" not in err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a tiny model really learns
+
+def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
+    """Phase I (generator_losses: Eq. 16 + 17, Sec. 3.2 wiring) on n fixed built-in samples (no augmentation).
+    Returns PSNR of the full render of the driving frames before and after, and of copying the source."""
+    torch.manual_seed(0)
+    args = train.resolve(train.get_args(["--phase", "1", "--image-size", str(image_size), "--batch-size", str(n),
+                                         "--pixels", str(pixels), "--lr", str(lr), "--warmup", "20"]))
+    args.weights = train.losses.LossWeights()
+    model = srt.FSRT(train.model_config(args)).freeze_detector()
+    ds = train.data.FaceDataset(size=image_size, augment=False, seed=0)
+    b = torch.utils.data.default_collate([ds[i] for i in range(n)])
+    opt = torch.optim.Adam([p for k, p in model.named_parameters() if not k.startswith("kp_detector.")], lr)
+
+    @torch.no_grad()
+    def psnr_now():
+        model.eval()
+        set_latents, kp, e, _ = train.encode_batch(model, b, [train.sample_rng(0, 0, i) for i in range(n)])
+        model.train()
+        return train.psnr(model.render(set_latents, kp, e, size=(image_size, image_size)), b["drv"])
+
+    start, copy = psnr_now(), train.psnr(b["src"][:, 0], b["drv"])
+    for it in range(1, steps + 1):
+        for g in opt.param_groups:
+            g["lr"] = train.lr_at(args, it)
+        loss = train.generator_losses(model, b, args, it, list(range(n)), 1)[0]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return start, psnr_now(), copy
+
+
+def test_a_tiny_model_learns_a_few_fixed_samples():
+    """32x32, 4 samples, 250 steps (~30 s on a free CPU core): from the ~6 dB of the untrained model to well
+    above copying the source frame (~20 dB)."""
+    start, end, copy = fit_fixed_samples(32, 250)
+    assert end > start + 10, (start, end, copy)
+    assert end > copy + 2, (start, end, copy)
+
+
+@pytest.mark.slow
+def test_a_tiny_model_learns_a_few_fixed_samples_at_64():
+    """64x64, 4 samples, under two minutes of CPU: at least 4 dB above copying the source."""
+    t0 = time.time()
+    start, end, copy = fit_fixed_samples(64, 400, pixels=1024)
+    assert time.time() - t0 < 240                      # 2 minutes on a free core; slack for a shared machine
+    assert end > start + 12 and end > copy + 4, (start, end, copy)
