@@ -144,7 +144,37 @@ def test_two_gloo_processes_end_with_the_parameters_of_one(tmp_path, phase0):
     assert r2.returncode == 0, r2.stderr[-2000:]
     a, b = params(one / "phase1.pt"), params(two / "phase1.pt")
     assert max_diff(a, b) < 1e-5
+    logs = [[json.loads(l) for l in open(d / "log.jsonl") if '"loss"' in l] for d in (one, two)]
+    for r1, r2 in zip(*logs):   # the batch terms are those of the global batch (gathered), not per-rank means
+        for k in ("cov", "var", "aug", "aug_d", "mse"):
+            assert r1[k] == pytest.approx(r2[k], rel=1e-9, abs=1e-15), k
     assert max_diff(a, params(phase0)) > 1e-3          # the parameters really moved
+
+
+def _gather_worker(rank, init_file, x_full, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    x = x_full[rank * 3:(rank + 1) * 3].clone().requires_grad_(True)
+    E = train.gather(x, 2)                                                # (6, c) on both ranks
+    train.losses.l_cov(E).backward()
+    grad = torch.cat([torch.zeros(rank * 3, x.shape[1]), x.grad, torch.zeros((1 - rank) * 3, x.shape[1])])
+    dist.all_reduce(grad)                                                 # collect the two halves
+    if rank == 0:
+        torch.save({"E": E.detach(), "grad": grad / 2}, out)             # / 2: DDP's averaging
+    dist.destroy_process_group()
+
+
+def test_gather_with_grad_gives_the_global_batch_loss_gradient(tmp_path):
+    """L_Cov on the gathered E: forward = the global batch; backward (summed over ranks, then averaged as
+    average_gradients does) = the gradient of the one-process loss."""
+    x = torch.randn(6, 5, dtype=torch.float64)
+    torch.multiprocessing.spawn(_gather_worker, args=(str(tmp_path / "init"), x, str(tmp_path / "out.pt")),
+                                nprocs=2)
+    res = torch.load(tmp_path / "out.pt", weights_only=True)
+    xr = x.clone().requires_grad_(True)
+    train.losses.l_cov(xr).backward()
+    torch.testing.assert_close(res["E"], x)
+    torch.testing.assert_close(res["grad"], xr.grad)
 
 
 def test_run_stopped_by_sigint_resumes_to_the_uninterrupted_parameters(tmp_path, phase0):
