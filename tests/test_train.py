@@ -273,17 +273,18 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
 
 
 def test_a_tiny_model_learns_a_few_fixed_samples():
-    """32x32, 4 samples, 250 steps (~30 s on a free CPU core): from the ~6 dB of the untrained model to well
-    above copying the source frame (~20 dB)."""
+    """32x32, 4 samples, 250 steps (~20 s on one core): from the ~6.5 dB of the untrained model to well above
+    copying the source frame (~19.9 dB); measured 26.4 dB."""
     start, end, copy = fit_fixed_samples(32, 250)
-    assert end > start + 10, (start, end, copy)
-    assert end > copy + 2, (start, end, copy)
+    assert end > start + 15, (start, end, copy)
+    assert end > copy + 4, (start, end, copy)
 
 
 @pytest.mark.slow
 def test_a_tiny_model_learns_a_few_fixed_samples_at_64():
-    """64x64, 4 samples, under two minutes of CPU: at least 4 dB above copying the source."""
+    """64x64, 4 samples, 400 steps of 1024 pixels (~2 minutes on a free core; 3.6 minutes measured on the
+    shared 2-core machine): at least 4 dB above copying the source."""
     t0 = time.time()
     start, end, copy = fit_fixed_samples(64, 400, pixels=1024)
-    assert time.time() - t0 < 240                      # 2 minutes on a free core; slack for a shared machine
+    assert time.time() - t0 < 300
     assert end > start + 12 and end > copy + 4, (start, end, copy)
