@@ -589,18 +589,18 @@ def run_phase(args, rank, world, device):
         log.write(json.dumps({"phase": args.phase, "step": step, **rec}) + "\n")
         log.flush()
 
-    def eval_and_sample(b=None, pred=None, kp=None):
+    def eval_and_sample(b=None):
         if not videos:
             pass
         elif args.phase == 0:
-            write({"eval_kp_err_px": evaluate_kp(model, videos)})
+            write({"eval_kp_err_px": evaluate_kp(model, videos), "minutes": (time.time() - t_start) / 60})
         else:
             ours, copy = evaluate(model, videos)
             write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60})
             bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB)")
         model.train()
         if b is not None:
-            sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args, kp)
+            sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args)
 
     from tqdm import tqdm
     bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"phase {args.phase}")
@@ -611,7 +611,7 @@ def run_phase(args, rank, world, device):
     gidx = list(range(rank * local_bs, (rank + 1) * local_bs))
     acc, n_acc = {}, 0
     for b in loader:
-        b = {k: v.to(device, args.dtype if v.is_floating_point() else v.dtype) for k, v in b.items() if torch.is_tensor(v)}
+        b = {k: v.to(device, args.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
         iteration += 1
         for group in opt.param_groups:
             group["lr"] = lr_at(args, iteration)
@@ -669,7 +669,7 @@ def run_phase(args, rank, world, device):
                 bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items()})
             acc, n_acc, t_log = {}, 0, time.time()
         if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
-            eval_and_sample(b, pred, kp)
+            eval_and_sample(b)
             draw_curves(args.out, args.phase)
         out_of_time = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
         stop = all_agree(STOP or out_of_time, world, device)
@@ -691,7 +691,7 @@ def run_phase(args, rank, world, device):
 
 
 @torch.no_grad()
-def sample_grid(path, model, b, args, kp, rows=4):
+def sample_grid(path, model, b, args, rows=4):
     """Phase 0: frames with landmarks (green) and keypoints (red); later: sources | driving (the Omega crop the
     expression net saw) | prediction | ground truth, one sample per row."""
     S, n = args.image_size, min(rows, len(b["drv"]))
