@@ -13,6 +13,8 @@ Phases (each starts from the previous phase's checkpoint in --out, or from --ini
 From phase I on the detector is frozen (eval mode, no gradient, not in the optimiser), as in the paper.
 
 Presets: --preset auto (default) is `paper` on CUDA and `tiny` on CPU; every option overrides the preset.
+tiny is the CPU recipe: the tiny model at 32x32, batch 16, 256 pixels, Adam 1e-3 after 100 warm-up steps.
+Built-in data only: --motion scales the pose/expression range, --motion-start/--motion-ramp make a curriculum.
 The run folder (--out) holds phase{P}.pt (one checkpoint per phase; rerunning the same command resumes it),
 log.jsonl, samples/phase{P}_{step}.png (sources | driving (Omega crop) | prediction | ground truth) and
 curves_phase{P}.png (loss and held-out self-reenactment PSNR against copying the source).
