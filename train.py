@@ -261,10 +261,11 @@ def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offset
     mask = torch.zeros(H, W, dtype=torch.bool, device=grid.device)
     mask[offset[1]::2, offset[0]::2] = True
     idx_grad, idx_rest = mask.flatten().nonzero()[:, 0], (~mask).flatten().nonzero()[:, 0]
-    rgb_grad = model.decode(set_latents, grid[idx_grad], kp_driving, expr_driving)   # (B, HW/4, 3)
+    kv = model.latent_kv(set_latents)                        # keys/values once, shared by both passes
+    rgb_grad = model.decode(None, grid[idx_grad], kp_driving, expr_driving, kv=kv)   # (B, HW/4, 3)
     with torch.no_grad():
-        rgb_rest = model.decode(set_latents.detach(), grid[idx_rest], kp_driving.detach(),
-                                expr_driving.detach())                                # (B, 3HW/4, 3)
+        rgb_rest = model.decode(None, grid[idx_rest], kp_driving.detach(), expr_driving.detach(),
+                                kv=[(k.detach(), v.detach()) for k, v in kv])    # (B, 3HW/4, 3)
     order = torch.argsort(torch.cat([idx_grad, idx_rest]))                             # back to row-major
     rgb = torch.cat([rgb_grad, rgb_rest], dim=1)[:, order]                             # (B, H*W, 3)
     return rgb.transpose(1, 2).reshape(-1, 3, H, W)
@@ -413,7 +414,7 @@ def evaluate(model, videos, frames=8):
         f = f[torch.linspace(0, len(f) - 1, min(len(f), frames + 1)).long()]
         kp, e = model.keypoints_and_expression(f)                                  # (T, K, 2), (T, E)
         set_latents = model.encode(f[:1, None], kp[:1, None], e[:1, None])         # (1, T', D)
-        pred = model.render(set_latents.expand(len(f) - 1, -1, -1), kp[1:], e[1:], size=tuple(f.shape[2:]))
+        pred = model.render(set_latents, kp[1:], e[1:], size=tuple(f.shape[2:]))   # frames share latents
         ours.append(psnr(pred, f[1:]))
         copy.append(psnr(f[:1].expand_as(f[1:]), f[1:]))
     return float(np.mean(ours)), float(np.mean(copy))      # the caller puts the model back in train mode
