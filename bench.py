@@ -18,7 +18,6 @@ independently, Eq. (2)); the table says how many pixels were timed.
 """
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys

@@ -557,7 +557,6 @@ def build(args, device, rank):
 
 def run_phase(args, rank, world, device):
     """Train one phase to args.steps. Returns True when stopped by a signal."""
-    global STOP
     model, opt, disc, dopt, params, step, iteration, path = build(args, device, rank)
     if step >= args.steps:
         if rank == 0:
@@ -715,7 +714,6 @@ def sample_grid(path, model, b, args, rows=4):
 
 
 def main(argv=None):
-    global STOP
     try:
         args = resolve(get_args(argv))
         args.weights = losses.LossWeights()

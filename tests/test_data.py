@@ -1,6 +1,5 @@
 """data.py: the procedural renderer, the augmentations of Sec. 3.2 and the VoxCeleb loader (on exports)."""
 import dataclasses
-import os
 import warnings
 
 import numpy as np
