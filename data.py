@@ -352,6 +352,14 @@ def render_face(identity, pose, expression, size=64):
     return image, landmarks
 
 
+def to_uint8(x):
+    """Image(s) in [0, 1] -> uint8, channels last: tensor [..., 3, H, W] -> [..., H, W, 3]; array [..., H, W, 3] kept
+    channels last. Clamped and rounded; the one conversion used for video files, sample grids and landmarks."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy()
+    return np.round(np.clip(np.asarray(x, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
+
+
 def to_normalized(lm, size):
     """Pixels (pixel centre i at x = i) -> normalised (-1, 1): (x + 0.5 - S/2) / (S/2). numpy or torch."""
     return (lm + 0.5 - size / 2) / (size / 2)

@@ -59,11 +59,6 @@ def to_hwc(image) -> np.ndarray:
     return np.asarray(image, dtype=np.float64)
 
 
-def to_uint8(image) -> np.ndarray:
-    """Tensor [3,H,W] or array [H,W,3] in [0, 1] -> uint8 [H,W,3] (what the landmark detector takes)."""
-    return (np.clip(to_hwc(image), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-
-
 def psnr(pred, target) -> float:
     """Peak signal-to-noise ratio in dB with peak 1; inf for identical images."""
     mse = float(np.mean((to_hwc(pred) - to_hwc(target)) ** 2))
@@ -100,7 +95,7 @@ def akd_scores(preds, targets, landmark_fn) -> dict:
     """
     dists, miss_real, miss_gen = [], 0, 0
     for p, t in zip(preds, targets):
-        lm_real, lm_gen = landmark_fn(to_uint8(t)), landmark_fn(to_uint8(p))
+        lm_real, lm_gen = landmark_fn(data.to_uint8(t)), landmark_fn(data.to_uint8(p))
         miss_real += lm_real is None
         miss_gen += lm_gen is None
         if lm_real is not None and lm_gen is not None:

@@ -238,11 +238,6 @@ def to_model_size(frames, size, name, log=print):
     return square, x
 
 
-def to_uint8(x):
-    """float [T, 3, H, W] -> uint8 [T, H, W, 3] (clamped)."""
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
 def pick_frames(n, indices, name):
     out = []
     for i in indices:
@@ -324,7 +319,7 @@ def gather_inputs(args, S, log):
         src_lm = None if src.get("landmarks") is None else np.asarray(src["landmarks"])[sel[0]]
         drv_lm = None if drv.get("landmarks") is None else list(np.asarray(drv["landmarks"]))
         fps = float(drv.get("fps") or data.DEFAULT_FPS)
-        return sources, driving, to_uint8(sources), to_uint8(driving), fps, (src_lm, drv_lm)
+        return sources, driving, data.to_uint8(sources), data.to_uint8(driving), fps, (src_lm, drv_lm)
 
     sources, squares = [], []
     for path in args.source:
@@ -386,7 +381,7 @@ def run(args):
     result = reenact(model, sources, driving, relative=relative, adapt_scale=args.adapt_scale,
                      initial_frame=initial, chunk=args.chunk, bf16=args.bf16, batch=args.batch,
                      progress=rank == 0 and not args.no_progress, frames=mine)
-    result = to_uint8(result)
+    result = data.to_uint8(result)
     if world > 1:
         parts = [None] * world if rank == 0 else None
         dist.gather_object(result, parts, dst=0)
@@ -396,7 +391,7 @@ def run(args):
         return
     if side_by_side:
         source = np.broadcast_to(first_source(src_sq, S), result.shape)
-        result = np.concatenate([source, to_uint8(driving), result], axis=2)   # (T, S, 3S, 3)
+        result = np.concatenate([source, data.to_uint8(driving), result], axis=2)   # (T, S, 3S, 3)
     data.write_video(out, result, fps)                                   # creates folders as needed
     log(f"wrote {out}: {len(result)} frames at {fps:g} fps" + (" (source | driving | result)" if side_by_side else ""))
 
@@ -406,7 +401,7 @@ def first_source(src_sq, S):
     x = torch.from_numpy(np.ascontiguousarray(src_sq[0])).permute(2, 0, 1)[None].float() / 255.0
     if x.shape[-1] != S:
         x = F.interpolate(x, size=(S, S), mode="bicubic", align_corners=False, antialias=x.shape[-1] > S)
-    return to_uint8(x)[0]
+    return data.to_uint8(x)[0]
 
 
 def main(argv=None):

@@ -437,11 +437,6 @@ def evaluate_kp(model, videos):
     return float(np.mean(err)) if err else float("nan")
 
 
-def to_pil(img):
-    return Image.fromarray((img.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5)
-                           .astype(np.uint8))
-
-
 def save_grid(path, rows, points=None):
     """rows: list of lists of [3,S,S] images -> one PNG. points: optional per-cell lists of ([K,2] pixels,
     colour) drawn as dots (phase 0: landmarks green, keypoints red)."""
@@ -450,7 +445,7 @@ def save_grid(path, rows, points=None):
     draw = ImageDraw.Draw(grid)
     for i, row in enumerate(rows):
         for j, img in enumerate(row):
-            grid.paste(to_pil(img), (j * S, i * S))
+            grid.paste(Image.fromarray(data.to_uint8(img)), (j * S, i * S))
             for pts, colour in (points or {}).get((i, j), []):
                 for x, y in pts.tolist():
                     draw.ellipse([j * S + x - 1, i * S + y - 1, j * S + x + 1, i * S + y + 1], fill=colour)

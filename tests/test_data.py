@@ -315,3 +315,12 @@ def test_image_io_conversions(tmp_path):
     data.write_video(str(tmp_path / "v.gif"), frames, fps=10)
     back, fps = data.read_video(str(tmp_path / "v.gif"))
     assert back.shape == (3, 16, 16, 3) and abs(fps - 10) < 0.5
+
+
+def test_to_uint8_rounds_clamps_and_puts_channels_last():
+    x = torch.tensor([[[0.0, 0.5], [1.2, -0.1]]]).expand(3, 2, 2)           # [3, 2, 2]
+    out = data.to_uint8(x)
+    assert out.shape == (2, 2, 3) and out.dtype == np.uint8
+    assert out[..., 0].tolist() == [[0, 128], [255, 0]]
+    assert data.to_uint8(x[None]).shape == (1, 2, 2, 3)                        # batches keep their axis
+    assert data.to_uint8(out / 255.0).tolist() == out.tolist()                 # numpy, channels last
