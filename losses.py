@@ -5,8 +5,8 @@ Read top to bottom:
   1. the expression regularisers: L_aug / L_aug,D (Eq. 11, 12), the stacked matrix E (Eq. 13),
      L_Cov (Eq. 14), L_Var (Eq. 15) and their combination L_reg (Eq. 16);
   2. the reconstruction loss L_MSE (Eq. 17) and the full objective (Eq. 18) with the paper's weights;
-  3. the perceptual loss L_P: a VGG19 with torchvision's parameter names, an image pyramid, L1 on
-     relu1_1..relu5_1 features (as FOMM, which the release follows);
+  3. the perceptual loss L_P: a VGG19 with torchvision's parameter names, L1 on relu1_1..relu5_1
+     features of the full-resolution image (the release's `scales: [1]`; FOMM adds an image pyramid);
   4. the keypoint-aware discriminator of phase III with the LSGAN losses and feature matching.
 
 Everything is plain torch (torchvision is not a dependency): VGG19 is written here with the same
@@ -23,11 +23,12 @@ import torch.nn.functional as F
 
 @dataclass
 class LossWeights:
-    """The lambdas of Eq. (16) and (18), paper values (Sec. 3.3).
+    """The lambdas of Eq. (16) and (18), paper values (Sec. 3.3). The one place they live: `l_reg` and
+    `objective` take an instance, and nothing else weighs a loss term.
 
-    perceptual and fm are per layer (as in the release, which lists one weight per VGG layer /
-    discriminator block): they are the default layer weights of PerceptualLoss and feature_matching,
-    whose outputs therefore already carry them (see `objective`).
+    perceptual and fm are per layer, as the release lists them (0.01 for each of the 5 VGG layers / 4
+    discriminator blocks); every layer has the same weight, so L_P and L_A^F are the plain sums over
+    layers and the weight is applied once, in `objective`.
     adv weighs the generator's L_A and, in the release, the discriminator's loss too.
     """
     mse: float = 1.0          # lambda_MSE
@@ -100,6 +101,9 @@ def l_reg(e_src_a1, e_src_a2, e_drv, e_drv_omega, weights=None):
     E2 = {sources A2, driving Omega-cropped} (Eq. 13).
     Returns (total, {"aug", "aug_d", "cov", "var"}) with the unweighted terms."""
     w = weights or LossWeights()
+    if e_drv.shape[-1] == 0:   # |e| = 0 ablation: no expression vector, nothing to regularise
+        zero = e_drv.new_zeros(())
+        return zero, {"aug": zero, "aug_d": zero, "cov": zero, "var": zero}
     aug = l_aug(e_src_a1, e_src_a2)                               # Eq. (11), batch mean
     aug_d = l_aug(e_drv, e_drv_omega)                             # Eq. (12), batch mean
     E1, E2 = stack_E(e_src_a1, e_drv), stack_E(e_src_a2, e_drv_omega)  # Eq. (13)
@@ -113,39 +117,35 @@ def l_reg(e_src_a1, e_src_a2, e_drv, e_drv_omega, weights=None):
 # 2. Reconstruction and the full objective, Eq. (17)-(18)
 
 def l_mse(pred, target):
-    """Eq. (17): E_q ||D(q) - I_D(q)||_2^2, the squared norm of the RGB difference summed over the 3
-    channels and averaged over pixels (and batch).  pred, target: [B, P, 3] (colour last, the
-    decoder's output) or [B, 3, H, W] (image) -> scalar.
-    Note: SRT's code averages over the channels as well, i.e. 1/3 of this; we follow the equation."""
+    """Eq. (17): E_q ||D(q) - I_D(q)||^2 as the release computes it: the mean over pixels, batch AND the
+    3 colour channels (1/3 of the squared norm the equation writes; the paper's lambdas were tuned with
+    this scale).  pred, target: [B, P, 3] (the decoder's output) or [B, 3, H, W] (image) -> scalar."""
     if pred.shape != target.shape:
         raise ValueError(f"l_mse: shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
-    channel_dim = 1 if pred.dim() == 4 else -1
-    return (pred - target).pow(2).sum(channel_dim).mean()
+    return (pred - target).pow(2).mean()
 
 
 def objective(reg, mse, perceptual=None, adv=None, fm=None, weights=None):
     """Eq. (18): L = L_reg + lambda_MSE L_MSE + lambda_P L_P + lambda_A L_A + lambda_A^F L_A^F.
 
-    reg: the total of `l_reg` (weighted inside, Eq. 16); mse: `l_mse` (Eq. 17), multiplied by lambda_MSE;
-    perceptual: output of PerceptualLoss and fm: output of feature_matching -- both ALREADY carry their
-        per-layer weights lambda_P and lambda_A^F (defaults LossWeights.perceptual / .fm), so they are
-        added as they are and not weighted twice;
-    adv: g_loss(D(fake)), multiplied here by lambda_A.
+    reg: the total of `l_reg` (weighted inside with the same `weights`, Eq. 16); mse: `l_mse` (Eq. 17);
+    perceptual: PerceptualLoss's L_P; adv: g_loss(D(fake)); fm: feature_matching's L_A^F; each is
+    multiplied here by its lambda.
     Terms left None are absent (phase I: reg + MSE; phase II: + P; phase III: + A + A^F).
     Returns (total, dict of the weighted terms)."""
     w = weights or LossWeights()
     terms = {"reg": reg, "mse": w.mse * mse}
     if perceptual is not None:
-        terms["perceptual"] = perceptual
+        terms["perceptual"] = w.perceptual * perceptual
     if adv is not None:
         terms["adv"] = w.adv * adv
     if fm is not None:
-        terms["fm"] = fm
+        terms["fm"] = w.fm * fm
     return sum(terms.values()), terms
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Perceptual loss: VGG19 (torchvision names), image pyramid, L1 on relu1_1..relu5_1
+# 3. Perceptual loss: VGG19 (torchvision names), L1 on relu1_1..relu5_1
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
@@ -254,17 +254,13 @@ def antialias_downsample(x, scale):
 
 
 class PerceptualLoss(nn.Module):
-    """L_P (phase II on): sum over pyramid scales (1, 1/2, 1/4, 1/8) and VGG layers relu1_1..relu5_1 of
-    layer_weight * mean |VGG(pred) - VGG(target).detach()| (as FOMM).  The per-layer weights (default
-    lambda_P = 0.01 each) are applied here, so the output is lambda_P * L_P of Eq. (18)."""
+    """L_P (phase II on): sum over the VGG layers relu1_1..relu5_1 of mean |VGG(pred) - VGG(target).detach()|,
+    at the full resolution only, as the release (its `scales: [1]`; FOMM sums an image pyramid 1..1/8 too,
+    1.85x the value: pass scales=(1, 0.5, 0.25, 0.125) for that). Unweighted: `objective` applies lambda_P."""
 
-    def __init__(self, weights_path=None, random_weights=False, layer_weights=None,
-                 scales=(1, 0.5, 0.25, 0.125)):
+    def __init__(self, weights_path=None, random_weights=False, scales=(1,)):
         super().__init__()
         self.vgg = load_vgg19(weights_path, random_weights)
-        self.layer_weights = tuple(layer_weights) if layer_weights is not None else (LossWeights.perceptual,) * 5
-        if len(self.layer_weights) != 5:
-            raise ValueError(f"PerceptualLoss: need 5 layer weights (relu1_1..relu5_1), got {len(self.layer_weights)}")
         self.scales = tuple(scales)
 
     def train(self, mode=True):  # the VGG stays frozen and deterministic
@@ -279,8 +275,8 @@ class PerceptualLoss(nn.Module):
             x_feats = self.vgg(antialias_downsample(pred, s))
             with torch.no_grad():
                 y_feats = self.vgg(antialias_downsample(target, s))
-            for w, xf, yf in zip(self.layer_weights, x_feats, y_feats):
-                total = total + w * (xf - yf.detach()).abs().mean()
+            for xf, yf in zip(x_feats, y_feats):
+                total = total + (xf - yf.detach()).abs().mean()
         return total
 
 
@@ -291,20 +287,15 @@ class PerceptualLoss(nn.Module):
 class DiscConfig:
     """Pix2Pix-style one-scale discriminator of FOMM, conditioned on keypoint heatmaps.
 
-    Block i outputs min(max_features, block_expansion * 2^i) channels.  Defaults give the spec's listed
-    channels 13 -> 64 -> 128 -> 256 -> 512 (2.77 M parameters).  NOTE: the spec's parameter count of the
-    release, 6.85 M, does not match these channels; it matches FOMM's widths 13 -> 128 -> 256 -> 512 -> 512
-    (FOMM's block_expansion 64 doubles before the first block), i.e. `DiscConfig.fomm()` here."""
+    Block i outputs min(max_features, block_expansion * 2^i) channels.  Defaults are the release's
+    13 -> 128 -> 256 -> 512 -> 512 (6.85 M parameters; FOMM's `block_expansion * 2**(i+1)` with its
+    block_expansion 64, written here as 128 * 2^i)."""
     num_channels: int = 3
     num_kp: int = 10
-    block_expansion: int = 64   # channels of the first block
+    block_expansion: int = 128  # channels of the first block
     max_features: int = 512
     num_blocks: int = 4
     kp_variance: float = 0.01
-
-    @classmethod
-    def fomm(cls, **kw):
-        return cls(**{"block_expansion": 128, **kw})
 
     @classmethod
     def tiny(cls, **kw):
@@ -376,8 +367,8 @@ class Discriminator(nn.Module):
     def forward(self, image, kp):
         """image: [B, 3, H, W] in [0, 1] (real or generated, at the model size); kp: [B, K, 2] driving
         keypoints (detached here: the discriminator must not move the keypoints).
-        -> (score_map [B, 1, h, w], [block outputs]); at 64^2: features [B,64,30,30], [B,128,13,13],
-        [B,256,5,5], [B,512,2,2] and scores [B,1,2,2]; at 256^2: 126, 61, 29, 26 and [B,1,26,26]."""
+        -> (score_map [B, 1, h, w], [block outputs]); at 64^2: features [B,128,30,30], [B,256,13,13],
+        [B,512,5,5], [B,512,2,2] and scores [B,1,2,2]; at 256^2: 126, 61, 29, 26 and [B,1,26,26]."""
         H, W = image.shape[-2:]
         if min(H, W) < self.min_size:
             raise ValueError(f"Discriminator: images must be at least {self.min_size}x{self.min_size}, got {H}x{W}")
@@ -401,13 +392,12 @@ def g_loss(fake_scores):
     return (1 - fake_scores).pow(2).mean()
 
 
-def feature_matching(real_feats, fake_feats, weights=None):
-    """L_A^F: sum over the discriminator's block outputs of weight * mean |real.detach() - fake|; the
-    per-block weight is lambda_A^F (default 0.01 each), so the output is lambda_A^F * L_A^F of Eq. (18)."""
+def feature_matching(real_feats, fake_feats):
+    """L_A^F: sum over the discriminator's block outputs of mean |real.detach() - fake| (unweighted:
+    `objective` applies lambda_A^F)."""
     if len(real_feats) != len(fake_feats):
         raise ValueError(f"feature_matching: {len(real_feats)} real vs {len(fake_feats)} fake feature maps")
-    weights = weights if weights is not None else (LossWeights.fm,) * len(real_feats)
     total = fake_feats[0].new_zeros(())
-    for w, r, f in zip(weights, real_feats, fake_feats):
-        total = total + w * (r.detach() - f).abs().mean()
+    for r, f in zip(real_feats, fake_feats):
+        total = total + (r.detach() - f).abs().mean()
     return total

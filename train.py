@@ -69,6 +69,8 @@ def get_args(argv=None):
     for name, t in (("image-size", int), ("batch-size", int), ("pixels", int), ("lr", float), ("warmup", int),
                     ("steps", int), ("disc-warmup", int)):
         p.add_argument("--" + name, type=t, default=None, help="default from the preset")
+    p.add_argument("--loss-weights", default="", metavar="K=V,...",
+                   help="override lambdas of Eq. (16)/(18), e.g. 'cov=0,var=0' (names: losses.LossWeights)")
     p.add_argument("--num-src", type=int, default=1)
     p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
@@ -114,9 +116,26 @@ def resolve(args):
                                 f"vgg19-dcbb9e9d.pth)")
     if min(args.batch_size, args.pixels, args.image_size, args.num_src, args.steps + 1) < 1:
         raise ValueError("--batch-size, --pixels, --image-size and --num-src must be positive")
+    args.weights = loss_weights(args.loss_weights)
     if args.pixels > args.image_size ** 2:
         raise ValueError(f"--pixels {args.pixels} exceeds the {args.image_size}x{args.image_size} image")
     return args
+
+
+def loss_weights(text):
+    """'cov=0,var=0' -> losses.LossWeights with those lambdas changed (the one instance every loss term uses)."""
+    known = losses.LossWeights.__dataclass_fields__
+    over = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        try:
+            if k.strip() not in known:
+                raise ValueError
+            over[k.strip()] = float(v)
+        except ValueError:
+            raise ValueError(f"--loss-weights {text!r}: each item must be NAME=NUMBER with NAME one of "
+                             f"{', '.join(known)}") from None
+    return losses.LossWeights(**over)
 
 
 def model_config(args):
@@ -495,6 +514,53 @@ def draw_curves(out, phase):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# one update of each network
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def apply_gradients(loss, opt, params, world, device):
+    """backward + gradient all-reduce + Adam step, unless the loss or a gradient is non-finite on any rank
+    (then nothing is written: weights and Adam's moments stay as they were). Returns whether it skipped."""
+    opt.zero_grad(set_to_none=True)
+    skipped = all_agree(not bool(torch.isfinite(loss)), world, device)
+    if not skipped:
+        loss.backward()
+        skipped = not average_gradients(params, world)
+    if not skipped:
+        opt.step()
+    return skipped
+
+
+def train_step(model, opt, params, b, args, step, iteration, gidx, world, device, perceptual=None, disc=None):
+    """One update of the detector (phase 0) or of FSRT (phases I-III) on this rank's batch b.
+    Returns (dict of float loss terms incl. "loss", prediction, kp_driving, skipped)."""
+    set_lr(opt, lr_at(args, iteration))
+    if disc is not None:
+        disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
+    if args.phase == 0:
+        loss, _, _ = kp_loss(model, b, args)
+        terms, pred, kp = {}, None, None
+    else:
+        loss, terms, pred, kp = generator_losses(model, b, args, step, gidx, world, perceptual, disc)
+    terms["loss"] = loss.item()
+    return terms, pred, kp, apply_gradients(loss, opt, params, world, device)
+
+
+def disc_step(disc, dopt, b, pred, kp, args, iteration, world, device):
+    """One update of the phase-III discriminator on the real driving frames and the detached prediction.
+    Returns (its loss lambda_A * LSGAN, as the release, skipped)."""
+    set_lr(dopt, lr_at(args, iteration))
+    disc.requires_grad_(True)
+    real_scores, _ = discriminate(disc, b["drv"], kp)
+    fake_scores, _ = discriminate(disc, pred.detach(), kp)
+    d_loss = args.weights.adv * losses.d_loss(real_scores, fake_scores)
+    return d_loss.item(), apply_gradients(d_loss, dopt, list(disc.parameters()), world, device)
+
+
+# ----------------------------------------------------------------------------------------------------------
 # one phase
 
 def build(args, device, rank):
@@ -609,39 +675,10 @@ def run_phase(args, rank, world, device):
     for b in loader:
         b = {k: v.to(device, args.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
         iteration += 1
-        for group in opt.param_groups:
-            group["lr"] = lr_at(args, iteration)
-        # generator (or detector) step
+        terms, pred, kp, skipped = train_step(model, opt, params, b, args, step, iteration, gidx, world, device,
+                                              perceptual, disc)
         if disc is not None:
-            disc.requires_grad_(False)
-        if args.phase == 0:
-            loss, kp, _ = kp_loss(model, b, args)
-            terms, pred = {"kp": loss.item()}, None
-        else:
-            loss, terms, pred, kp = generator_losses(model, b, args, step, gidx, world, perceptual, disc)
-        opt.zero_grad(set_to_none=True)
-        skipped = all_agree(not bool(torch.isfinite(loss)), world, device)
-        if not skipped:
-            loss.backward()
-            skipped = not average_gradients(params, world)
-        if not skipped:
-            opt.step()
-        # discriminator step (phase III), on the detached prediction
-        if disc is not None:
-            disc.requires_grad_(True)
-            for group in dopt.param_groups:
-                group["lr"] = lr_at(args, iteration)
-            real_scores, _ = discriminate(disc, b["drv"], kp)
-            fake_scores, _ = discriminate(disc, pred.detach(), kp)
-            d_loss = args.weights.adv * losses.d_loss(real_scores, fake_scores)
-            dopt.zero_grad(set_to_none=True)
-            d_skipped = all_agree(not bool(torch.isfinite(d_loss)), world, device)
-            if not d_skipped:
-                d_loss.backward()
-                d_skipped = not average_gradients(list(disc.parameters()), world)
-            if not d_skipped:
-                dopt.step()
-            terms["disc"] = d_loss.item()
+            terms["disc"], d_skipped = disc_step(disc, dopt, b, pred, kp, args, iteration, world, device)
             skipped = skipped or d_skipped
         step += 1
         bar.update(1)
@@ -650,7 +687,6 @@ def run_phase(args, rank, world, device):
                 write({"skipped": "non-finite loss or gradient", **{k: v for k, v in terms.items()}})
                 bar.write(f"step {step}: non-finite loss or gradient, step skipped")
         else:
-            terms["loss"] = loss.item()
             for k, v in terms.items():
                 acc[k] = acc.get(k, 0.0) + v
             n_acc += 1
@@ -711,7 +747,6 @@ def sample_grid(path, model, b, args, rows=4):
 def main(argv=None):
     try:
         args = resolve(get_args(argv))
-        args.weights = losses.LossWeights()
         rank, world, device = setup_distributed(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

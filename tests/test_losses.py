@@ -161,8 +161,12 @@ def test_l_reg_gradients_reach_all_expression_vectors():
 def test_l_mse_hand_and_layouts():
     pred = torch.tensor([[[1.0, 0.0, 0.0], [0.5, 0.5, 0.5]]])   # [B=1, P=2, 3]
     target = torch.zeros(1, 2, 3)
-    # ||.||^2 per pixel: 1 and 0.75; mean over pixels: 0.875
-    assert L.l_mse(pred, target).item() == pytest.approx(0.875)
+    # the release's mean over pixels AND channels: (1 + 0 + 0 + 3 * 0.25) / 6 = 1.75 / 6
+    assert L.l_mse(pred, target).item() == pytest.approx(1.75 / 6)
+    # = torch's mse_loss (the release's nn.MSELoss), i.e. 1/3 of Eq. (17)'s squared norm per pixel
+    p, t = torch.rand(2, 5, 3), torch.rand(2, 5, 3)
+    assert L.l_mse(p, t).item() == pytest.approx(F.mse_loss(p, t).item(), rel=1e-6)
+    assert L.l_mse(p, t).item() == pytest.approx((p - t).pow(2).sum(-1).mean().item() / 3, rel=1e-6)
     img_p, img_t = torch.rand(2, 3, 4, 5), torch.rand(2, 3, 4, 5)
     as_pixels = lambda x: x.flatten(2).transpose(1, 2)   # [B, H*W, 3]
     assert L.l_mse(img_p, img_t).item() == pytest.approx(L.l_mse(as_pixels(img_p), as_pixels(img_t)).item(), rel=1e-6)
@@ -174,26 +178,36 @@ def test_objective_weights():
     assert (w.mse, w.perceptual, w.adv, w.fm, w.aug, w.cov, w.var) == (1, 0.01, 0.001, 0.01, 1, 1, 0.2)
     t = {k: torch.tensor(v) for k, v in dict(reg=1.0, mse=2.0, p=3.0, adv=4.0, fm=5.0).items()}
     total, terms = L.objective(t["reg"], t["mse"], perceptual=t["p"], adv=t["adv"], fm=t["fm"])
-    # perceptual and fm carry their per-layer lambdas already (PerceptualLoss / feature_matching)
-    assert total.item() == pytest.approx(1 + 1 * 2 + 3 + 0.001 * 4 + 5)
+    assert total.item() == pytest.approx(1 + 1 * 2 + 0.01 * 3 + 0.001 * 4 + 0.01 * 5)
     assert set(terms) == {"reg", "mse", "perceptual", "adv", "fm"}
     total1, terms1 = L.objective(t["reg"], t["mse"])             # phase I
     assert total1.item() == pytest.approx(3.0) and set(terms1) == {"reg", "mse"}
     total2, _ = L.objective(t["reg"], t["mse"], weights=L.LossWeights(mse=0.5))
     assert total2.item() == pytest.approx(2.0)
+    # every lambda of a given LossWeights is used (none is read from a default elsewhere)
+    w2 = L.LossWeights(mse=2, perceptual=0.1, adv=0.5, fm=0.5)
+    total3, _ = L.objective(t["reg"], t["mse"], perceptual=t["p"], adv=t["adv"], fm=t["fm"], weights=w2)
+    assert total3.item() == pytest.approx(1 + 2 * 2 + 0.1 * 3 + 0.5 * 4 + 0.5 * 5)
 
 
 def test_objective_applies_lambda_p_and_fm_once():
-    # through PerceptualLoss / feature_matching each VGG layer / block contributes exactly 0.01 * L1
+    # the release: lambda_P = 0.01 on each VGG layer's L1, lambda_A^F = 0.01 on each block's L1
     pred, target = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
-    p01 = L.PerceptualLoss(random_weights=True, scales=(1,))
-    p1 = L.PerceptualLoss(random_weights=True, scales=(1,), layer_weights=(1,) * 5)
-    p1.vgg.load_state_dict(p01.vgg.state_dict())
-    real, fake = [torch.rand(1, 2, 3, 3)] * 4, [torch.rand(1, 2, 3, 3)] * 4
+    perc = L.PerceptualLoss(random_weights=True)
+    real, fake = [torch.rand(1, 2, 3, 3) for _ in range(4)], [torch.rand(1, 2, 3, 3) for _ in range(4)]
     zero = torch.tensor(0.0)
-    total, _ = L.objective(zero, zero, perceptual=p01(pred, target), fm=L.feature_matching(real, fake))
-    raw = p1(pred, target) + L.feature_matching(real, fake, weights=(1,) * 4)
-    assert total.item() == pytest.approx(0.01 * raw.item(), rel=1e-4)
+    total, _ = L.objective(zero, zero, perceptual=perc(pred, target), fm=L.feature_matching(real, fake))
+    with torch.no_grad():
+        layers = [0.01 * (a - b).abs().mean() for a, b in zip(perc.vgg(pred), perc.vgg(target))]
+    blocks = [0.01 * (r - f).abs().mean() for r, f in zip(real, fake)]
+    assert total.item() == pytest.approx(float(sum(layers) + sum(blocks)), rel=1e-5)
+
+
+def test_l_reg_empty_expression_vector():
+    # the |e| = 0 ablation: no regulariser terms, a finite zero (not NaN from a variance over 0 features)
+    e = torch.zeros(4, 0, requires_grad=True)
+    total, terms = L.l_reg(e[:, None], e[:, None], e, e)
+    assert total.item() == 0.0 and all(v.item() == 0.0 for v in terms.values())
 
 
 # ---------------------------------------------------------------- VGG19 / perceptual loss
@@ -288,10 +302,17 @@ def test_perceptual_single_layer_by_hand(perc):
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     conv = perc.vgg.features[0]
     relu1_1 = lambda x: F.relu(conv((x - mean) / std))
-    expected = 0.01 * (relu1_1(pred) - relu1_1(target)).abs().mean()
-    one = L.PerceptualLoss(random_weights=True, layer_weights=(0.01, 0, 0, 0, 0), scales=(1,))
-    one.vgg.load_state_dict(perc.vgg.state_dict())
-    assert one(pred, target).item() == pytest.approx(expected.item(), rel=1e-5)
+    expected = (relu1_1(pred) - relu1_1(target)).abs().mean()
+    got = (perc.vgg(pred)[0] - perc.vgg(target)[0]).abs().mean()
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    # the release's L_P: the full-resolution image only (scales [1]), the plain sum over the 5 layers
+    assert perc.scales == (1,)
+    by_hand = sum((a - b).abs().mean() for a, b in zip(perc.vgg(pred), perc.vgg(target)))
+    assert perc(pred, target).item() == pytest.approx(by_hand.item(), rel=1e-5)
+    # FOMM's pyramid (the earlier default) is an explicit option and adds the smaller scales on top
+    pyramid = L.PerceptualLoss(random_weights=True, scales=(1, 0.5, 0.25, 0.125))
+    pyramid.vgg.load_state_dict(perc.vgg.state_dict())
+    assert pyramid(pred, target).item() > perc(pred, target).item()
 
 
 def test_perceptual_zero_positive_weights_and_gradients(perc):
@@ -305,11 +326,6 @@ def test_perceptual_zero_positive_weights_and_gradients(perc):
     assert pred.grad is not None and pred.grad.abs().sum() > 0
     assert target.grad is None                            # the target side gets no gradient
     assert all(p.grad is None for p in perc.vgg.parameters())
-    # layer weights scale linearly (default 0.01 per layer = lambda_P)
-    assert perc.layer_weights == (0.01,) * 5
-    ones = L.PerceptualLoss(random_weights=True, layer_weights=(1,) * 5)
-    ones.vgg.load_state_dict(perc.vgg.state_dict())
-    assert ones(pred, target).item() == pytest.approx(100 * loss.item(), rel=1e-4)
 
 
 def test_perceptual_pyramid_small_sizes(perc):
@@ -318,7 +334,7 @@ def test_perceptual_pyramid_small_sizes(perc):
     assert [tuple(f.shape[1:]) for f in feats] == [(64, 8, 8), (128, 4, 4), (256, 2, 2), (512, 1, 1)]
     assert len(perc.vgg(torch.rand(1, 3, 16, 16))) == 5
     x = torch.rand(1, 3, 64, 64)
-    assert [tuple(L.antialias_downsample(x, s).shape[-2:]) for s in perc.scales] == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    assert [tuple(L.antialias_downsample(x, s).shape[-2:]) for s in (1, 0.5, 0.25, 0.125)] == [(64, 64), (32, 32), (16, 16), (8, 8)]
     # the anti-aliasing blur keeps a constant image constant away from the (zero-padded) border
     down = L.antialias_downsample(torch.full((1, 3, 64, 64), 0.5), 0.25)
     assert torch.allclose(down[..., 4:-4, 4:-4], torch.tensor(0.5), atol=1e-5)
@@ -345,8 +361,8 @@ def test_kp2gaussian_peak_and_width():
 
 
 @pytest.mark.parametrize("size, feat_shapes, score_hw", [
-    (64, [(64, 30, 30), (128, 13, 13), (256, 5, 5), (512, 2, 2)], (2, 2)),
-    (256, [(64, 126, 126), (128, 61, 61), (256, 29, 29), (512, 26, 26)], (26, 26)),
+    (64, [(128, 30, 30), (256, 13, 13), (512, 5, 5), (512, 2, 2)], (2, 2)),
+    (256, [(128, 126, 126), (256, 61, 61), (512, 29, 29), (512, 26, 26)], (26, 26)),
 ])
 def test_discriminator_shapes(size, feat_shapes, score_hw):
     D = L.Discriminator()
@@ -359,8 +375,9 @@ def test_discriminator_shapes(size, feat_shapes, score_hw):
 
 def test_discriminator_sizes_and_keypoints():
     n_params = lambda m: sum(p.numel() for p in m.parameters())
-    assert n_params(L.Discriminator()) == 2_769_089                    # spec's channels 64-128-256-512
-    assert round(n_params(L.Discriminator(L.DiscConfig.fomm())) / 1e6, 2) == 6.85   # release's count
+    D = L.Discriminator()                                              # the release's 128-256-512-512
+    assert [b.conv.out_channels for b in D.down_blocks] == [128, 256, 512, 512]
+    assert round(n_params(D) / 1e6, 2) == 6.85                        # release's count
     D = L.Discriminator(L.DiscConfig.tiny())
     img = torch.rand(2, 3, 64, 64, requires_grad=True)
     kp = (torch.rand(2, 10, 2) * 2 - 1).requires_grad_(True)
@@ -388,10 +405,9 @@ def test_feature_matching_hand_and_gradients():
     real = [torch.zeros(1, 2, 2, 2), torch.ones(1, 1, 3, 3)]
     fake = [torch.full((1, 2, 2, 2), 0.5, requires_grad=True), torch.ones(1, 1, 3, 3, requires_grad=True)]
     fm = L.feature_matching(real, fake)
-    assert fm.item() == pytest.approx(0.01 * 0.5 + 0.01 * 0.0)
+    assert fm.item() == pytest.approx(0.5 + 0.0)
     assert L.feature_matching(real, [r.clone() for r in real]).item() == 0.0
     real_g = [r.clone().requires_grad_(True) for r in real]
     L.feature_matching(real_g, fake).backward()
     assert fake[0].grad is not None and fake[0].grad.abs().sum() > 0
     assert all(r.grad is None for r in real_g)            # real features are detached
-    assert L.feature_matching(real, fake, weights=(1.0, 1.0)).item() == pytest.approx(0.5)
