@@ -68,6 +68,7 @@ class FSRTConfig:
     query_mlp_ratio: float = 1.5         # query MLP 480 -> 720 -> 480
     render_hidden: tuple = (1536, 1536, 1536, 1536)
     small_decoder: bool = False          # halves heads and decoder MLP; render MLP (r0, r0 / 2)
+    cnn_init: str = "kaiming"            # patch-CNN init: "kaiming" (He, ReLU gain) or "torch" (the release's default)
     chunk: int = 8192                    # pixels decoded at once (per frame)
     kp: KPConfig = field(default_factory=KPConfig)
     expression: ExpressionConfig = field(default_factory=ExpressionConfig)
@@ -169,9 +170,14 @@ class PatchCNN(nn.Module):
     where U[:, a, b] = W_const[:, :, a, b] @ const and inside_{a,b}(i, j) = 1 when tap (a, b) of output pixel
     (i, j) falls inside the image (a separable 0/1 mask: a ones-image convolved with that single tap).
     conv_pix is the same for every image: computed once per call without a batch dimension.
+
+    Initialisation (not in the paper): torch's default conv init (the release's) has 1/6 of the variance that
+    keeps a ReLU signal's scale, so after the six convs the tokens differ by ~0.1 % of the 1x1 conv's bias: the
+    set-latents start almost identical for every token and image and the decoder's attention has nothing to
+    find. He init (std sqrt(2 / fan_in), the 1x1 conv std sqrt(1 / fan_in), bias 0) keeps the scale.
     """
 
-    def __init__(self, in_dim, n_pix, channels, width):
+    def __init__(self, in_dim, n_pix, channels, width, init="kaiming"):
         super().__init__()
         self.n_pix = n_pix
         convs, c_in = [], in_dim
@@ -180,6 +186,13 @@ class PatchCNN(nn.Module):
             c_in = c_out
         self.convs = nn.ModuleList(convs)
         self.proj = nn.Conv2d(c_in, width, 1)
+        if init == "kaiming":
+            for conv in self.convs:
+                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.kaiming_normal_(self.proj.weight, nonlinearity="linear")
+            nn.init.zeros_(self.proj.bias)
+        elif init != "torch":
+            raise ValueError(f"cnn_init must be 'kaiming' or 'torch', got {init!r}")
 
     def first_conv(self, rgb, pix_code, const):
         """Decomposed first conv. rgb [B,3,H,W], pix_code [n_pix,H,W] (no batch), const [B,Cc] -> [B,C1,H,W]."""
@@ -207,7 +220,7 @@ class Encoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cnn = PatchCNN(cfg.in_dim, cfg.pix_dim, cfg.cnn_channels, cfg.width)
+        self.cnn = PatchCNN(cfg.in_dim, cfg.pix_dim, cfg.cnn_channels, cfg.width, cfg.cnn_init)
         self.blocks = nn.ModuleList(Block(cfg.width, cfg.enc_heads, cfg.enc_head_dim, cfg.enc_mlp)
                                     for _ in range(cfg.enc_blocks))
 
@@ -389,6 +402,65 @@ class FSRT(nn.Module):
         if pixels is None:
             pixels = pixel_grid(*driving.shape[-2:], driving.device)
         return self.decode(z, pixels, kp_all[B * N:], e_all[B * N:], chunk=chunk)
+
+# -----------------------------------------------------------------------------
+# health: is the encoder alive and does the decoder read it? (not in the paper; a training diagnostic)
+
+
+@torch.no_grad()
+def health(model, images):
+    """Diagnostics on single-source self-reconstruction (driving = source) of images [B,3,H,W], B >= 2:
+      active      fraction of channels of each patch-CNN conv (ReLU input) that are positive somewhere in the
+                  batch: a channel at 0 never passes gradient again (the "dead encoder" failure);
+      spread      std of the set-latents across the tokens of an image / their rms (0: every token the same);
+      latent_cos  mean cosine between the set-latents of two different images (1: the encoder ignores its input);
+      attn_entropy, attn_uniform  mean entropy (nats) of the first decoder block's attention, and log T (uniform);
+      attn_own    mean attention weight on the token whose 8x8 patch holds the pixel (1/T when uniform);
+      self_psnr   PSNR (dB) of the reconstruction with driving = source.
+    Returns a dict of floats (active as a list, one per conv)."""
+    was_training = model.training
+    model.eval()
+    B, _, H, W = images.shape
+    kp, e = model.keypoints_and_expression(images)
+    pix = model.gamma_pix(pixel_grid(H, W, images.device)).to(images.dtype).t().reshape(-1, H, W)
+    cnn = model.encoder.cnn
+    x = cnn.first_conv(images, pix, model.frame_code(kp, e))                      # (B, C1, H, W) pre-ReLU
+    active = [float((x > 0).flatten(2).any(-1).any(0).float().mean())]
+    for conv in cnn.convs[1:]:
+        x = conv(F.relu(x))
+        active.append(float((x > 0).flatten(2).any(-1).any(0).float().mean()))
+    z = model.encoder(cnn.proj(F.relu(x)), B)                                     # (B, T, d)
+    T = z.shape[1]
+    spread = float((z.std(dim=1).pow(2).mean() / z.pow(2).mean().clamp_min(1e-12)).sqrt())
+    flat = F.normalize(z.flatten(1), dim=1)
+    cos = flat @ flat.t()                                                         # (B, B)
+    latent_cos = float((cos.sum() - cos.diagonal().sum()) / (B * (B - 1))) if B > 1 else float("nan")
+    # first decoder block's attention weights, recomputed (SDPA does not return them)
+    grid = pixel_grid(H, W, images.device)                                        # (HW, 2)
+    frame = model.decoder.frame_part(model.frame_code(kp, e))                     # (B, 1, 720)
+    q_in = model.decoder.query_mlp[2](F.relu(model.decoder.pixel_part(model.gamma_pix(grid)) + frame))  # (B,HW,dq)
+    block = model.decoder.blocks[0]
+    k, _ = block.kv(z)                                                            # (B, nh, T, hs)
+    q = block.split_heads(block.c_q(block.ln_1(q_in)))                            # (B, nh, HW, hs)
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(block.head_dim), dim=-1)   # (B, nh, HW, T)
+    entropy = float(-(att * att.clamp_min(1e-12).log()).sum(-1).mean())
+    h, w = H // 8, W // 8                                                         # token grid of the patch CNN
+    rows = torch.arange(H, device=images.device) * h // H
+    cols = torch.arange(W, device=images.device) * w // W
+    own = (rows[:, None] * w + cols[None, :]).flatten()                           # (HW,) token of each pixel
+    attn_own = float(att.gather(-1, own.view(1, 1, -1, 1).expand(B, att.shape[1], -1, 1)).mean())
+    rgb = model.render(z, kp, e, size=(H, W)).clamp(0, 1)
+    self_psnr = float((-10 * torch.log10((rgb - images).pow(2).mean((1, 2, 3)).clamp_min(1e-10))).mean())
+    model.train(was_training)
+    return dict(active=active, spread=spread, latent_cos=latent_cos, attn_entropy=entropy,
+                attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr)
+
+
+def collapsed(h):
+    """The dead-encoder verdict on a `health` dict: a patch-CNN conv without any active channel, or set-latents
+    that no longer vary across tokens or images (the decoder then renders from the driving conditioning alone)."""
+    return min(h["active"]) == 0 or h["spread"] < 1e-3 or h["latent_cos"] > 0.999
+
 
 # -----------------------------------------------------------------------------
 # checkpoints: {"format": "fsrt", "config": cfg.to_dict(), "model": state_dict, "step", "phase", ...}

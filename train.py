@@ -76,6 +76,8 @@ def get_args(argv=None):
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
     p.add_argument("--no-keypoints", action="store_true", help="ablation: n_K = 0 (no keypoint conditioning)")
     p.add_argument("--pix-octaves", type=int, default=None, help="octaves of the pixel encoding (Eq. 5)")
+    p.add_argument("--cnn-init", default=None, choices=("kaiming", "torch"),
+                   help="patch-CNN initialisation (srt.PatchCNN); 'torch' is the release's default init")
     p.add_argument("--motion", type=float, default=1.0, help="built-in data: pose/expression range scale")
     p.add_argument("--motion-start", type=float, default=None, help="built-in data: motion range at step 0 "
                    "(curriculum, default: --motion)")
@@ -140,7 +142,7 @@ def loss_weights(text):
 
 def model_config(args):
     over = dict(image_size=args.image_size, use_keypoints=not args.no_keypoints, small_decoder=args.small_decoder)
-    for k in ("expr_dim", "pix_octaves"):
+    for k in ("expr_dim", "pix_octaves", "cnn_init"):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
     return getattr(srt.FSRTConfig, args.preset)(**over)
@@ -658,8 +660,16 @@ def run_phase(args, rank, world, device):
             write({"eval_kp_err_px": evaluate_kp(model, videos), "minutes": (time.time() - t_start) / 60})
         else:
             ours, copy = evaluate(model, videos)
-            write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60})
-            bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB)")
+            h = srt.health(model, torch.stack([v["frames"][0] for v in videos]).to(device, args.dtype))
+            write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60,
+                   **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": srt.collapsed(h)})
+            bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: "
+                      f"active channels {min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, "
+                      f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f})")
+            if srt.collapsed(h):
+                bar.write(f"step {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, "
+                          f"or set-latents equal across tokens/images): the decoder renders from the driving "
+                          f"frame alone. Lower --lr, keep --cnn-init kaiming, or restart from an earlier checkpoint")
         model.train()
         if b is not None:
             sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args)

@@ -317,3 +317,34 @@ def test_cross_without_keypoints_scores_absolute_only():
     r = metrics.evaluate_cross(videos, model, max_videos=2, progress=False)
     assert r["pairs"] == 2 and r["relative"] is None
     assert r["absolute"]["frames"] == 4 and r["baseline"]["frames"] == 4
+
+
+# ---------------------------------------------------------------- the identity-leak figure (built-in data)
+
+def test_identity_leak_figure(monkeypatch):
+    import data
+    import srt
+    torch.manual_seed(0)
+    model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
+    videos = data.VideoSet(split="test", size=32, frames=21)               # driving frames 10, 20
+    calls, render = [], metrics.render_frames
+    monkeypatch.setattr(metrics, "render_frames", lambda *a: calls.append(a) or render(*a))
+    r = metrics.evaluate_leak(videos, model, max_videos=3, progress=False)
+    assert r["triples"] == 3
+    # C performs B's motion: video 1's poses and expressions at frames 0, 10, 20 on video 2's identity
+    identity, poses, exprs, size = calls[0]
+    _, poses_b, exprs_b = metrics.video_params(videos[1])
+    assert size == 32 and identity == metrics.video_params(videos[2])[0]
+    assert poses == [poses_b[j] for j in (0, 10, 20)] and exprs == [exprs_b[j] for j in (0, 10, 20)]
+    # a random model depends on its driving frames: the outputs for B and C differ, so do the drivers
+    assert all(math.isfinite(r[k]) for k in ("absolute", "relative", "drivers", "via_e", "via_k")), r
+    # a decoder blind to the driving conditioning (the per-frame part of the query MLP's first layer zeroed)
+    # renders the same for any driver: no leak at all, whatever the drivers look like
+    with torch.no_grad():
+        model.decoder.query_mlp[0].weight[:, model.cfg.pix_dim:] = 0
+    blind = metrics.evaluate_leak(videos, model, max_videos=3, progress=False)
+    assert blind["absolute"] == blind["relative"] == blind["via_e"] == blind["via_k"] == math.inf
+    assert blind["drivers"] == r["drivers"] < 25                           # B and C really are two people
+    with pytest.raises(ValueError, match="at least 3 videos"):
+        metrics.evaluate_leak(videos, model, max_videos=2)
+

@@ -282,3 +282,39 @@ def test_checkpoint_of_another_version_gives_a_short_error(model, tmp_path):
     with pytest.raises(ValueError, match=r"old.pt does not match.*1 missing.*1 unexpected") as err:
         model_from_checkpoint(str(path))
     assert len(str(err.value)) < 500
+
+
+# ----------------------------------------------------------------------------- health diagnostics
+
+def test_health_sees_a_live_encoder_and_a_collapsed_one():
+    from srt import collapsed, health
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32)
+    live = FSRT(FSRTConfig.tiny(image_size=32)).eval()
+    h = health(live, images)
+    assert len(h["active"]) == 6 and min(h["active"]) > 0.5 and h["spread"] > 0.1 and not collapsed(h), h
+    assert h["attn_uniform"] == pytest.approx(math.log(16))                     # 4x4 tokens
+    # torch's default conv init (the release's) starts the set-latents almost equal for every token
+    torch.manual_seed(0)
+    h_torch = health(FSRT(FSRTConfig.tiny(image_size=32, cnn_init="torch")).eval(), images)
+    assert h_torch["spread"] < 0.01 < h["spread"] / 10
+    # a first conv pushed below zero everywhere (the dead-encoder failure): no channel is active, all tokens
+    # equal (the 1x1 conv's bias), and the verdict says so
+    with torch.no_grad():
+        live.encoder.cnn.convs[0].weight.copy_(-live.encoder.cnn.convs[0].weight.abs())
+    dead = health(live, images.clamp(0.5, 1))
+    assert dead["active"][0] == 0 and dead["spread"] < 1e-6 and collapsed(dead), dead
+
+
+def test_health_attention_figures_by_hand():
+    """With a zero query projection the first decoder block attends uniformly: entropy log T, and the weight on
+    the pixel's own patch token is 1/T."""
+    from srt import health
+    torch.manual_seed(0)
+    m = FSRT(FSRTConfig.tiny(image_size=32)).eval()
+    with torch.no_grad():
+        m.decoder.blocks[0].c_q.weight.zero_()
+    h = health(m, torch.rand(3, 3, 32, 32))
+    assert h["attn_entropy"] == pytest.approx(math.log(16), abs=1e-5)
+    assert h["attn_own"] == pytest.approx(1 / 16, abs=1e-6)
+    assert m.training is False
