@@ -256,9 +256,26 @@ def test_bad_options_give_one_line_errors(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------------------
 # a tiny model really learns
 
+def cross_ground_truth(ds, n):
+    """Sample i's identity with the pose and expression of sample (i + 1) % n's driving frame (render_face):
+    the ground truth of cross-reenacting source i by driver i + 1. -> [n, 3, S, S]"""
+    out = []
+    for i in range(n):
+        j = (i + 1) % n
+        s = ds.sample_frames(j)                                   # the frames ds[j] holds (no augmentation)
+        seed_j, _, _ = train.data.builtin_identity("train", j % ds.num_identities)
+        video = int(s["video"].split("#builtin")[1])
+        poses, exprs = train.data.builtin_motion(seed_j, video, ds.frames, ds.motion_scale, at=s["frame_idx"][-1:])
+        ident_i = train.data.builtin_identity("train", i % ds.num_identities)[2]
+        out.append(torch.from_numpy(train.data.render_face(ident_i, poses[0], exprs[0], ds.size)[0]).permute(2, 0, 1))
+    return torch.stack(out).float()
+
+
 def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
-    """Phase I (generator_losses: Eq. 16 + 17, Sec. 3.2 wiring) on n fixed built-in samples (no augmentation).
-    Returns PSNR of the full render of the driving frames before and after, and of copying the source."""
+    """Phase I (train_step: Eq. 16 + 17, Sec. 3.2 wiring) on n fixed built-in samples (no augmentation).
+    Returns PSNRs before and after training (dicts): "self" the driving frames, "cross" source i driven by
+    sample i+1's driving frame against its ground truth, and the copy-the-source figures; and the encoder's
+    health (srt.health) after training."""
     torch.manual_seed(0)
     args = train.resolve(train.get_args(["--phase", "1", "--image-size", str(image_size), "--batch-size", str(n),
                                          "--pixels", str(pixels), "--lr", str(lr), "--warmup", "20"]))
@@ -268,30 +285,43 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
     params = [p for k, p in model.named_parameters() if not k.startswith("kp_detector.")]
     opt = torch.optim.Adam(params, lr)
 
+    # cross-reenactment: every driving-side entry rolled by one sample
+    b_cross = {k: v.roll(-1, 0) if k.startswith("drv") else v for k, v in b.items()}
+    gt_cross = cross_ground_truth(ds, n)
+
     @torch.no_grad()
     def psnr_now():
         model.eval()
-        set_latents, kp, e, _ = train.encode_batch(model, b, [train.sample_rng(0, 0, i) for i in range(n)])
+        out = {}
+        for name, batch, target in (("self", b, b["drv"]), ("cross", b_cross, gt_cross)):
+            set_latents, kp, e, _ = train.encode_batch(model, batch, [train.sample_rng(0, 0, i) for i in range(n)])
+            out[name] = train.psnr(model.render(set_latents, kp, e, size=(image_size, image_size)), target)
         model.train()
-        return train.psnr(model.render(set_latents, kp, e, size=(image_size, image_size)), b["drv"])
+        return out
 
-    start, copy = psnr_now(), train.psnr(b["src"][:, 0], b["drv"])
+    start = psnr_now()
+    copy = {"self": train.psnr(b["src"][:, 0], b["drv"]), "cross": train.psnr(b["src"][:, 0], gt_cross)}
     for it in range(1, steps + 1):
         train.train_step(model, opt, params, b, args, it, it, list(range(n)), 1, "cpu")
-    return start, psnr_now(), copy
+    return start, psnr_now(), copy, srt.health(model, b["src"][:, 0])
 
 
 def test_a_tiny_model_learns_a_few_fixed_samples():
-    """32x32, 4 samples, 250 steps (~20 s on one core): from the ~6.5 dB of the untrained model to well above
-    copying the source frame (~19.9 dB); measured 26.4 dB."""
-    start, end, copy = fit_fixed_samples(32, 250)
-    assert end > start + 15, (start, end, copy)
-    assert end > copy + 4, (start, end, copy)
+    """32x32, 4 samples, 250 steps (~20 s on one core): self-reenactment from the ~6.5 dB of the untrained model
+    to well above copying the source frame (~19.9 dB); cross-reenactment (source i, driver i+1, never trained
+    on) improves over its start too, and the encoder is alive and read by the decoder at the end."""
+    start, end, copy, health = fit_fixed_samples(32, 250)
+    assert end["self"] > start["self"] + 15, (start, end, copy)
+    assert end["self"] > copy["self"] + 4, (start, end, copy)
+    # measured 6.4 -> 8.9 dB (copying the source: 17.3): four fixed samples are memorised through the driving
+    # frame's conditioning more than read from the source, the identity leak metrics.evaluate_leak measures
+    assert end["cross"] > start["cross"] + 1.5, (start, end, copy)
+    assert not srt.collapsed(health) and min(health["active"]) > 0.2, health
 
 
 @pytest.mark.slow
 def test_a_tiny_model_learns_a_few_fixed_samples_at_64():
     """64x64, 4 samples, 400 steps of 1024 pixels (~2 minutes on a free core; 3.6 minutes measured on the
     shared 2-core machine): at least 4 dB above copying the source."""
-    start, end, copy = fit_fixed_samples(64, 400, pixels=1024)
-    assert end > start + 12 and end > copy + 4, (start, end, copy)
+    start, end, copy, _ = fit_fixed_samples(64, 400, pixels=1024)
+    assert end["self"] > start["self"] + 12 and end["self"] > copy["self"] + 4, (start, end, copy)
