@@ -309,7 +309,7 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
 def test_a_tiny_model_learns_a_few_fixed_samples():
     """32x32, 4 samples, 250 steps (~20 s on one core): self-reenactment from the ~6.5 dB of the untrained model
     to well above copying the source frame (~19.9 dB); cross-reenactment (source i, driver i+1, never trained
-    on) improves over its start too, and the encoder is alive and read by the decoder at the end."""
+    on) improves over its start too, and the encoder is alive at the end."""
     start, end, copy, health = fit_fixed_samples(32, 250)
     assert end["self"] > start["self"] + 15, (start, end, copy)
     assert end["self"] > copy["self"] + 4, (start, end, copy)
