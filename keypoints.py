@@ -168,10 +168,13 @@ def _short(keys, n=4):
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
+KP_FILES = "FOMM's vox-cpk.pth.tar, a kp_detector state dict, or an fsrt checkpoint"
+
+
 def load_kp_detector(path, detector: KPDetector) -> KPDetector:
     """Load detector weights strictly from FOMM's `vox-cpk.pth.tar` (its `kp_detector` entry, `jacobian.*`
-    dropped), a plain detector state dict, or an fsrt checkpoint ({"format": "fsrt", "model": {...}} with keys
-    prefixed `kp_detector.`). Returns the detector."""
+    dropped), a plain detector state dict (e.g. the FSRT release's kp_detector.pt), or an fsrt checkpoint
+    ({"format": "fsrt", "model": {...}} with keys prefixed `kp_detector.`). Returns the detector."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -181,9 +184,14 @@ def load_kp_detector(path, detector: KPDetector) -> KPDetector:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                         f"expected FOMM's vox-cpk.pth.tar or an fsrt checkpoint") from None
+                         f"expected {KP_FILES}") from None
+    return load_kp_state(obj, detector, repr(path))
+
+
+def load_kp_state(obj, detector: KPDetector, where: str, expected: str = KP_FILES) -> KPDetector:
+    """load_kp_detector on an already loaded object; `where` names it in errors, `expected` says what fits."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{path!r} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
+        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     if obj.get("format") == "fsrt":
         sd = {k[len("kp_detector."):]: v for k, v in obj.get("model", {}).items() if k.startswith("kp_detector.")}
     elif "kp_detector" in obj:
@@ -195,7 +203,9 @@ def load_kp_detector(path, detector: KPDetector) -> KPDetector:
     missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
     wrong = [k for k in own.keys() & sd.keys() if tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        msg = [f"{path!r} is not a keypoint detector checkpoint for this configuration"]
+        msg = [f"{where} is not a keypoint detector checkpoint for this configuration"]
+        if not (missing or unexpected):
+            msg = [f"{where} is a keypoint detector of another size"]
         if missing:
             msg.append(f"missing keys: {_short(missing)}")
         if unexpected:
@@ -203,8 +213,7 @@ def load_kp_detector(path, detector: KPDetector) -> KPDetector:
         if wrong:
             msg.append("shape mismatch: " + _short(
                 [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong], 2))
-        raise ValueError("; ".join(msg) + " (expected FOMM's vox-cpk.pth.tar, a kp_detector state dict, "
-                                          "or an fsrt checkpoint)")
+        raise ValueError("; ".join(msg) + f" (expected {expected})")
     detector.load_state_dict(sd, strict=True)
     return detector
 

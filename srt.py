@@ -14,6 +14,7 @@ import math
 import os
 import tempfile
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expression import ExpressionConfig, ExpressionNet
+import keypoints
 from keypoints import KPConfig, KPDetector
 
 # -----------------------------------------------------------------------------
@@ -466,28 +468,84 @@ def collapsed(h):
 # checkpoints: {"format": "fsrt", "config": cfg.to_dict(), "model": state_dict, "step", "phase", ...}
 
 
-def save_checkpoint(path, ckpt):
-    """Atomic save: write a temporary file in the same folder, then os.replace it over `path`."""
-    ckpt = {"format": "fsrt", **ckpt}
+def _atomic_save(obj, path):
+    """torch.save to a temporary file in the same folder, then os.replace it over `path`."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
+            torch.save(obj, f)
         os.replace(tmp, path)                                               # atomic on POSIX and Windows
     finally:
         if os.path.exists(tmp):                                             # only after a failure
             os.remove(tmp)
 
 
+def save_checkpoint(path, ckpt):
+    """Atomic save of a project checkpoint (adds format='fsrt')."""
+    _atomic_save({"format": "fsrt", **ckpt}, path)
+
+
+def _numpy_scalars():
+    """Globals a weights_only load may build besides tensors: numpy scalars, as in the release's training
+    counters (saved by numpy 1 as numpy.core..., by numpy 2 as numpy._core...)."""
+    import numpy as np
+    scalar = (np._core if hasattr(np, "_core") else np.core).multiarray.scalar
+    return [np.dtype, *{type(np.dtype(t)) for t in (np.float64, np.float32, np.int64, np.int32, np.bool_)},
+            (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
+
+
+def _read(path, hint):
+    """torch.load(weights_only=True) on CPU, zip files memory-mapped (the release's files carry optimizer
+    state we never copy); errors are one line naming the file, ending with `hint`."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}; {hint}")
+    try:
+        with torch.serialization.safe_globals(_numpy_scalars()):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as err:
+        raise RuntimeError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''}); the file may be truncated or not "
+                           f"a checkpoint: {hint}") from None
+
+
+RELEASE = ("encoder", "decoder", "expression_encoder")   # the modules of the release's vox256.pt
+
+
+def _kind(obj):
+    """What a loaded file is, by content: 'fsrt', 'release', 'fomm', 'detector' (a bare detector state
+    dict, e.g. the release's kp_detector.pt) or None."""
+    if not isinstance(obj, dict):
+        return None
+    if obj.get("format") == "fsrt":
+        return "fsrt"
+    if {"kp_detector", "generator"} <= obj.keys():
+        return "fomm"
+    if all(isinstance(obj.get(k), dict) for k in RELEASE):
+        return "release"
+    if "kp.weight" in obj and any(str(k).startswith("predictor.") for k in obj):
+        return "detector"
+    return None
+
+
 def _describe(obj):
+    kind = _kind(obj)
+    if kind == "fsrt":
+        return "a checkpoint of this project (train.py), which holds its own keypoint detector"
+    if kind == "fomm":
+        return "FOMM's checkpoint (vox-cpk.pth.tar); it holds only a keypoint detector for FSRT: pass it " \
+               "where a keypoint-detector file is asked for (keypoints.load_kp_detector)"
+    if kind == "release":
+        return "the authors' release checkpoint (vox256.pt format): load it with its kp_detector.pt " \
+               "(reenact.py/metrics.py --checkpoint vox256.pt --kp-detector kp_detector.pt, srt.load_release)"
+    if kind == "detector":
+        return "a keypoint-detector state dict (as the release's kp_detector.pt): pass it as --kp-detector " \
+               "beside the model file (vox256.pt) as --checkpoint"
     if not isinstance(obj, dict):
         return f"a {type(obj).__name__}, not a dict"
     keys = list(obj)
-    if {"kp_detector", "generator"} <= set(keys):
-        return "FOMM's checkpoint (vox-cpk.pth.tar); it holds only a keypoint detector for FSRT: pass it " \
-               "where a keypoint-detector file is asked for (keypoints.load_kp_detector)"
     if keys and all(torch.is_tensor(v) for v in obj.values()):
         return f"a bare state dict of {len(keys)} tensors (first keys {keys[:3]})"
     return f"a dict with keys {keys[:8]}"
@@ -495,15 +553,8 @@ def _describe(obj):
 
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True) of an fsrt checkpoint written by save_checkpoint (train.py)."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; pass the .pt file written by train.py")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
-        raise RuntimeError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}); pass a .pt file written by train.py")
-    return _check(ckpt, path)
+    ckpt = _read(path, "pass a .pt file written by train.py")
+    return _check(ckpt, os.fspath(path))
 
 
 def _check(ckpt, where):
@@ -513,19 +564,148 @@ def _check(ckpt, where):
     return ckpt
 
 
-def model_from_checkpoint(path_or_dict, device="cpu"):
-    """Build FSRT from a checkpoint (path or loaded dict), load weights strictly -> model in eval mode."""
-    if isinstance(path_or_dict, dict):
-        ckpt = _check(path_or_dict, "the dict given to model_from_checkpoint")
-    else:
-        ckpt = load_checkpoint(path_or_dict)
+def model_from_checkpoint(path_or_dict, device="cpu", kp_detector=None):
+    """Build FSRT from a checkpoint recognised by content -> model in eval mode: a train.py checkpoint (path
+    or loaded dict), or the authors' vox256.pt / vox256_2Source.pt with kp_detector = their kp_detector.pt."""
+    where = "the given dict" if isinstance(path_or_dict, dict) else os.fspath(path_or_dict)
+    ckpt = path_or_dict if isinstance(path_or_dict, dict) else _read(path_or_dict, "pass a .pt file written by "
+                                                                     "train.py or the authors' vox256.pt")
+    if _kind(ckpt) == "release":
+        return load_release(ckpt, kp_detector, name=where).to(device)
+    if kp_detector is not None:
+        raise ValueError(f"a keypoint-detector file ({kp_detector}) goes only with the authors' release "
+                         f"checkpoints (vox256.pt), but {where} is {_describe(ckpt)}: leave the detector out")
+    ckpt = _check(ckpt, where)
     model = FSRT(FSRTConfig.from_dict(ckpt["config"]))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:   # a short message instead of torch's list of every key
-        where = "the given dict" if isinstance(path_or_dict, dict) else path_or_dict
         raise ValueError(f"{where} does not match this srt.py ({len(missing)} missing keys, e.g. {missing[:2]}; "
                          f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): it was written by another "
                          "version of the code; retrain or use the matching version")
     if ckpt.get("phase", 1) >= 1:
         model.freeze_detector()
     return model.to(device).eval()
+
+# -----------------------------------------------------------------------------
+# the authors' release (andrerochow/fsrt): vox256.pt / vox256_2Source.pt = {"encoder", "decoder",
+# "expression_encoder": state dicts, + training state}; kp_detector.pt = the detector's bare state dict.
+# Same functions, other names and two layout differences: the encoder's q, k, v are one matrix, and the
+# layers that read Eq. (6)/(7) see their features in another order (release_columns).
+
+
+def release_columns(cfg):
+    """Index tensor perm: feature j of this code's query [gamma_pix, gamma_key, e] (Eq. 7; Eq. 3 per
+    coordinate c, octave m, (sin, cos) s: c*2O + 2m + s) is feature perm[j] of the release's
+    [gamma_key, gamma_pix, e], where each encoding lists all sines, then all cosines: s*D*O + c*O + m."""
+    def pe(D, O, at):
+        return [at + s * D * O + c * O + m for c in range(D) for m in range(O) for s in range(2)]
+    key, pix = cfg.key_dim, cfg.pix_dim
+    return torch.tensor(pe(2, cfg.pix_octaves, key) + pe(2 * cfg.num_kp, cfg.kp_octaves, 0)
+                        + list(range(key + pix, key + pix + cfg.expr_dim)))
+
+
+def _release_names(model):
+    """{this code's state-dict key: (release module, release key, rows)}; rows slices the encoder's [q; k; v]."""
+    cfg, names = model.cfg, {}
+    for k in model.kp_detector.state_dict():
+        names[f"kp_detector.{k}"] = ("kp_detector", k, None)
+    for k in model.expression.state_dict():                  # conv.* / mlp.* -> expression.* / expression_mlp.*
+        names[f"expression.{k}"] = ("expression_encoder", ("expression_" if k.startswith("mlp") else "")
+                                    + k.replace("conv.", "expression."), None)
+    for i in range(len(model.encoder.cnn.convs)):
+        names[f"encoder.cnn.convs.{i}.weight"] = ("encoder", f"conv_blocks.{i // 2}.layers.{2 * (i % 2)}.weight", None)
+    d = cfg.enc_heads * cfg.enc_head_dim
+    for p in ("weight", "bias"):
+        names[f"encoder.cnn.proj.{p}"] = ("encoder", f"per_patch_linear.{p}", None)
+        for i in (0, 2):
+            names[f"decoder.query_mlp.{i}.{p}"] = ("decoder", f"allocation_transformer.input_mlp.{i}.{p}", None)
+        for i in range(0, len(model.decoder.render_mlp), 2):
+            names[f"decoder.render_mlp.{i}.{p}"] = ("decoder", f"render_mlp.{i}.{p}", None)
+    for mod, theirs, n in (("encoder", "transformer.layers", cfg.enc_blocks),
+                           ("decoder", "allocation_transformer.transformer.layers", cfg.dec_blocks)):
+        for i in range(n):
+            a, b = f"{mod}.blocks.{i}", f"{theirs}.{i}"
+            for p in ("weight", "bias"):
+                names.update({f"{a}.ln_1.{p}": (mod, f"{b}.0.norm.{p}", None),
+                              f"{a}.c_proj.{p}": (mod, f"{b}.0.fn.to_out.0.{p}", None),
+                              f"{a}.ln_2.{p}": (mod, f"{b}.1.norm.{p}", None),
+                              f"{a}.mlp.0.{p}": (mod, f"{b}.1.fn.net.0.{p}", None),
+                              f"{a}.mlp.2.{p}": (mod, f"{b}.1.fn.net.3.{p}", None)})
+            if mod == "encoder":
+                names[f"{a}.c_q.weight"] = (mod, f"{b}.0.fn.to_qkv.weight", slice(0, d))
+                names[f"{a}.c_kv.weight"] = (mod, f"{b}.0.fn.to_qkv.weight", slice(d, 3 * d))
+            else:
+                names[f"{a}.c_q.weight"] = (mod, f"{b}.0.fn.to_q.weight", None)
+                names[f"{a}.c_kv.weight"] = (mod, f"{b}.0.fn.to_kv.weight", None)
+    return names
+
+
+def _columns(model, key):
+    """The input-column permutation (release -> this code) of a layer that reads Eq. (6)/(7), else None."""
+    perm = release_columns(model.cfg)
+    if key == "decoder.query_mlp.0.weight":
+        return perm
+    if key == "encoder.cnn.convs.0.weight":                  # [rgb, Eq. (6) features]
+        return torch.cat((torch.arange(3), 3 + perm))
+    return None
+
+
+def load_release(checkpoint, kp_detector, name=None):
+    """The authors' vox256.pt / vox256_2Source.pt (path or loaded dict) + kp_detector.pt (path or dict) ->
+    FSRT of the paper preset in eval mode with a frozen detector; the small decoder is recognised by its keys.
+    Loading stays weights_only; wrong files raise one-line errors saying what they are."""
+    name = name or (os.fspath(checkpoint) if not isinstance(checkpoint, dict) else "the release checkpoint")
+    ck = checkpoint if isinstance(checkpoint, dict) else _read(checkpoint, "pass the authors' vox256.pt")
+    if _kind(ck) != "release":
+        raise ValueError(f"{name} is not the authors' release checkpoint (vox256.pt: a dict of encoder, decoder "
+                         f"and expression_encoder state dicts): it is {_describe(ck)}")
+    if kp_detector is None:
+        raise ValueError(f"{name} is the authors' release checkpoint, which holds no keypoint detector: also "
+                         "pass their kp_detector.pt (reenact.py / metrics.py: --kp-detector kp_detector.pt)")
+    det_name = os.fspath(kp_detector) if not isinstance(kp_detector, dict) else "the detector dict"
+    det = kp_detector if isinstance(kp_detector, dict) else _read(kp_detector, "pass the authors' kp_detector.pt")
+    if _kind(det) in ("fsrt", "release"):
+        raise ValueError(f"{det_name} is not a keypoint-detector file: it is {_describe(det)}; pass the "
+                         "authors' kp_detector.pt as the detector")
+    model = FSRT(FSRTConfig.paper(small_decoder="render_mlp.6.weight" not in ck["decoder"]))
+    keypoints.load_kp_state(det, model.kp_detector, det_name,
+                            expected="the authors' kp_detector.pt or FOMM's vox-cpk.pth.tar")
+    own, sd, used = model.state_dict(), {}, set()
+    for ours, (mod, key, rows) in _release_names(model).items():
+        if mod == "kp_detector":
+            sd[ours] = own[ours]
+            continue
+        if key not in ck[mod]:
+            raise ValueError(f"{name} lacks {mod}.{key}: it is not a vox256 release checkpoint of the paper's sizes")
+        t, cols = ck[mod][key], _columns(model, ours)
+        t = t[rows] if rows is not None else t
+        sd[ours] = t[:, cols] if cols is not None else t
+        used.add((mod, key))
+        if sd[ours].shape != own[ours].shape:
+            raise ValueError(f"{name}: {mod}.{key} has shape {tuple(ck[mod][key].shape)}, the paper preset "
+                             f"needs {tuple(own[ours].shape)}: not a vox256 release checkpoint")
+    extra = [f"{m}.{k}" for m in RELEASE for k in ck[m] if (m, k) not in used]
+    if extra:
+        raise ValueError(f"{name} has {len(extra)} tensors the paper preset does not use (e.g. {extra[:2]}): "
+                         "not a vox256 release checkpoint")
+    model.load_state_dict(sd, strict=True)
+    return model.freeze_detector().eval()
+
+
+def save_release(model, checkpoint, kp_detector):
+    """Write a paper-preset model in the release's format: checkpoint = {"encoder", "decoder",
+    "expression_encoder": state dicts} (the authors' demo.py loads it), kp_detector = the detector's state
+    dict. Exact inverse of load_release (keys in the release's order)."""
+    cfg = model.cfg
+    if cfg != FSRTConfig.paper(small_decoder=cfg.small_decoder):
+        raise ValueError("save_release writes the release's vox256 layout, which has the paper preset's sizes "
+                         f"(FSRTConfig.paper()); this model has image_size {cfg.image_size}, width {cfg.width}, "
+                         f"expr_dim {cfg.expr_dim}, ...: it cannot be stored in that format")
+    own = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    out, names = {m: {} for m in ("kp_detector",) + RELEASE}, _release_names(model)
+    for ours, t in own.items():                              # this code's order is the release's
+        (mod, key, rows), cols = names[ours], _columns(model, ours)
+        t = t[:, torch.argsort(cols)] if cols is not None else t
+        out[mod][key] = torch.cat((out[mod][key], t)) if rows is not None and rows.start > 0 else t
+    _atomic_save({m: out[m] for m in RELEASE}, checkpoint)
+    _atomic_save(out["kp_detector"], kp_detector)
