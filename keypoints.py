@@ -203,9 +203,8 @@ def load_kp_state(obj, detector: KPDetector, where: str, expected: str = KP_FILE
     missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
     wrong = [k for k in own.keys() & sd.keys() if tuple(sd[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        msg = [f"{where} is not a keypoint detector checkpoint for this configuration"]
-        if not (missing or unexpected):
-            msg = [f"{where} is a keypoint detector of another size"]
+        msg = [f"{where} is a keypoint detector of another size" if "kp.weight" in sd else
+               f"{where} is not a keypoint detector checkpoint for this configuration"]
         if missing:
             msg.append(f"missing keys: {_short(missing)}")
         if unexpected:

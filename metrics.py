@@ -5,6 +5,7 @@ disentanglement probe of the expression vector.
 
     python metrics.py --checkpoint runs/tiny/ckpt.pt                  # built-in test videos
     python metrics.py --checkpoint CKPT --data VOX --num-src 2 --out results.json
+    python metrics.py --checkpoint vox256_2Source.pt --kp-detector kp_detector.pt --data VOX --num-src 2
 
 Protocol (Sec. 4.1), made precise here because the paper states it in one sentence:
   * sources: the first frame; with 2 sources the first and the last frame (n > 2 sources: n frames evenly
@@ -45,7 +46,7 @@ from tqdm import tqdm
 
 import data
 import keypoints
-from reenact import reenact
+from reenact import pick_precision, reenact
 from srt import model_from_checkpoint
 
 
@@ -166,7 +167,7 @@ def mean_over_videos(rows) -> dict:
 
 @torch.no_grad()
 def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=None, device="cpu",
-                  chunk=None, progress=True) -> dict:
+                  chunk=None, progress=True, bf16=False) -> dict:
     """Self-reenactment on a sequence of videos (dicts with "frames" [T,3,S,S]), protocol of Sec. 4.1.
 
     Returns {"model": row or None, "baseline": row, "videos": n, "videos_skipped": n}; a row holds ssim,
@@ -185,7 +186,7 @@ def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=No
         rows_base.append(_score(baseline, targets, landmark_fn))
         if model is not None:
             pred = reenact(model, frames[src_idx].to(device), targets.to(device), relative=False,
-                           chunk=chunk).cpu()
+                           chunk=chunk, bf16=bf16).cpu()
             rows_model.append(_score(pred, targets, landmark_fn))
     if not rows_base:
         raise ValueError(f"no video of {n} has a driving frame under the protocol (videos too short: a video "
@@ -227,7 +228,7 @@ def relative_pose(pose_source, pose_driving, pose_driving_initial):
 
 
 @torch.no_grad()
-def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chunk=None, progress=True):
+def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chunk=None, progress=True, bf16=False):
     """Cross-reenactment of identity A (video i) by the motion of B (video i+1, another identity): the
     driving frames are B's protocol frames (every 10th frame, same rule as self-reenactment), the ground
     truth is data.render_face(A's identity, pose, B's expression) with
@@ -259,7 +260,7 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
             gt[mode] = torch.stack([torch.from_numpy(data.render_face(id_a, p, exprs_b[j], size=size)[0])
                                     .permute(2, 0, 1).float() for p, j in zip(poses, drv_idx)])
             pred = reenact(model, sources, driving, relative=mode == "relative", initial_frame=0,
-                           chunk=chunk).cpu()[1:]
+                           chunk=chunk, bf16=bf16).cpu()[1:]
             rows[mode].append(frame_scores(pred, gt[mode]))
         copy = a["frames"][[src_idx[0]] * len(drv_idx)]
         rows["baseline"].append(frame_scores(copy, gt["absolute"]))
@@ -436,14 +437,17 @@ def run(args) -> dict:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model_from_checkpoint(args.checkpoint, device=device).eval()
+    model = model_from_checkpoint(args.checkpoint, device=device, kp_detector=args.kp_detector).eval()
     size = model.cfg.image_size
+    precision, why = pick_precision(args.precision, device)
+    print(f"precision: {precision} ({why})")
+    bf16 = precision == "bf16"
     videos = data.VideoSet(root=args.data, split="test", size=size)
 
     landmark_fn, akd_reason = (None, "disabled with --no-akd") if args.no_akd else make_landmark_fn(args.akd)
-    res = evaluate_self(videos, model, args.num_src, landmark_fn, args.max_videos, device, args.chunk)
+    res = evaluate_self(videos, model, args.num_src, landmark_fn, args.max_videos, device, args.chunk, bf16=bf16)
     out = {"checkpoint": str(args.checkpoint), "data": args.data or "built-in", "num_src": args.num_src,
-           "image_size": size, "seed": args.seed, "self": res,
+           "image_size": size, "seed": args.seed, "precision": precision, "self": res,
            "akd": {"available": landmark_fn is not None, "reason": akd_reason,
                    "units": f"pixels at {size}x{size}"}}
     print(f"\nself-reenactment (Sec. 4.1), {res['videos']} videos "
@@ -465,7 +469,8 @@ def run(args) -> dict:
     elif min(len(videos), args.max_videos or len(videos)) < 2:
         out["cross_reason"] = "needs at least 2 test videos"
     if builtin and not args.no_cross and out.get("cross_reason") is None:
-        out["cross"] = cross = evaluate_cross(videos, model, args.num_src, args.max_videos, device, args.chunk)
+        out["cross"] = cross = evaluate_cross(videos, model, args.num_src, args.max_videos, device, args.chunk,
+                                              bf16=bf16)
         if cross is not None:
             print(f"\ncross-reenactment vs ground truth (identity A with B's motion), {cross['pairs']} pairs")
             print(f"{'':<26}{'#src':>5}  {'SSIM':>6}  {'PSNR':>6}  {'L1':>6}")
@@ -502,7 +507,9 @@ def run(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Evaluate an FSRT checkpoint: Table 1 protocol of Sec. 4.1, "
                                 "plus cross-reenactment and a disentanglement probe on the built-in data.")
-    p.add_argument("--checkpoint", required=True, help="fsrt checkpoint (train.py)")
+    p.add_argument("--checkpoint", required=True, help="train.py checkpoint, or the authors' vox256.pt / "
+                                                       "vox256_2Source.pt (recognised by content)")
+    p.add_argument("--kp-detector", default=None, help="the authors' kp_detector.pt, with their vox256.pt")
     p.add_argument("--data", default=None, help="VoxCeleb root with test/ (default: built-in videos)")
     p.add_argument("--num-src", type=int, default=1, help="source frames: 1 = first, 2 = first and last")
     p.add_argument("--max-videos", type=int, default=None, help="evaluate only the first N test videos")
@@ -517,6 +524,8 @@ def main(argv=None) -> int:
     p.add_argument("--probe-alpha", type=float, default=None,
                    help="ridge penalty (default: chosen by cross-validation over training identities)")
     p.add_argument("--chunk", type=int, default=None, help="pixels decoded per chunk")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 = bfloat16 autocast; auto (default): bf16 where it is faster than fp32 here")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

@@ -4,6 +4,7 @@ Face reenactment with a trained FSRT model (paper Sec. 3.4): source image(s) + d
     python reenact.py --checkpoint CKPT --source A.png [B.png ...] --driving D.mp4 --out R.mp4
     python reenact.py --checkpoint CKPT --source S.mp4 --source-frames 0 -1 --driving D.mp4 --out R.gif
     python reenact.py --checkpoint CKPT --source A.png --driving D.mp4 --relative --find-best-frame --out R.mp4
+    python reenact.py --checkpoint vox256.pt --kp-detector kp_detector.pt --source A.png --driving D.mp4 --out R.mp4
     python reenact.py                                  # built-in demo (checkpoints/builtin_tiny.pt)
     torchrun --nproc_per_node 2 reenact.py ...         # frames split across processes, rank 0 writes
 
@@ -25,10 +26,16 @@ Inputs: PNG/JPG images, mp4/gif/mov videos or folders of frames, any size (centr
 resized to the model's size, with a notice), gray/RGBA/16-bit converted (data.read_image). Output by the
 extension of --out (.mp4/.mov/.gif, or a folder of PNGs) at the driving video's frame rate. Errors end with
 one line `error: ...` on stderr and exit code 2.
+
+Checkpoints are recognised by content: train.py's, or the authors' release (vox256.pt, vox256_2Source.pt)
+with --kp-detector kp_detector.pt (srt.load_release; 256x256). --precision auto (default) decodes in
+bfloat16 where a short matmul probe shows bf16 faster than fp32 on this machine, in fp32 elsewhere.
 """
 import argparse
 import contextlib
+import functools
 import os
+import time
 import sys
 
 import numpy as np
@@ -129,6 +136,35 @@ def find_best_frame(source_lm, driving_lms):
 
 # -----------------------------------------------------------------------------
 # the per-frame loop (shared with metrics.py)
+
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(device="cpu", n=512, repeat=3):
+    """fp32 time / bf16 time of an [n, 2n] @ [2n, 2n] matmul on this device (best of `repeat`, ~0.1 s)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, 2 * n, device=device).to(dtype)
+        b = torch.randn(2 * n, 2 * n, device=device).to(dtype)
+        times = []
+        for _ in range(repeat + 1):                                   # the first call warms up
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times[1:])
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def pick_precision(precision, device):
+    """'fp32' / 'bf16' as given; 'auto' -> 'bf16' where the probe shows bf16 matmul >= 1.1x faster than fp32
+    (CPUs with avx512_bf16/AMX, GPUs with bf16 tensor cores), else 'fp32'. -> (precision, reason)."""
+    if precision != "auto":
+        return precision, "as asked"
+    speedup = bf16_speedup(str(device))
+    return ("bf16" if speedup >= 1.1 else "fp32"), f"auto: bf16 matmul {speedup:.2f}x the speed of fp32 here"
+
 
 def _autocast(device, bf16):
     if not bf16:
@@ -250,7 +286,9 @@ def pick_frames(n, indices, name):
 def build_parser():
     p = argparse.ArgumentParser(description="FSRT face reenactment (Sec. 3.4). With no --source/--driving: "
                                             "a built-in demo on the procedural test data.")
-    p.add_argument("--checkpoint", help=f"fsrt checkpoint (default: {os.path.relpath(BUILTIN_CKPT)})")
+    p.add_argument("--checkpoint", help=f"train.py checkpoint, or the authors' vox256.pt / vox256_2Source.pt "
+                                        f"(default: {os.path.relpath(BUILTIN_CKPT)})")
+    p.add_argument("--kp-detector", help="the authors' kp_detector.pt, with their --checkpoint vox256.pt")
     p.add_argument("--source", nargs="+", help="source image(s), video(s) or folder(s) of frames")
     p.add_argument("--source-frames", nargs="+", type=int, default=[0],
                    help="frames taken from each source video (negative counts from the end), e.g. 0 -1")
@@ -265,7 +303,8 @@ def build_parser():
     p.add_argument("--max-frames", type=int, default=None, help="use only the first N driving frames")
     p.add_argument("--chunk", type=int, default=None, help="pixels decoded at once (less memory)")
     p.add_argument("--batch", type=int, default=4, help="driving frames decoded at once")
-    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (CPU and CUDA)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="bf16 = bfloat16 autocast; auto (default): bf16 where it is faster than fp32 here")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -288,13 +327,13 @@ def setup_processes(device_arg):
     return rank, world, device
 
 
-def load_model(path, device):
+def load_model(path, device, kp_detector=None):
     if path is None:
         if not os.path.exists(BUILTIN_CKPT):
             raise FileNotFoundError(f"no --checkpoint given and the built-in checkpoint {BUILTIN_CKPT} is missing: "
                                     "train one with `python train.py --phase 1` or pass --checkpoint PATH")
         path = BUILTIN_CKPT
-    return srt.model_from_checkpoint(path, device=device)
+    return srt.model_from_checkpoint(path, device=device, kp_detector=kp_detector)
 
 
 def gather_inputs(args, S, log):
@@ -339,8 +378,13 @@ def gather_inputs(args, S, log):
 def run(args):
     rank, world, device = setup_processes(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
-    model = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device, args.kp_detector)
     S = model.cfg.image_size
+    precision = [pick_precision(args.precision, device)]
+    if world > 1:                                                       # every process as rank 0 chose
+        dist.broadcast_object_list(precision, src=0)
+    (precision, why), args.bf16 = precision[0], precision[0][0] == "bf16"
+    log(f"precision: {precision} ({why})")
     sources, driving, src_sq, drv_sq, fps, landmarks = gather_inputs(args, S, log)
     out = args.out or ("demo.mp4" if args.source is None else None)
     if out is None:

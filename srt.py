@@ -506,9 +506,9 @@ def _read(path, hint):
         with torch.serialization.safe_globals(_numpy_scalars()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as err:
-        raise RuntimeError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: "
-                           f"{str(err).splitlines()[0] if str(err) else ''}); the file may be truncated or not "
-                           f"a checkpoint: {hint}") from None
+        why = (str(err).splitlines() or [""])[0].split(". ")[0][:160]
+        raise RuntimeError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: {why}); the file "
+                           f"may be truncated (download it again) or not a checkpoint: {hint}") from None
 
 
 RELEASE = ("encoder", "decoder", "expression_encoder")   # the modules of the release's vox256.pt
@@ -560,7 +560,7 @@ def load_checkpoint(path, map_location="cpu"):
 def _check(ckpt, where):
     if not isinstance(ckpt, dict) or ckpt.get("format") != "fsrt" or not {"config", "model"} <= set(ckpt):
         raise ValueError(f"{where} is not an fsrt checkpoint: it is {_describe(ckpt)}. Pass a checkpoint "
-                         "written by train.py (a dict with format='fsrt', config, model)")
+                         "written by train.py (a dict with format='fsrt', config, model) or the authors' vox256.pt")
     return ckpt
 
 

@@ -27,3 +27,10 @@ def test_step_flops_grow_with_the_phases():
     assert f1 > 3 * 1024 * per_px * 0.9          # forward + backward of the sampled pixels
     assert f2 > f1 and f3 > f2
     assert f2 > (3 * 4096 + 3 * 4096) * per_px * 0.9   # 4,096 pixels with gradient, 12,288 without
+
+
+def test_cpu_info_reads_model_and_bf16_flags():
+    text = ("processor\t: 0\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n\n"
+            "processor\t: 1\nmodel name\t: AMD EPYC 9B14\nflags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n")
+    assert bench.cpu_info(text) == ("AMD EPYC 9B14", ["avx512_bf16"])
+    assert bench.cpu_info("model name : Old CPU\nflags : fpu sse2 avx2\n") == ("Old CPU", [])

@@ -185,7 +185,7 @@ def test_wrong_files_give_one_clear_error_line(files, tmp_path, capsys):
     cases = [([fomm], ("vox-cpk.pth.tar is not an fsrt checkpoint", "FOMM's checkpoint")),
              ([files["full"], project], ("phase1.pt is not a keypoint-detector file", "this project")),
              ([truncated, files["det"]], ("cannot read", "vox256_cut.pt", "truncated")),
-             ([files["full"], other], ("kp_tiny.pt is a keypoint detector of another size", "shape mismatch")),
+             ([files["full"], other], ("kp_tiny.pt is a keypoint detector of another size", "kp.weight (10, 19, 7, 7) vs (10, 35, 7, 7)")),
              ([files["full"]], ("holds no keypoint detector", "--kp-detector kp_detector.pt")),
              ([files["det"], files["full"]], ("keypoint-detector state dict", "pass it as --kp-detector")),
              ([project, files["det"]], ("goes only with the authors' release checkpoints",))]
@@ -195,3 +195,44 @@ def test_wrong_files_give_one_clear_error_line(files, tmp_path, capsys):
         line = _one_line(capsys)
         assert code == 2 and all(n in line for n in needles), (paths, line)
         assert "weights_only" not in line
+
+
+def test_metrics_takes_the_release_files_too(files, capsys):
+    import metrics
+    assert metrics.main(["--checkpoint", files["full"], "--no-akd"]) == 2
+    line = _one_line(capsys)
+    assert "vox256.pt is the authors' release checkpoint" in line and "--kp-detector" in line
+
+
+# ---------------------------------------------------------------- command line and precision
+
+def test_precision_auto_follows_the_probe(monkeypatch):
+    monkeypatch.setattr(reenact, "bf16_speedup", lambda device: 2.9)
+    assert reenact.pick_precision("auto", "cpu")[0] == "bf16"
+    assert reenact.pick_precision("fp32", "cpu")[0] == "fp32"
+    monkeypatch.setattr(reenact, "bf16_speedup", lambda device: 0.25)      # a CPU without native bf16
+    assert reenact.pick_precision("auto", "cpu") == ("fp32", "auto: bf16 matmul 0.25x the speed of fp32 here")
+    assert reenact.pick_precision("bf16", "cpu")[0] == "bf16"
+
+
+@pytest.mark.parametrize("real", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_reenact_cli_with_release_files(files, tmp_path, capsys, monkeypatch, real):
+    """Two sources (a 96x80 photo and a frame of a video), relative motion, small decoder: inputs of any size
+    are resized to the release's 256x256 and the result is a 256x256 video. The default run stubs the
+    full-frame decode (~20 s on one core; its numbers are checked against golden.pt above)."""
+    import data
+    if not real:
+        monkeypatch.setattr(srt.FSRT, "render", lambda self, z, kp, e, size=None, **kw: torch.rand(len(kp), 3, *size))
+    rng = np.random.default_rng(0)
+    from PIL import Image
+    Image.fromarray(rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    data.write_video(str(tmp_path / "d.gif"), rng.integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8), 10)
+    out = tmp_path / "out"
+    assert reenact.main(["--checkpoint", files["small"], "--kp-detector", files["det"], "--source",
+                         str(tmp_path / "photo.png"), str(tmp_path / "d.gif"), "--driving", str(tmp_path / "d.gif"),
+                         "--max-frames", "1", "--relative", "--precision", "bf16", "--out", str(out),
+                         "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "resized to 256x256" in printed and "precision: bf16 (as asked)" in printed
+    frames, _ = data.read_video(str(out))
+    assert frames.shape == (1, 256, 256, 3) and frames.std() > 0
