@@ -20,6 +20,7 @@ independently, Eq. (2)); the table says how many pixels were timed.
 """
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -305,6 +306,8 @@ def main(argv=None):
     print(f"\nfsrt bench on {dev}, torch {torch.__version__}")
     print(f"CPU: {model}; bf16 support: {', '.join(flags) or 'no native bf16 (no avx512_bf16 / amx_bf16 flag)'}")
     print(f"--precision auto picks {precision} here ({why})")
+    if hasattr(os, "getloadavg"):
+        print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes slow every row)")
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(str(r[1])) for r in rows)
     for r in rows:

@@ -2,8 +2,8 @@
 checkpoints, and the external 68-point landmark detector used by data, reenactment and metrics.
 
 The detector is Siarohin et al.'s (FOMM) network unchanged, with the same parameter names, so FOMM's
-`vox-cpk.pth.tar` loads strictly once its `jacobian.*` head (unused by FSRT) is dropped. Sizes are in
-/work/shared/spec/architecture.md ("Keypoint detector").
+`vox-cpk.pth.tar` loads strictly once its `jacobian.*` head (unused by FSRT) is dropped (the FSRT
+release's kp_detector.pt holds the same keys). Sizes are FOMM's vox256 configuration (KPConfig).
 """
 import os
 import warnings

@@ -35,8 +35,8 @@ import argparse
 import contextlib
 import functools
 import os
-import time
 import sys
+import time
 
 import numpy as np
 import torch

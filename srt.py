@@ -1,9 +1,10 @@
 """
 FSRT's scene representation transformer (Sec. 3, Fig. 2): input and query representation (Eq. 3-7),
 patch CNN + transformer encoder (Eq. 1), cross-attention decoder (Eq. 2), the FSRT module that owns the
-keypoint detector and the expression network, its config presets, and the project's one checkpoint format.
+keypoint detector and the expression network, its config presets, the project's one checkpoint format, and
+the authors' released files (vox256.pt + kp_detector.pt: load_release / save_release).
 
-Sizes (paper preset) are the authors' release (shared/spec/architecture.md). Two departures from a
+Sizes (paper preset) are the authors' release (config vox256, andrerochow/fsrt). Two departures from a
 literal implementation, both exact (same function, same parameters, fewer FLOPs):
   * the query MLP's first layer is split: W [gamma_pix(q), gamma_key(k_D), e_D] = W_pix gamma_pix(q)
     (per pixel, shared by all frames) + W_frame [gamma_key(k_D), e_D] (once per frame); see Decoder.
@@ -697,7 +698,7 @@ def save_release(model, checkpoint, kp_detector):
     "expression_encoder": state dicts} (the authors' demo.py loads it), kp_detector = the detector's state
     dict. Exact inverse of load_release (keys in the release's order)."""
     cfg = model.cfg
-    if cfg != FSRTConfig.paper(small_decoder=cfg.small_decoder):
+    if replace(cfg, chunk=FSRTConfig.chunk) != FSRTConfig.paper(small_decoder=cfg.small_decoder):
         raise ValueError("save_release writes the release's vox256 layout, which has the paper preset's sizes "
                          f"(FSRTConfig.paper()); this model has image_size {cfg.image_size}, width {cfg.width}, "
                          f"expr_dim {cfg.expr_dim}, ...: it cannot be stored in that format")

@@ -197,6 +197,15 @@ def test_wrong_files_give_one_clear_error_line(files, tmp_path, capsys):
         assert "weights_only" not in line
 
 
+def test_loading_stays_weights_only(tmp_path):
+    """A file that would run arbitrary code when unpickled (any non-tensor object) is refused, not loaded."""
+    import argparse
+    path = tmp_path / "vox256.pt"
+    torch.save({"encoder": {}, "decoder": {}, "expression_encoder": {}, "args": argparse.Namespace(a=1)}, path)
+    with pytest.raises(RuntimeError, match=r"cannot read .*vox256.pt as a torch checkpoint \(UnpicklingError"):
+        srt.load_release(path, path)
+
+
 def test_metrics_takes_the_release_files_too(files, capsys):
     import metrics
     assert metrics.main(["--checkpoint", files["full"], "--no-akd"]) == 2
