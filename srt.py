@@ -697,8 +697,8 @@ def save_release(model, checkpoint, kp_detector):
     """Write a paper-preset model in the release's format: checkpoint = {"encoder", "decoder",
     "expression_encoder": state dicts} (the authors' demo.py loads it), kp_detector = the detector's state
     dict. Exact inverse of load_release (keys in the release's order)."""
-    cfg = model.cfg
-    if replace(cfg, chunk=FSRTConfig.chunk) != FSRTConfig.paper(small_decoder=cfg.small_decoder):
+    cfg, plain = model.cfg, dict(chunk=FSRTConfig.chunk, cnn_init=FSRTConfig.cnn_init)   # no effect on the function
+    if replace(cfg, **plain) != FSRTConfig.paper(small_decoder=cfg.small_decoder):
         raise ValueError("save_release writes the release's vox256 layout, which has the paper preset's sizes "
                          f"(FSRTConfig.paper()); this model has image_size {cfg.image_size}, width {cfg.width}, "
                          f"expr_dim {cfg.expr_dim}, ...: it cannot be stored in that format")

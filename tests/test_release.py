@@ -49,7 +49,8 @@ def golden():
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    """kp_detector.pt, vox256.pt (with training state, as the release) and a small-decoder vox256_small.pt."""
+    """kp_detector.pt and vox256.pt (with training state, as the release) in a temporary folder; the
+    small-decoder checkpoint as the dict torch.load would return."""
     with open(os.path.join(FIX, "manifest.json")) as f:
         manifest = json.load(f)
     d = tmp_path_factory.mktemp("release")
@@ -57,20 +58,21 @@ def files(tmp_path_factory):
     training = {"optimizer": {"state": {}, "param_groups": [{"lr": 1e-4, "params": [0, 1]}]}, "epoch_it": 3,
                 "it": 1_000_000, "t": 12.5, "loss_val_best": np.float64(0.0123), "run_id": None}
     torch.save(state["kp_detector"], d / "kp_detector.pt")
-    for name, dec in (("vox256.pt", "decoder"), ("vox256_small.pt", "small_decoder")):
-        torch.save({"encoder": state["encoder"], "decoder": state[dec],
-                    "expression_encoder": state["expression_encoder"], **training}, d / name)
+    torch.save({"encoder": state["encoder"], "decoder": state["decoder"],
+                "expression_encoder": state["expression_encoder"], **training}, d / "vox256.pt")
+    small = {"encoder": state["encoder"], "decoder": state["small_decoder"],     # as loaded, to save time
+             "expression_encoder": state["expression_encoder"], **training}
     return {"dir": d, "manifest": manifest, "state": state, "det": str(d / "kp_detector.pt"),
-            "full": str(d / "vox256.pt"), "small": str(d / "vox256_small.pt")}
+            "full": str(d / "vox256.pt"), "small": small}
 
 
 def release_inputs(golden):
     """The fixture's inputs, rebuilt exactly: source [2,3,256,256], driving [2,3,256,256], query pixels [512,2]."""
     r = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(7))
     x = F.interpolate(r, size=(256, 256), mode="bilinear", align_corners=False)
-    source, driving = x[:2], x[2:]
-    assert math.isclose(source.double().sum().item(), golden["source_sum"].item(), rel_tol=1e-12)
-    assert math.isclose(driving.double().sum().item(), golden["driving_sum"].item(), rel_tol=1e-12)
+    source, driving = x[:2], x[2:]                   # bit-exact with 2 threads; 1 ulp apart with 1 thread
+    assert math.isclose(source.double().sum().item(), golden["source_sum"].item(), rel_tol=1e-9)
+    assert math.isclose(driving.double().sum().item(), golden["driving_sum"].item(), rel_tol=1e-9)
     return source, driving, srt.pixel_grid(256, 256)[golden["query_index"]]
 
 
@@ -226,9 +228,9 @@ def test_precision_auto_follows_the_probe(monkeypatch):
 
 @pytest.mark.parametrize("real", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_reenact_cli_with_release_files(files, tmp_path, capsys, monkeypatch, real):
-    """Two sources (a 96x80 photo and a frame of a video), relative motion, small decoder: inputs of any size
+    """Two sources (a 96x80 photo and a frame of a video), relative motion, bf16: inputs of any size
     are resized to the release's 256x256 and the result is a 256x256 video. The default run stubs the
-    full-frame decode (~20 s on one core; its numbers are checked against golden.pt above)."""
+    full-frame decode (~40 s on one core; its numbers are checked against golden.pt above)."""
     import data
     if not real:
         monkeypatch.setattr(srt.FSRT, "render", lambda self, z, kp, e, size=None, **kw: torch.rand(len(kp), 3, *size))
@@ -237,7 +239,7 @@ def test_reenact_cli_with_release_files(files, tmp_path, capsys, monkeypatch, re
     Image.fromarray(rng.integers(0, 256, size=(80, 96, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
     data.write_video(str(tmp_path / "d.gif"), rng.integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8), 10)
     out = tmp_path / "out"
-    assert reenact.main(["--checkpoint", files["small"], "--kp-detector", files["det"], "--source",
+    assert reenact.main(["--checkpoint", files["full"], "--kp-detector", files["det"], "--source",
                          str(tmp_path / "photo.png"), str(tmp_path / "d.gif"), "--driving", str(tmp_path / "d.gif"),
                          "--max-frames", "1", "--relative", "--precision", "bf16", "--out", str(out),
                          "--no-progress"]) == 0
@@ -245,3 +247,12 @@ def test_reenact_cli_with_release_files(files, tmp_path, capsys, monkeypatch, re
     assert "resized to 256x256" in printed and "precision: bf16 (as asked)" in printed
     frames, _ = data.read_video(str(out))
     assert frames.shape == (1, 256, 256, 3) and frames.std() > 0
+
+
+def test_save_release_takes_any_paper_model(tmp_path):
+    """Fields that do not change the function (decode chunk, patch-CNN init) do not block the export."""
+    model = srt.FSRT(srt.FSRTConfig.paper(small_decoder=True, chunk=1024, cnn_init="torch"))
+    srt.save_release(model, tmp_path / "a.pt", tmp_path / "b.pt")
+    back = srt.load_release(tmp_path / "a.pt", tmp_path / "b.pt")
+    assert back.cfg.small_decoder and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
+                                                                            model.state_dict().values()))
