@@ -23,8 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expression import ExpressionConfig, ExpressionNet
-import keypoints
-from keypoints import KPConfig, KPDetector
+from keypoints import KPConfig, KPDetector, load_kp_state
 
 # -----------------------------------------------------------------------------
 # Eq. (3)-(5): positional encodings
@@ -497,15 +496,16 @@ def _numpy_scalars():
             (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
 
 
-def _read(path, hint):
-    """torch.load(weights_only=True) on CPU, zip files memory-mapped (the release's files carry optimizer
-    state we never copy); errors are one line naming the file, ending with `hint`."""
+def _read(path, hint, mmap=True, map_location="cpu"):
+    """torch.load(weights_only=True); mmap: zip files memory-mapped, copy-on-write (the release's files
+    carry optimizer state we never copy); errors are one line naming the file, ending with `hint`."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}; {hint}")
     try:
         with torch.serialization.safe_globals(_numpy_scalars()):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+            return torch.load(path, map_location=map_location, weights_only=True,
+                              mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:
         why = (str(err).splitlines() or [""])[0].split(". ")[0][:160]
         raise RuntimeError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: {why}); the file "
@@ -554,7 +554,7 @@ def _describe(obj):
 
 def load_checkpoint(path, map_location="cpu"):
     """torch.load(weights_only=True) of an fsrt checkpoint written by save_checkpoint (train.py)."""
-    ckpt = _read(path, "pass a .pt file written by train.py")
+    ckpt = _read(path, "pass a .pt file written by train.py", mmap=False, map_location=map_location)
     return _check(ckpt, os.fspath(path))
 
 
@@ -669,7 +669,7 @@ def load_release(checkpoint, kp_detector, name=None):
         raise ValueError(f"{det_name} is not a keypoint-detector file: it is {_describe(det)}; pass the "
                          "authors' kp_detector.pt as the detector")
     model = FSRT(FSRTConfig.paper(small_decoder="render_mlp.6.weight" not in ck["decoder"]))
-    keypoints.load_kp_state(det, model.kp_detector, det_name,
+    load_kp_state(det, model.kp_detector, det_name,
                             expected="the authors' kp_detector.pt or FOMM's vox-cpk.pth.tar")
     own, sd, used = model.state_dict(), {}, set()
     for ours, (mod, key, rows) in _release_names(model).items():
