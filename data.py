@@ -1,18 +1,21 @@
-"""Data for FSRT: built-in procedural talking faces, the VoxCeleb loader and the augmentations of Sec. 3.2.
+"""Data for FSRT: the augmentations of Sec. 3.2, the training and evaluation datasets, the VoxCeleb loader,
+and (last, not in the paper) built-in procedural talking faces whose ground truth is known.
 
 Top to bottom:
-  1. renderer   render_face(identity, pose, expression, size): 68 iBUG landmarks in 3D, posed, projected and
-                drawn with PIL at 2-4x supersampling (anti-aliased). Pure function: the ground truth of any
-                (cross-)reenactment exists.
-  2. videos     smooth random pose / talking-mouth / blink trajectories, deterministic from a seed; train and
-                test identities come from disjoint seed ranges.
-  3. I/O        read_image, read_video, write_video (imageio + imageio-ffmpeg).
-  4. VoxCeleb   FOMM's layout ROOT/{train,test}/<video>; identity = name before the first '#'; landmark files
+  1. augment    flip with iBUG re-indexing, colour jitter A1/A2/A3, the Omega crop, the out-of-frame crop.
+  2. datasets   FaceDataset (training samples) and VideoSet (whole videos, evaluation).
+  3. VoxCeleb   FOMM's layout ROOT/{train,test}/<video>; identity = name before the first '#'; landmark files
                 `<video>.landmarks.npy` ([T,68,2] float32 pixels, NaN rows = no face) made by
                 `python data.py landmarks ROOT`.
-  5. augment    flip with iBUG re-indexing, colour jitter A1/A2/A3, Omega crop, out-of-frame crop (Sec. 3.2).
-  6. datasets   VideoSet (whole videos, evaluation) and FaceDataset (training samples).
-  7. CLI        python data.py export ROOT ... | landmarks ROOT | preview OUT.png
+  4. I/O        read_image, read_video, write_video (imageio + imageio-ffmpeg).
+  5. CLI        python data.py export ROOT ... | landmarks ROOT | preview OUT.png
+  6. renderer   (not in the paper) render_face(identity, pose, expression, size): 68 iBUG landmarks in 3D,
+                posed, projected and drawn with PIL at 2-4x supersampling. Pure function: the ground truth of
+                any (cross-)reenactment exists.
+  7. videos     (not in the paper) smooth random pose / talking-mouth / blink trajectories, deterministic from
+                a seed; train and test identities come from disjoint seed ranges.
+Images are torch [N,3,H,W] in [0, 1] inside, numpy uint8 [..., H, W, 3] at the file boundary; landmarks are
+pixels (pixel centre i at x = i); boxes are pixel (x0, y0, x1, y1) with x1, y1 exclusive.
 """
 import argparse
 import math
@@ -25,6 +28,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
+
+# ----------------------------------------------------------------------------------------------------------
+# conversions used throughout
 
 def to_uint8(x):
     """Image(s) in [0, 1] -> uint8, channels last: tensor [..., 3, H, W] -> [..., H, W, 3]; array [..., H, W, 3] kept
@@ -44,8 +50,16 @@ def to_pixels(p, size):
     return p * (size / 2) + size / 2 - 0.5
 
 
+def resize(x, size):
+    """x [N,3,H,W] in [0, 1] -> [N,3,size,size]: bilinear, anti-aliased when shrinking, clamped (the aspect
+    ratio may change). The one image resize of the data pipeline (loading, crops)."""
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 5. augmentations of Sec. 3.2 (torch, images [N,3,H,W] in [0,1]; landmarks in pixels)
+# 1. augmentations of Sec. 3.2 (torch, images [N,3,H,W] in [0,1]; landmarks in pixels)
 
 # iBUG 68 re-indexing under a horizontal flip (jaw, brows, nose, eyes, lips mirrored left <-> right).
 FLIP_PERM = np.array(list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30, 35, 34, 33, 32, 31]
@@ -90,33 +104,33 @@ def color_jitter(x, p):
 
 
 def _edges(lo, hi, size, rng):
-    """Random crop edges [a, b) in pixels that keep [lo, hi] (clipped to the frame) inside."""
+    """Random crop edges [e0, e1) in pixels that keep [lo, hi] (clipped to the frame) inside."""
     lo, hi = min(max(lo, 0.0), size - 1.0), max(min(hi, size - 1.0), 0.0)
-    a = int(rng.integers(0, int(math.floor(lo)) + 1))
-    b = int(rng.integers(int(math.ceil(hi)) + 1, size + 1))
-    return a, b
+    e0 = int(rng.integers(0, int(math.floor(lo)) + 1))
+    e1 = int(rng.integers(int(math.ceil(hi)) + 1, size + 1))
+    return e0, e1
 
 
 def omega_box(lm, size, rng):
     """Omega (Sec. 3.2): crop each edge by a random amount, never into the landmark box extended up by 25%
     and down by 5% of the face height. lm [68,2] pixels -> (x0, y0, x1, y1) pixel box, x1/y1 exclusive."""
-    (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
-    h = y1 - y0
-    (a, b), (c, d) = _edges(x0, x1, size, rng), _edges(y0 - 0.25 * h, y1 + 0.05 * h, size, rng)
-    return a, c, b, d
+    (lx0, ly0), (lx1, ly1) = lm.min(0), lm.max(0)
+    h = ly1 - ly0
+    (x0, x1), (y0, y1) = _edges(lx0, lx1, size, rng), _edges(ly0 - 0.25 * h, ly1 + 0.05 * h, size, rng)
+    return x0, y0, x1, y1
 
 
 def out_of_frame_box(src_lm, all_lm, size, rng, tries=10):
     """The out-of-frame crop (Sec. 3.2): edges limited by the sources' landmark box extended 0.2 x width
     sideways, 0.5 x height up and 0.15 x height down; resampled until every landmark of every frame (the
     proxy of the keypoints) maps into [-2, 2]. -> pixel box, or None after `tries` rejections."""
-    (x0, y0), (x1, y1) = src_lm.reshape(-1, 2).min(0), src_lm.reshape(-1, 2).max(0)
-    w, h = x1 - x0, y1 - y0
+    (lx0, ly0), (lx1, ly1) = src_lm.reshape(-1, 2).min(0), src_lm.reshape(-1, 2).max(0)
+    w, h = lx1 - lx0, ly1 - ly0
     for _ in range(tries):
-        (a, b), (c, d) = _edges(x0 - 0.2 * w, x1 + 0.2 * w, size, rng), _edges(y0 - 0.5 * h, y1 + 0.15 * h, size, rng)
-        crop = box_to_crop((a, c, b, d), size)
+        (x0, x1), (y0, y1) = _edges(lx0 - 0.2 * w, lx1 + 0.2 * w, size, rng), _edges(ly0 - 0.5 * h, ly1 + 0.15 * h, size, rng)
+        crop = box_to_crop((x0, y0, x1, y1), size)
         if np.abs(map_to_crop(to_normalized(all_lm, size), crop)).max() <= 2:
-            return a, c, b, d
+            return x0, y0, x1, y1
     return None
 
 
@@ -134,21 +148,19 @@ def map_to_crop(kp, crop):
 
 
 def crop_resize(x, box, size):
-    """x [N,3,H,W], pixel box -> [N,3,size,size] (aspect ratio may change, as Omega)."""
-    a, c, b, d = box
-    return F.interpolate(x[..., c:d, a:b], size=(size, size), mode="bilinear", align_corners=False,
-                         antialias=True).clamp(0, 1)
+    """x [N,3,H,W], pixel box (x0, y0, x1, y1) -> [N,3,size,size] (aspect ratio may change, as Omega)."""
+    x0, y0, x1, y1 = box
+    return resize(x[..., y0:y1, x0:x1], size)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. datasets
+# 2. datasets
 
 def _resize_frames(frames, lms, size):
     """uint8 [n,H,W,3] + pixel landmarks [n,68,2] -> float [n,3,S,S], landmarks rescaled (aspect may change)."""
     x = torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255.0
     H, W = x.shape[-2:]
-    if (H, W) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    x = resize(x, size)
     if lms is not None:
         lms = (lms + 0.5) * np.array([size / W, size / H], np.float32) - 0.5
     return x, lms
@@ -192,7 +204,7 @@ class VideoSet:
 class FaceDataset(torch.utils.data.Dataset):
     """Training samples (Sec. 3.2): n_src source frames and one driving frame of one video of one identity.
     Index i picks identity i % num_identities, then one of its videos at random; all randomness comes from
-    (seed, epoch, i), so indices >= len(self) are allowed and give new draws (e.g. epoch * len + j).
+    (seed, i), so indices >= len(self) are allowed and give new draws (train.py passes epoch * len + j).
     root=None: built-in identities rendered on the fly (`num_identities`, `videos_per_identity` videos of
     `frames` frames each, `motion_scale` for a curriculum); else ROOT/split with landmark files."""
 
@@ -201,7 +213,7 @@ class FaceDataset(torch.utils.data.Dataset):
         self.root, self.split, self.size, self.num_src, self.augment, self.seed = root, split, size, num_src, \
             augment, seed
         self.videos_per_identity, self.frames, self.motion_scale = videos_per_identity, frames, motion_scale
-        self.flip_p, self.crop_p, self.max_tries, self.epoch = flip_p, crop_p, max_tries, 0
+        self.flip_p, self.crop_p, self.max_tries = flip_p, crop_p, max_tries
         self.skipped = dict(empty=0, no_landmarks=0, broken=0)
         self.bad = set()
         if root is None:
@@ -225,11 +237,8 @@ class FaceDataset(torch.utils.data.Dataset):
     def __len__(self):
         return self.num_identities
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
     def rng(self, i):
-        return np.random.default_rng([self.seed, self.epoch, i])
+        return np.random.default_rng([self.seed, i])
 
     def sample_frames(self, i, rng=None):
         """Un-augmented sample -> {"frames" [n_src+1,3,S,S] (driving last), "landmarks" [n_src+1,68,2] pixels,
@@ -293,7 +302,7 @@ class FaceDataset(torch.utils.data.Dataset):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. VoxCeleb in FOMM's layout: ROOT/{train,test}/<video>, identity = name before the first '#'
+# 3. VoxCeleb in FOMM's layout: ROOT/{train,test}/<video>, identity = name before the first '#'
 
 LANDMARK_SUFFIX = ".landmarks.npy"      # id10001#abc#000001#000100.mp4 -> id10001#abc#000001#000100.mp4.landmarks.npy
 EXPECTED = ("expected FOMM's VoxCeleb layout: ROOT/train/ and ROOT/test/ holding videos (.mp4/.gif/.mov files "
@@ -378,7 +387,7 @@ def extract_landmarks(root, detector=None, overwrite=False, progress=True):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. image and video I/O (numpy uint8 [.., H, W, 3] at this boundary)
+# 4. image and video I/O (numpy uint8 [.., H, W, 3] at this boundary)
 
 DEFAULT_FPS = 25.0
 IMAGE_EXTS, VIDEO_EXTS = (".png", ".jpg", ".jpeg"), (".mp4", ".gif", ".mov")
@@ -387,9 +396,10 @@ IMAGE_EXTS, VIDEO_EXTS = (".png", ".jpg", ".jpeg"), (".mp4", ".gif", ".mov")
 def _rgb8(a):
     """Image array (gray, gray+alpha, RGB, RGBA; uint8, uint16, or float in [0, 1]) -> uint8 [H,W,3]."""
     a = np.asarray(a)
-    if a.dtype != np.uint8:
-        a = a / 257.0 if a.dtype == np.uint16 else a * 255.0 if a.dtype.kind == "f" else a
-        a = np.clip(np.round(a), 0, 255).astype(np.uint8)
+    if a.dtype.kind == "f":
+        a = to_uint8(a)
+    elif a.dtype != np.uint8:
+        a = np.clip(np.round(a / 257.0 if a.dtype == np.uint16 else a), 0, 255).astype(np.uint8)
     if a.ndim == 2:
         a = a[..., None]
     if a.shape[-1] in (2, 4):
@@ -488,7 +498,7 @@ def write_video(path, frames, fps=DEFAULT_FPS):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. command line: export the built-in data to the VoxCeleb layout, extract landmarks, preview samples
+# 5. command line: export the built-in data to the VoxCeleb layout, extract landmarks, preview samples
 
 def export(root, videos=8, test_videos=4, frames=64, size=64, fmt="mp4", motion_scale=1.0, progress=True):
     """Write built-in videos as ROOT/{train,test}/id1xxxx#<11 chars>#<start>#<end>.mp4 (or PNG folders) with
@@ -505,7 +515,7 @@ def export(root, videos=8, test_videos=4, frames=64, size=64, fmt="mp4", motion_
         start = 100 * v + 1
         yt = "".join(np.random.default_rng([13, seed, v]).choice(letters, 11))
         path = os.path.join(root, split, f"{name}#{yt}#{start:06d}#{start + frames - 1:06d}" + (".mp4" if fmt == "mp4" else ""))
-        write_video(path, np.stack([np.round(o[0] * 255).astype(np.uint8) for o in out]))
+        write_video(path, to_uint8(np.stack([o[0] for o in out])))
         np.save(landmark_path(path), np.stack([o[1] for o in out]))
 
 
@@ -517,7 +527,7 @@ def preview(path, root=None, size=64, n=6, num_src=1, seed=0):
         s = ds[i]
         rows.append(torch.cat([s["src"][0], s["src_a2"][0], s["drv"], s["drv_a2"], s["drv_omega"], s["src_full"][0],
                                s["drv_full"]], 2))
-    Image.fromarray((torch.cat(rows, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(path)
+    Image.fromarray(to_uint8(torch.cat(rows, 1))).save(path)
 
 
 def main(argv=None):
@@ -555,8 +565,13 @@ def main(argv=None):
     return 0
 
 
+# ==========================================================================================================
+# NOT IN THE PAPER: built-in procedural talking faces (the renderer and its videos), a data set whose
+# ground truth is known for any (cross-)reenactment; used when --data is not given.
+# ==========================================================================================================
+
 # ----------------------------------------------------------------------------------------------------------
-# 1. renderer
+# 6. renderer
 
 @dataclass(frozen=True)
 class Identity:
@@ -877,19 +892,8 @@ def render_face(identity, pose, expression, size=64):
     return image, landmarks
 
 
-def bench_render(size=64, n=200, seed=0):
-    """Frames per second of render_face at `size` on this process (bench.py)."""
-    import time
-    rng = np.random.default_rng(seed)
-    params = [(sample_identity(rng), sample_pose(rng), sample_expression(rng)) for _ in range(n)]
-    t0 = time.perf_counter()
-    for p in params:
-        render_face(*p, size=size)
-    return n / (time.perf_counter() - t0)
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 2. built-in videos: one identity each, smooth random motion, talking mouth and blinks
+# 7. built-in videos: one identity each, smooth random motion, talking mouth and blinks
 
 TEST_SEED0 = 1_000_000        # identity seeds: train j -> j, test j -> TEST_SEED0 + j (disjoint ranges)
 
