@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+import losses
 import srt
 from reenact import pick_precision
 
@@ -123,9 +124,8 @@ def bench_decode(args, device, rows):
                          f"{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of matmul "
                          f"({peak / 1e9:.0f} GFLOP/s); timed {npx} px"))
         ref = outs[("optimised", torch.float32)]
-        mse = (outs[("optimised", torch.bfloat16)] - ref).pow(2).mean().item()
         rng = (ref.max() - ref.min()).item() or 1.0
-        psnr = 10 * np.log10(rng ** 2 / max(mse, 1e-20))
+        psnr = float(losses.psnr(outs[("optimised", torch.bfloat16)], ref, peak=rng))
         speedup = results[("optimised", torch.float32)] / results[("optimised", torch.bfloat16)]
         rows.append((f"decode {name} bf16 vs fp32", f"{speedup:.2f}x the speed",
                      f"PSNR(bf16, fp32) {psnr:.1f} dB (>= 40 dB: {'OK' if psnr >= 40 else 'MISSED'})"))

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+from keypoints import to_normalized, to_pixels   # the pixel-centre convention
+
 # ----------------------------------------------------------------------------------------------------------
 # conversions used throughout
 
@@ -38,16 +40,6 @@ def to_uint8(x):
     if isinstance(x, torch.Tensor):
         x = x.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy()
     return np.round(np.clip(np.asarray(x, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
-
-
-def to_normalized(lm, size):
-    """Pixels (pixel centre i at x = i) -> normalised (-1, 1): (x + 0.5 - S/2) / (S/2). numpy or torch."""
-    return (lm + 0.5 - size / 2) / (size / 2)
-
-
-def to_pixels(p, size):
-    """Inverse of to_normalized."""
-    return p * (size / 2) + size / 2 - 0.5
 
 
 def resize(x, size):
@@ -162,7 +154,7 @@ def _resize_frames(frames, lms, size):
     H, W = x.shape[-2:]
     x = resize(x, size)
     if lms is not None:
-        lms = (lms + 0.5) * np.array([size / W, size / H], np.float32) - 0.5
+        lms = to_pixels(to_normalized(lms, np.array([W, H], np.float32)), size)
     return x, lms
 
 
@@ -828,7 +820,7 @@ def render_face(identity, pose, expression, size=64):
     def to_canvas(xy):          # rotated model xy -> canvas pixel coordinates (PIL: integer = pixel centre)
         u = s * xy[:, 0] + pose.tx
         v = -s * (xy[:, 1] - FACE_CENTRE_Y) + pose.ty
-        return np.stack([(u + 1) * C / 2 - 0.5, (v + 1) * C / 2 - 0.5], 1)
+        return to_pixels(np.stack([u, v], 1), C)
 
     pts = face_points_3d(identity, expression)
     flat = to_canvas(np.concatenate(list(pts.values())) @ R.T)       # rotate and project all at once
@@ -888,7 +880,7 @@ def render_face(identity, pose, expression, size=64):
     fg = np.asarray(img.reduce(f), dtype=np.float32) / 255.0           # box filter = coverage anti-aliasing
     cover = np.asarray(mask.reduce(f), dtype=np.float32)[..., None] / 255.0
     image = np.clip(fg + (1 - cover) * _background(identity, size), 0, 1)   # pre-multiplied "over"
-    landmarks = ((P["lm"] + 0.5) / f - 0.5).astype(np.float32)        # canvas -> output pixel coordinates
+    landmarks = to_pixels(to_normalized(P["lm"], C), size).astype(np.float32)   # canvas -> output pixels
     return image, landmarks
 
 

@@ -1,5 +1,6 @@
-"""Keypoints: FOMM's hourglass keypoint detector (paper Sec. 3.1, "Keypoint Detector"), a loader for its
-checkpoints, and the external 68-point landmark detector used by data, reenactment and metrics.
+"""Keypoints: the pixel-centre convention of all coordinates, FOMM's hourglass keypoint detector (paper Sec.
+3.1, "Keypoint Detector"), a loader for its checkpoints, and the external 68-point landmark detector used by
+data, reenactment and metrics.
 
 The detector is Siarohin et al.'s (FOMM) network unchanged, with the same parameter names, so FOMM's
 `vox-cpk.pth.tar` loads strictly once its `jacobian.*` head (unused by FSRT) is dropped (the FSRT
@@ -33,10 +34,26 @@ class KPConfig:
 
 
 # ----------------------------------------------------------------------------------------------------------
+# coordinates: the project's one pixel-centre convention (keypoints, landmarks, query pixels of Eq. 5)
+
+def to_normalized(p, size):
+    """Pixel coordinates (pixel centre i at x = i) -> normalised (x + 0.5 - S/2) / (S/2), in (-1, 1) inside the
+    image. size: S, or an array/tensor (W, H) per axis. numpy or torch. (The release's convention; FOMM's heatmap
+    grid below, make_coordinate_grid, spans [-1, 1] inclusive instead.)"""
+    return (p + 0.5 - size / 2) / (size / 2)
+
+
+def to_pixels(p, size):
+    """Inverse of to_normalized: normalised -> pixel coordinates at size S (or (W, H))."""
+    return p * (size / 2) + size / 2 - 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------
 # building blocks (FOMM modules/util.py; names kept so state dicts match)
 
 class AntiAliasInterpolation2d(nn.Module):
-    """Gaussian blur (sigma = (1/scale - 1)/2) then every (1/scale)-th pixel. Buffer `weight` [C,1,k,k]."""
+    """Gaussian blur (sigma = (1/scale - 1)/2, kernel 2 round(4 sigma) + 1, zero padding) then every
+    (1/scale)-th pixel. Buffer `weight` [C,1,k,k]."""
 
     def __init__(self, channels: int, scale: float):
         super().__init__()
@@ -50,13 +67,19 @@ class AntiAliasInterpolation2d(nn.Module):
         kernel = kernel / kernel.sum()
         self.register_buffer("weight", kernel.expand(channels, 1, size, size).clone())
         self.groups = channels
-        self.step = int(1 / scale)
+        self.step = int(round(1 / scale))
 
     def forward(self, x):
         """x [B,C,H,W] -> [B,C,H*scale,W*scale]"""
         out = F.pad(x, (self.ka, self.kb, self.ka, self.kb))
         out = F.conv2d(out, weight=self.weight, groups=self.groups)
         return out[:, :, ::self.step, ::self.step]
+
+
+def antialias_downsample(x, scale):
+    """FOMM's anti-aliased downsampling (AntiAliasInterpolation2d) as a function: x [B,C,H,W] ->
+    [B,C,H*scale,W*scale]; scale 1 returns x. The one Gaussian downsampling (detector input, image pyramids)."""
+    return x if scale == 1 else AntiAliasInterpolation2d(x.shape[1], scale).to(x.device, x.dtype)(x)
 
 
 class DownBlock2d(nn.Module):

@@ -20,6 +20,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from keypoints import antialias_downsample
+from srt import pixel_grid
+
 
 @dataclass
 class LossWeights:
@@ -123,6 +126,14 @@ def l_mse(pred, target):
     if pred.shape != target.shape:
         raise ValueError(f"l_mse: shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
     return (pred - target).pow(2).mean()
+
+
+def psnr(pred, target, peak=1.0):
+    """Peak signal-to-noise ratio in dB of each image: 10 log10(peak^2 / MSE), the MSE over its last three
+    dimensions ([3,H,W] or [H,W,3]). pred, target [..., 3, H, W] -> [...]; inf for identical images. The one
+    PSNR of the project (training logs, metrics, benchmarks); clamp predictions to [0, 1] before, as needed."""
+    mse = (pred.double() - target.double()).pow(2).flatten(-3).mean(-1)
+    return 10 * torch.log10(peak ** 2 / mse)
 
 
 def objective(reg, mse, perceptual=None, adv=None, fm=None, weights=None):
@@ -236,23 +247,6 @@ def load_vgg19(weights_path=None, random_weights=False):
     return vgg
 
 
-def antialias_downsample(x, scale):
-    """FOMM's AntiAliasInterpolation2d: Gaussian blur with sigma = (1/scale - 1)/2 (kernel 2*round(4 sigma)+1,
-    zero padding as FOMM), then every (1/scale)-th pixel.  x: [B, C, H, W] -> [B, C, H*scale, W*scale]."""
-    if scale == 1:
-        return x
-    sigma = (1 / scale - 1) / 2
-    ks = 2 * round(sigma * 4) + 1
-    t = torch.arange(ks, dtype=x.dtype, device=x.device) - (ks - 1) / 2
-    g = torch.exp(-t ** 2 / (2 * sigma ** 2))
-    g = g / g.sum()
-    kernel = (g[:, None] * g[None, :]).expand(x.shape[1], 1, ks, ks)  # (C, 1, ks, ks), depthwise
-    ka = ks // 2
-    out = F.conv2d(F.pad(x, (ka, ka, ka, ka)), kernel, groups=x.shape[1])
-    step = int(round(1 / scale))
-    return out[:, :, ::step, ::step]
-
-
 class PerceptualLoss(nn.Module):
     """L_P (phase II on): sum over the VGG layers relu1_1..relu5_1 of mean |VGG(pred) - VGG(target).detach()|,
     at the full resolution only, as the release (its `scales: [1]`; FOMM sums an image pyramid 1..1/8 too,
@@ -304,15 +298,12 @@ class DiscConfig:
 
 def kp2gaussian(kp, size, variance=0.01):
     """FOMM's kp2gaussian: exp(-||p - k||^2 / (2 variance)) for every pixel p.  kp: [B, K, 2] (x, y) in
-    the project's normalised coordinates; size (H, W).  The grid uses this project's pixel-centre
-    convention (i + 0.5 - S/2) / (S/2) (FOMM's grid spans [-1, 1] inclusive; the difference is < 1 pixel).
+    the project's normalised coordinates; size (H, W).  The grid is srt.pixel_grid, the project's pixel-centre
+    convention (keypoints.to_normalized; FOMM's grid spans [-1, 1] inclusive, < 1 pixel apart).
     -> [B, K, H, W]."""
-    H, W = size
-    ys = (torch.arange(H, device=kp.device, dtype=kp.dtype) + 0.5 - H / 2) / (H / 2)
-    xs = (torch.arange(W, device=kp.device, dtype=kp.dtype) + 0.5 - W / 2) / (W / 2)
-    dx = xs.view(1, 1, 1, W) - kp[..., 0, None, None]  # (B, K, 1, W)
-    dy = ys.view(1, 1, H, 1) - kp[..., 1, None, None]  # (B, K, H, 1)
-    return torch.exp(-0.5 * (dx ** 2 + dy ** 2) / variance)  # (B, K, H, W)
+    grid = pixel_grid(*size, device=kp.device, dtype=kp.dtype).view(*size, 2)     # (H, W, 2)
+    d2 = ((grid - kp[:, :, None, None]) ** 2).sum(-1)                               # (B, K, H, W)
+    return torch.exp(-0.5 * d2 / variance)
 
 
 class DownBlock2d(nn.Module):

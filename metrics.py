@@ -3,7 +3,7 @@ Evaluation of FSRT: the self-reenactment protocol and metrics of Sec. 4.1 (Table
 only the built-in data makes possible because its ground truth is known: cross-reenactment scores and a
 disentanglement probe of the expression vector.
 
-    python metrics.py --checkpoint runs/tiny/ckpt.pt                  # built-in test videos
+    python metrics.py --checkpoint runs/tiny/phase3.pt                # built-in test videos
     python metrics.py --checkpoint CKPT --data VOX --num-src 2 --out results.json
     python metrics.py --checkpoint vox256_2Source.pt --kp-detector kp_detector.pt --data VOX --num-src 2
 
@@ -46,6 +46,7 @@ from tqdm import tqdm
 
 import data
 import keypoints
+import losses
 from reenact import pick_precision, reenact
 from srt import model_from_checkpoint
 
@@ -62,8 +63,7 @@ def to_hwc(image) -> np.ndarray:
 
 def psnr(pred, target) -> float:
     """Peak signal-to-noise ratio in dB with peak 1; inf for identical images."""
-    mse = float(np.mean((to_hwc(pred) - to_hwc(target)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(1.0 / mse)
+    return float(losses.psnr(torch.from_numpy(to_hwc(pred)), torch.from_numpy(to_hwc(target))))
 
 
 def ssim(pred, target) -> float:
@@ -112,11 +112,12 @@ def detector_landmark_fn(detector, min_size=256):
     pixel-centre convention x_small = (x_big + 0.5) / k - 0.5. AKD stays in pixels of the evaluated size."""
     def landmark_fn(image_uint8):
         k = max(1, math.ceil(min_size / image_uint8.shape[0]))
+        h, w = image_uint8.shape[:2]
         if k > 1:
-            h, w = image_uint8.shape[:2]
             image_uint8 = np.asarray(Image.fromarray(image_uint8).resize((w * k, h * k), Image.BICUBIC))
         lm = detector(image_uint8)
-        return None if lm is None else (np.asarray(lm, np.float64) + 0.5) / k - 0.5
+        size = np.array([w, h], np.float64)
+        return None if lm is None else keypoints.to_pixels(keypoints.to_normalized(np.asarray(lm, np.float64), k * size), size)
     return landmark_fn
 
 

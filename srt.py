@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expression import ExpressionConfig, ExpressionNet
-from keypoints import KPConfig, KPDetector, load_kp_state
+from keypoints import KPConfig, KPDetector, load_kp_state, to_normalized
 
 # -----------------------------------------------------------------------------
 # Eq. (3)-(5): positional encodings
@@ -43,9 +43,10 @@ def positional_encoding(p, start_octave, octaves):
 
 
 def pixel_grid(H, W, device=None, dtype=torch.float32):
-    """Normalised pixel centres (i + 0.5 - S/2) / (S/2), as (x, y), row-major (y outer): [H*W, 2]."""
-    xs = (torch.arange(W, device=device, dtype=dtype) + 0.5 - W / 2) / (W / 2)
-    ys = (torch.arange(H, device=device, dtype=dtype) + 0.5 - H / 2) / (H / 2)
+    """Normalised pixel centres (i + 0.5 - S/2) / (S/2) (keypoints.to_normalized), as (x, y), row-major
+    (y outer): [H*W, 2]."""
+    xs = to_normalized(torch.arange(W, device=device, dtype=dtype), W)
+    ys = to_normalized(torch.arange(H, device=device, dtype=dtype), H)
     y, x = torch.meshgrid(ys, xs, indexing="ij")                            # [H, W] each
     return torch.stack((x, y), dim=-1).reshape(H * W, 2)
 

@@ -41,7 +41,7 @@ import data
 import losses
 import reenact
 import srt
-from keypoints import KP_LANDMARKS, load_kp_detector
+from keypoints import KP_LANDMARKS, load_kp_detector, to_normalized, to_pixels
 
 # training values per preset: (phase 0, I, II, III) steps; paper values from architecture.md. tiny is the
 # CPU recipe measured on the built-in faces (see the README): 32x32 images make a step ~5x cheaper than 64x64
@@ -366,11 +366,11 @@ def discriminate(disc, image, kp):
 
 
 def kp_loss(model, b, args):
-    """Phase 0: the detector's keypoints against the normalised landmarks KP_LANDMARKS (data.to_normalized)."""
+    """Phase 0: the detector's keypoints against the normalised landmarks KP_LANDMARKS (to_normalized)."""
     S = args.image_size
     images = torch.cat([b["src_full"].flatten(0, 1), b["drv_full"]])
     lm = torch.cat([b["src_lm"].flatten(0, 1), b["drv_lm"]])[:, list(KP_LANDMARKS)]       # (B', K, 2) pixels
-    target = (lm + 0.5 - S / 2) / (S / 2)
+    target = to_normalized(lm, S)
     kp = model.kp_detector(images)["keypoints"]
     return torch.nn.functional.mse_loss(kp, target), kp, target
 
@@ -420,10 +420,6 @@ def lr_at(args, iteration):
 # ----------------------------------------------------------------------------------------------------------
 # what a person sees: held-out PSNR, sample grids, curves
 
-def psnr(a, b):
-    return float((10 * torch.log10(1 / ((a.clamp(0, 1) - b) ** 2).mean(dim=(1, 2, 3)).clamp_min(1e-10))).mean())
-
-
 @torch.no_grad()
 def evaluate(model, videos, frames=8):
     """Self-reenactment on held-out videos: source = first frame, driving = up to `frames` later frames.
@@ -435,8 +431,8 @@ def evaluate(model, videos, frames=8):
         f = v["frames"].to(p.device, p.dtype)                                          # (T, 3, S, S)
         f = f[torch.linspace(0, len(f) - 1, min(len(f), frames + 1)).long()]
         pred = reenact.reenact(model, f[:1], f[1:], batch=len(f))                  # the per-frame loop of Sec. 3.4
-        ours.append(psnr(pred.to(f.dtype), f[1:]))
-        copy.append(psnr(f[:1].expand_as(f[1:]), f[1:]))
+        ours.append(float(losses.psnr(pred.clamp(0, 1), f[1:]).mean()))
+        copy.append(float(losses.psnr(f[:1], f[1:]).mean()))
     return float(np.mean(ours)), float(np.mean(copy))      # the caller puts the model back in train mode
 
 
@@ -451,7 +447,7 @@ def evaluate_kp(model, videos):
         p = next(model.parameters())
         f = v["frames"].to(p.device, p.dtype)
         S = f.shape[-1]
-        kp = (model.kp_detector(f)["keypoints"] * S / 2 + S / 2 - 0.5).cpu()        # pixels
+        kp = to_pixels(model.kp_detector(f)["keypoints"], S).cpu()
         lm = torch.as_tensor(np.asarray(v["landmarks"]))[:, list(KP_LANDMARKS)]
         err.append(float((kp - lm).norm(dim=-1).mean()))
     model.kp_detector.train(was_training)
@@ -738,9 +734,8 @@ def sample_grid(path, model, b, args, rows=4):
     expression net saw) | prediction | ground truth, one sample per row."""
     S, n = args.image_size, min(rows, len(b["drv"]))
     if args.phase == 0:
-        px = lambda p: p * S / 2 + S / 2 - 0.5
         lm = b["drv_lm"][:n, list(KP_LANDMARKS)]
-        kp = px(model.kp_detector.eval()(b["drv_full"][:n])["keypoints"])
+        kp = to_pixels(model.kp_detector.eval()(b["drv_full"][:n])["keypoints"], S)
         model.kp_detector.train()
         save_grid(path, [[b["drv_full"][i]] for i in range(n)],
                   {(i, 0): [(lm[i], "lime"), (kp[i], "red")] for i in range(n)})

@@ -212,3 +212,16 @@ def test_bad_arguments():
         LandmarkDetector("mediapipe")
     with pytest.raises(ValueError, match=r"uint8 \[H,W,3\]"):
         LandmarkDetector()(np.zeros((32, 32), np.float32))
+
+
+def test_one_pixel_centre_convention_and_one_gaussian_downsampling():
+    import srt
+    px = torch.tensor([[0.0, 0.0], [63.0, 31.0], [31.5, 15.5]])
+    size = torch.tensor([64.0, 32.0])                                       # (W, H) per axis
+    n = keypoints.to_normalized(px, size)
+    assert torch.allclose(n[0], torch.tensor([-1 + 1 / 64, -1 + 1 / 32])) and torch.allclose(n[2], torch.zeros(2))
+    assert torch.allclose(keypoints.to_pixels(n, size), px)
+    assert torch.allclose(srt.pixel_grid(32, 64).view(32, 64, 2)[31, 63], n[1])   # the query grid is the same
+    x = torch.rand(2, 3, 64, 64)
+    det = keypoints.AntiAliasInterpolation2d(3, 0.25)
+    assert torch.equal(keypoints.antialias_downsample(x, 0.25), det(x)) and keypoints.antialias_downsample(x, 1) is x

@@ -411,3 +411,13 @@ def test_feature_matching_hand_and_gradients():
     L.feature_matching(real_g, fake).backward()
     assert fake[0].grad is not None and fake[0].grad.abs().sum() > 0
     assert all(r.grad is None for r in real_g)            # real features are detached
+
+
+def test_psnr_is_per_image_with_a_peak():
+    target = torch.zeros(2, 3, 4, 4)
+    pred = target.clone()
+    pred[0] += 0.1                                       # MSE 0.01 -> 20 dB; image 1 identical -> inf
+    p = L.psnr(pred, target)
+    assert p.shape == (2,) and p[0].item() == pytest.approx(20.0) and p[1].item() == math.inf
+    assert L.psnr(pred[0] * 2, target[0], peak=2.0).item() == pytest.approx(20.0)   # scale-free with the peak
+    assert L.psnr(pred[0].permute(1, 2, 0), target[0].permute(1, 2, 0)).item() == pytest.approx(20.0)   # HWC

@@ -10,6 +10,7 @@ import time
 import pytest
 import torch
 
+import losses
 import srt
 import train
 
@@ -288,6 +289,7 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
     # cross-reenactment: every driving-side entry rolled by one sample
     b_cross = {k: v.roll(-1, 0) if k.startswith("drv") else v for k, v in b.items()}
     gt_cross = cross_ground_truth(ds, n)
+    psnr = lambda pred, target: float(losses.psnr(pred.clamp(0, 1), target).mean())
 
     @torch.no_grad()
     def psnr_now():
@@ -295,12 +297,12 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
         out = {}
         for name, batch, target in (("self", b, b["drv"]), ("cross", b_cross, gt_cross)):
             set_latents, kp, e, _ = train.encode_batch(model, batch, [train.sample_rng(0, 0, i) for i in range(n)])
-            out[name] = train.psnr(model.render(set_latents, kp, e, size=(image_size, image_size)), target)
+            out[name] = psnr(model.render(set_latents, kp, e, size=(image_size, image_size)), target)
         model.train()
         return out
 
     start = psnr_now()
-    copy = {"self": train.psnr(b["src"][:, 0], b["drv"]), "cross": train.psnr(b["src"][:, 0], gt_cross)}
+    copy = {"self": psnr(b["src"][:, 0], b["drv"]), "cross": psnr(b["src"][:, 0], gt_cross)}
     for it in range(1, steps + 1):
         train.train_step(model, opt, params, b, args, it, it, list(range(n)), 1, "cpu")
     return start, psnr_now(), copy, srt.health(model, b["src"][:, 0])
