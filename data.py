@@ -95,12 +95,17 @@ def color_jitter(x, p):
     return x
 
 
-def _edges(lo, hi, size, rng):
-    """Random crop edges [e0, e1) in pixels that keep [lo, hi] (clipped to the frame) inside."""
+def _edge_ranges(lo, hi, size):
+    """The crop edges [e0, e1) in pixels that keep [lo, hi] (clipped to the frame) inside: e0 in 0..floor(lo),
+    e1 in ceil(hi)+1..size."""
     lo, hi = min(max(lo, 0.0), size - 1.0), max(min(hi, size - 1.0), 0.0)
-    e0 = int(rng.integers(0, int(math.floor(lo)) + 1))
-    e1 = int(rng.integers(int(math.ceil(hi)) + 1, size + 1))
-    return e0, e1
+    return np.arange(int(math.floor(lo)) + 1), np.arange(int(math.ceil(hi)) + 1, size + 1)
+
+
+def _edges(lo, hi, size, rng):
+    """Random crop edges (e0, e1), each uniform in its _edge_ranges range."""
+    r0, r1 = _edge_ranges(lo, hi, size)
+    return int(rng.choice(r0)), int(rng.choice(r1))
 
 
 def omega_box(lm, size, rng):
@@ -112,18 +117,29 @@ def omega_box(lm, size, rng):
     return x0, y0, x1, y1
 
 
-def out_of_frame_box(src_lm, all_lm, size, rng, tries=10):
-    """The out-of-frame crop (Sec. 3.2): edges limited by the sources' landmark box extended 0.2 x width
-    sideways, 0.5 x height up and 0.15 x height down; resampled until every landmark of every frame (the
-    proxy of the keypoints) maps into [-2, 2]. -> pixel box, or None after `tries` rejections."""
+def _encodable_edges(lo, hi, size, rng):
+    """Crop edges (e0, e1) as _edges, drawn among those that map the whole uncropped frame [-1, 1] into
+    [-2, 2] (the range Eq. 4 encodes uniquely). The release redraws until a crop passes; drawing uniformly
+    among the passing pairs is the same distribution, without a loop. No crop always passes."""
+    e0, e1 = (r.astype(np.float64) for r in _edge_ranges(lo, hi, size))
+    c0, c1 = box_to_crop(e0, size)[:, None], box_to_crop(e1, size)[None, :]      # normalised edges
+    centre, half = (c0 + c1) / 2, (c1 - c0) / 2
+    ok = (np.abs(-1 - centre) <= 2 * half) & (np.abs(1 - centre) <= 2 * half)
+    i, j = np.argwhere(ok)[rng.integers(ok.sum())]
+    return int(e0[i]), int(e1[j])
+
+
+def out_of_frame_box(src_lm, size, rng):
+    """The out-of-frame crop (Sec. 3.2 "estimating them before cropping", the release's rules): edges limited
+    by the sources' landmark box extended 0.2 x width sideways, 0.5 x height up and 0.15 x height down, and
+    accepted only when the whole frame border maps into [-2, 2]: the detector's keypoints of the uncropped
+    frames lie in [-1, 1], so theirs in the crop stay encodable. x and y are drawn independently (the
+    acceptance test is per axis). src_lm [N,68,2] pixels -> pixel box (x0, y0, x1, y1)."""
     (lx0, ly0), (lx1, ly1) = src_lm.reshape(-1, 2).min(0), src_lm.reshape(-1, 2).max(0)
     w, h = lx1 - lx0, ly1 - ly0
-    for _ in range(tries):
-        (x0, x1), (y0, y1) = _edges(lx0 - 0.2 * w, lx1 + 0.2 * w, size, rng), _edges(ly0 - 0.5 * h, ly1 + 0.15 * h, size, rng)
-        crop = box_to_crop((x0, y0, x1, y1), size)
-        if np.abs(map_to_crop(to_normalized(all_lm, size), crop)).max() <= 2:
-            return x0, y0, x1, y1
-    return None
+    x0, x1 = _encodable_edges(lx0 - 0.2 * w, lx1 + 0.2 * w, size, rng)
+    y0, y1 = _encodable_edges(ly0 - 0.5 * h, ly1 + 0.15 * h, size, rng)
+    return x0, y0, x1, y1
 
 
 def box_to_crop(box, size):
@@ -198,7 +214,18 @@ class FaceDataset(torch.utils.data.Dataset):
     Index i picks identity i % num_identities, then one of its videos at random; all randomness comes from
     (seed, i), so indices >= len(self) are allowed and give new draws (train.py passes epoch * len + j).
     root=None: built-in identities rendered on the fly (`num_identities`, `videos_per_identity` videos of
-    `frames` frames each, `motion_scale` for a curriculum); else ROOT/split with landmark files."""
+    `frames` frames each, `motion_scale` for a curriculum); else ROOT/split with landmark files.
+
+    The augmentation follows the authors' release step by step: flip (p = flip_p); three colour-jitter draws
+    A1, A2, A3 on the uncropped frames; with p = crop_p one out-of-frame crop for the A1 and A2 versions of
+    all frames; Omega on the uncropped A3 driving frame. Item (sources [N,3,S,S], driving [3,S,S]):
+      src, drv            A1 colours, cropped: the encoder's input and the decoder's target
+      src_a2, drv_a2      A2 colours, cropped: expression vectors (Eq. 11, 12)
+      drv_omega           Omega(A3 driving frame, uncropped): the expression network's usual input (Eq. 12)
+      src_full, drv_full  A2 colours, uncropped: keypoints are detected here, then mapped into the crop
+      crop [4]            the crop's edges (x0, y0, x1, y1) in normalised coordinates ((-1,-1,1,1): none)
+      src_lm, drv_lm      68 landmarks in pixels of the uncropped (flipped) frames
+    Without augmentation every image is the plain frame."""
 
     def __init__(self, root=None, split="train", size=64, num_src=1, augment=True, seed=0, num_identities=None,
                  videos_per_identity=4, frames=100, motion_scale=1.0, flip_p=0.5, crop_p=0.5, max_tries=10):
@@ -275,19 +302,18 @@ class FaceDataset(torch.utils.data.Dataset):
         x, lm, S, N = s["frames"], s["landmarks"].astype(np.float32), self.size, self.num_src
         if self.augment and rng.uniform() < self.flip_p:            # flip, landmarks re-indexed
             x, lm = x.flip(-1), flip_landmarks(lm, S)
-        full, crop = x, (-1.0, -1.0, 1.0, 1.0)
+        crop = (-1.0, -1.0, 1.0, 1.0)
         if not self.augment:
             return dict(src=x[:N], src_a2=x[:N], drv=x[N], drv_a2=x[N], drv_omega=x[N], src_full=x[:N],
                         drv_full=x[N], crop=torch.tensor(crop), src_lm=torch.from_numpy(lm[:N]),
                         drv_lm=torch.from_numpy(lm[N]))
-        box = out_of_frame_box(lm[:N], lm, S, rng) if rng.uniform() < self.crop_p else None
-        lm_in = lm
-        if box is not None:                                         # the same crop for all frames
-            x, crop = crop_resize(x, box, S), tuple(box_to_crop(box, S))
-            lm_in = to_pixels(map_to_crop(to_normalized(lm, S), np.asarray(crop)), S)
         a1, a2, a3 = (jitter_params(rng) for _ in range(3))         # three independent draws, each shared
         x1, x2 = color_jitter(x, a1), color_jitter(x, a2)           # by all frames of the sample
-        omega = crop_resize(color_jitter(x[N:], a3), omega_box(lm_in[N], S, rng), S)[0]
+        omega = crop_resize(color_jitter(x[N:], a3), omega_box(lm[N], S, rng), S)[0]
+        full = x2                                                   # keypoints: A2, before the crop
+        if rng.uniform() < self.crop_p:                             # the same crop for all frames
+            box = out_of_frame_box(lm[:N], S, rng)
+            x1, x2, crop = crop_resize(x1, box, S), crop_resize(x2, box, S), tuple(box_to_crop(box, S))
         return dict(src=x1[:N], src_a2=x2[:N], drv=x1[N], drv_a2=x2[N], drv_omega=omega, src_full=full[:N],
                     drv_full=full[N], crop=torch.tensor(crop, dtype=torch.float32),
                     src_lm=torch.from_numpy(lm[:N]), drv_lm=torch.from_numpy(lm[N]))

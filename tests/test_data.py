@@ -1,6 +1,7 @@
 """data.py: the procedural renderer, the augmentations of Sec. 3.2 and the VoxCeleb loader (on exports)."""
 import dataclasses
 import warnings
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -126,17 +127,60 @@ def test_crop_transform_maps_points_exactly():
     assert torch.allclose(data.map_to_crop(kp[:, 0], crops)[1], (kp[1, 0] - torch.tensor([0.1, -0.1])) / torch.tensor([0.6, 0.7]))
 
 
-def test_out_of_frame_crop_keeps_sources_and_limits_landmarks():
+def test_out_of_frame_crop_keeps_sources_and_maps_the_frame_into_encodable_range():
+    """The release's acceptance rule: the whole uncropped frame maps into [-2, 2] (so every keypoint of the
+    uncropped frames does); the sources' faces stay inside the crop."""
     rng, S = np.random.default_rng(1), 64
+    corners = np.array([[-1.0, -1.0], [1.0, 1.0]])
+    reach = []
     for _ in range(50):
         lms = np.stack([render_face(IDENT, data.sample_pose(rng, 1.3), Expression(), S)[1] for _ in range(3)])
-        box = data.out_of_frame_box(lms[:2], lms, S, rng)
-        if box is None:
-            continue
+        x0, y0, x1, y1 = box = data.out_of_frame_box(lms[:2], S, rng)
+        assert 0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S
         crop = data.box_to_crop(box, S)
-        mapped = data.map_to_crop(data.to_normalized(lms, S), crop)
-        assert np.abs(mapped).max() <= 2
-        assert np.abs(mapped[:2]).max() <= 1.0 + 1e-6        # the sources' faces stay inside the crop
+        border = np.abs(data.map_to_crop(corners, crop)).max()
+        assert border <= 2 + 1e-9
+        assert np.abs(data.map_to_crop(data.to_normalized(lms[:2], S), crop)).max() <= 1.0 + 1e-6
+        reach.append(border)
+    assert max(reach) > 1.3 and min(reach) < 1.2            # real crops, not only "no crop"
+
+
+def test_encodable_edges_draw_what_the_release_redraw_loop_draws():
+    """Uniform over the passing (e0, e1) pairs == _edges redrawn until the frame border maps into [-2, 2]."""
+    S, lo, hi, n = 16, 7.2, 9.5, 20000
+    rng = np.random.default_rng(0)
+    ours = Counter(data._encodable_edges(lo, hi, S, rng) for _ in range(n))
+    loop = Counter()
+    while sum(loop.values()) < n:
+        e0, e1 = data._edges(lo, hi, S, rng)
+        c0, c1 = data.box_to_crop([e0, e1], S)
+        if abs((-1 - (c0 + c1) / 2) / ((c1 - c0) / 2)) <= 2 and abs((1 - (c0 + c1) / 2) / ((c1 - c0) / 2)) <= 2:
+            loop[(e0, e1)] += 1
+    assert set(ours) == set(loop) and len(ours) > 10
+    assert max(abs(ours[k] - loop[k]) / n for k in loop) < 0.01
+    assert (0, S) in ours and (7, 10) not in ours            # no crop passes; the tightest crop would not
+
+
+def test_keypoint_frames_are_a2_before_the_crop_and_omega_crops_the_uncropped_a3_frame(monkeypatch):
+    """As the release: keypoints come from the A2-jittered uncropped frames (src_full, drv_full); Omega cuts
+    the uncropped A3 driving frame, bounded by the uncropped frame's landmarks."""
+    S = 64
+    ds = data.FaceDataset(num_src=2, size=S, seed=4, flip_p=0.0, crop_p=1.0)
+    for i in range(3):
+        s = ds[i]
+        box = tuple(int(round(v)) for v in (s["crop"].numpy() + 1) * S / 2)
+        assert box != (0, 0, S, S)
+        assert torch.allclose(data.crop_resize(s["drv_full"][None], box, S)[0], s["drv_a2"], atol=1e-6)
+        assert torch.allclose(data.crop_resize(s["src_full"], box, S), s["src_a2"], atol=1e-6)
+        assert not torch.allclose(s["src_full"], s["src"])  # A2 colours, not A1
+    plain = data.FaceDataset(num_src=1, size=S, seed=4, flip_p=0.0, crop_p=0.0)[0]
+    assert torch.equal(plain["src_full"], plain["src_a2"]) and torch.equal(plain["drv_full"], plain["drv_a2"])
+    seen = []
+    monkeypatch.setattr(data, "jitter_params", lambda rng: dict(b=1.0, c=1.0, s=1.0, h=0.0, order=[0, 1, 2, 3]))
+    monkeypatch.setattr(data, "omega_box", lambda lm, size, rng: seen.append(lm) or (0, 0, size, size))
+    s = ds[0]
+    assert torch.equal(s["drv_omega"], s["drv_full"]) and not torch.allclose(s["drv_omega"], s["drv"], atol=0.05)
+    np.testing.assert_array_equal(seen[0], s["drv_lm"].numpy())   # the uncropped frame's landmarks
 
 
 def test_color_jitter_shared_and_sane():
@@ -156,12 +200,13 @@ def test_color_jitter_shared_and_sane():
 
 
 def test_a1_a2_jitter_shared_by_sources_and_driving_frame():
-    """The decoder target drv (A1) has the sources' A1 colours: where src_full and drv_full agree (the static
-    background), src and drv agree too (up to the per-image contrast mean), and so do src_a2 and drv_a2."""
+    """The decoder target drv (A1) has the sources' A1 colours: where the raw source and driving frames agree
+    (the static background), src and drv agree too (up to the per-image contrast mean), and so do src_a2 and
+    drv_a2."""
     ds = data.FaceDataset(num_src=1, crop_p=0.0, flip_p=0.0, seed=2)
     for i in range(6):
-        s = ds[i]
-        same = (s["src_full"][0] == s["drv_full"]).all(0)
+        s, raw = ds[i], ds.sample_frames(i)["frames"]
+        same = (raw[0] == raw[1]).all(0)
         assert same.float().mean() > 0.3
         assert (s["src"][0] - s["drv"])[:, same].abs().mean() < 0.003
         assert (s["src_a2"][0] - s["drv_a2"])[:, same].abs().mean() < 0.003
@@ -194,7 +239,8 @@ def test_facedataset_builtin_keys_and_augmentation():
     np.testing.assert_allclose(s["drv_lm"].numpy(), render_face(ident, poses[-1], exprs[-1], 64)[1])
     flipped = data.FaceDataset(num_src=2, flip_p=1.0, crop_p=0.0)
     s, raw = flipped[5], flipped.sample_frames(5)           # same rng stream: same frames, then the flip
-    assert torch.equal(s["drv_full"], raw["frames"][N].flip(-1))
+    mirror, same = (s["drv_full"] - raw["frames"][N].flip(-1)).abs().mean(), (s["drv_full"] - raw["frames"][N]).abs().mean()
+    assert mirror < 0.5 * same                                # the frame is mirrored (and A2-jittered)
     np.testing.assert_allclose(s["drv_lm"].numpy(), data.flip_landmarks(raw["landmarks"][N], S))
     assert s["drv_lm"][36:42, 0].mean() < s["drv_lm"][42:48, 0].mean()   # 36-41 stays the image-left eye
     tr, te = data.VideoSet(split="train", num_videos=3, frames=4), data.VideoSet(split="test", num_videos=3, frames=4)
