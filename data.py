@@ -72,12 +72,22 @@ def jitter_params(rng, brightness=0.1, contrast=0.1, saturation=0.1, hue=0.1):
                 s=rng.uniform(1 - saturation, 1 + saturation), h=rng.uniform(-hue, hue), order=rng.permutation(4))
 
 
-_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+def adjust_hue(x, h):
+    """torchvision's adjust_hue: x [N,3,H,W] in [0, 1] -> HSV, hue shifted by h turns (mod 1), -> RGB."""
+    v, _ = x.max(1)
+    chroma = v - x.min(1)[0]
+    s = chroma / torch.where(v > 0, v, torch.ones_like(v))
+    r, g, b = ((v[:, None] - x) / torch.where(chroma > 0, chroma, torch.ones_like(chroma))[:, None]).unbind(1)
+    hue = torch.where(v == x[:, 0], b - g, torch.where(v == x[:, 1], 2 + r - b, 4 + g - r))   # sextant + offset
+    hue = (hue / 6 + h) % 1.0 * 6
+    i, f = hue.floor(), hue - hue.floor()
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    table = torch.stack([v, q, p, p, t, v, t, v, v, q, p, p, p, p, t, v, v, q], 1).unflatten(1, (3, 6))
+    return table.gather(2, (i.long() % 6)[:, None, None].expand(-1, 3, 1, -1, -1))[:, :, 0]
 
 
 def color_jitter(x, p):
-    """Apply one jitter draw `p` identically to every image of x [N,3,H,W]. Hue departs from torchvision's
-    HSV shift: the chroma is rotated by 2*pi*h in YIQ space (a linear map, same effect for |h| <= 0.1)."""
+    """Apply one jitter draw `p` identically to every image of x [N,3,H,W] (torchvision's functional ops)."""
     gray = lambda y: (0.299 * y[:, 0:1] + 0.587 * y[:, 1:2] + 0.114 * y[:, 2:3])   # (N,1,H,W)
     for op in p["order"]:
         if op == 0:
@@ -87,10 +97,7 @@ def color_jitter(x, p):
         elif op == 2:
             x = p["s"] * x + (1 - p["s"]) * gray(x)
         else:
-            c, s = math.cos(2 * math.pi * p["h"]), math.sin(2 * math.pi * p["h"])
-            rot = torch.tensor([[1, 0, 0], [0, c, -s], [0, s, c]], dtype=x.dtype)
-            M = torch.linalg.inv(_YIQ) @ rot @ _YIQ
-            x = torch.einsum("ij,njhw->nihw", M.to(x.dtype), x)
+            x = adjust_hue(x, p["h"])
         x = x.clamp(0, 1)
     return x
 

@@ -370,3 +370,16 @@ def test_to_uint8_rounds_clamps_and_puts_channels_last():
     assert out[..., 0].tolist() == [[0, 128], [255, 0]]
     assert data.to_uint8(x[None]).shape == (1, 2, 2, 3)                        # batches keep their axis
     assert data.to_uint8(out / 255.0).tolist() == out.tolist()                 # numpy, channels last
+
+
+def test_hue_jitter_is_the_hsv_hue_shift():
+    """As torchvision's adjust_hue (the release's ColorJitter): RGB -> HSV, h + shift mod 1, -> RGB."""
+    import colorsys
+    x = torch.rand(2, 3, 4, 5, dtype=torch.float64)
+    x[0, :, 0, 0], x[0, :, 0, 1], x[0, :, 0, 2] = 0.4, 0.0, torch.tensor([0.85, 0.65, 0.52])   # grey, black, skin
+    for h in (0.1, -0.1, 0.03):
+        out = data.color_jitter(x, dict(b=1.0, c=1.0, s=1.0, h=h, order=[3]))
+        want = torch.tensor([[colorsys.hsv_to_rgb((hh + h) % 1, s, v) for hh, s, v in
+                              (colorsys.rgb_to_hsv(*x[n, :, i, j].tolist()) for i in range(4) for j in range(5))]
+                             for n in range(2)], dtype=torch.float64)                     # (2, 20, 3)
+        torch.testing.assert_close(out.flatten(2).transpose(1, 2), want, atol=1e-12, rtol=0)
