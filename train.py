@@ -222,6 +222,12 @@ def sample_rng(seed, step, index):
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step, index]).generate_state(1)[0]))
 
 
+def step_rng(seed, step):
+    """A torch.Generator for the choices made once per global batch (spawn_key keeps it apart from every
+    sample_rng); identical on every rank and after a resume."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step], spawn_key=(1,)).generate_state(1)[0]))
+
+
 def global_indices(step, batch_size, n, seed):
     """Dataset indices of the global batch of `step`: an endless stream of seeded permutations of range(n),
     epoch e's entries offset by e * n (FaceDataset draws its augmentation from the index, so every epoch
@@ -274,48 +280,60 @@ class Curriculum(torch.utils.data.Dataset):
 # ----------------------------------------------------------------------------------------------------------
 # the losses of one step
 
-def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offset):
-    """Phase II's gradient pixel sub-sampling (Sec. 3.3): the pixels (offset[1] + 2i, offset[0] + 2j) are
-    decoded with gradient, the other 3/4 under no_grad from detached latents and conditioning; both are
-    assembled into the full image. Returns [B,3,H,W] (unclamped), equal to a full render in value."""
+def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offsets):
+    """Phase II's gradient pixel sub-sampling (Sec. 3.3): for sample b the pixels (offsets[b][1] + 2i,
+    offsets[b][0] + 2j) are decoded with gradient, the other 3/4 under no_grad from detached latents and
+    conditioning; both are assembled into the full image. offsets: B pairs (x, y) in {0, 1} (one per sample, as
+    the release); H and W even. Returns [B,3,H,W] (unclamped), equal to a full render in value."""
     H, W = size
-    grid = srt.pixel_grid(H, W, device=set_latents.device)                        # (H*W, 2)
-    mask = torch.zeros(H, W, dtype=torch.bool, device=grid.device)
-    mask[offset[1]::2, offset[0]::2] = True
-    idx_grad, idx_rest = mask.flatten().nonzero()[:, 0], (~mask).flatten().nonzero()[:, 0]
+    if H % 2 or W % 2:
+        raise ValueError(f"phase II's pixel sub-sampling needs an even image size, got {H}x{W}")
+    off = torch.as_tensor(offsets, device=set_latents.device).view(-1, 2)            # (B, 2)
+    grid = srt.pixel_grid(H, W, device=set_latents.device)                           # (H*W, 2)
+    ys, xs = torch.arange(H, device=grid.device), torch.arange(W, device=grid.device)
+    mask = (ys[None, :, None] % 2 == off[:, 1, None, None]) & (xs[None, None] % 2 == off[:, 0, None, None])
+    order = torch.argsort((~mask).flatten(1).byte(), dim=1, stable=True)             # (B, H*W): grad pixels first
+    n = H * W // 4
     kv = model.latent_kv(set_latents)                        # keys/values once, shared by both passes
-    rgb_grad = model.decode(None, grid[idx_grad], kp_driving, expr_driving, kv=kv)   # (B, HW/4, 3)
+    rgb_grad = model.decode(None, grid[order[:, :n]], kp_driving, expr_driving, kv=kv)   # (B, HW/4, 3)
     with torch.no_grad():
-        rgb_rest = model.decode(None, grid[idx_rest], kp_driving.detach(), expr_driving.detach(),
-                                kv=[(k.detach(), v.detach()) for k, v in kv])    # (B, 3HW/4, 3)
-    order = torch.argsort(torch.cat([idx_grad, idx_rest]))                             # back to row-major
-    rgb = torch.cat([rgb_grad, rgb_rest], dim=1)[:, order]                             # (B, H*W, 3)
+        rgb_rest = model.decode(None, grid[order[:, n:]], kp_driving.detach(), expr_driving.detach(),
+                                kv=[(k.detach(), v.detach()) for k, v in kv])        # (B, 3HW/4, 3)
+    back = torch.argsort(order, dim=1)[..., None].expand(-1, -1, 3)                  # back to row-major
+    rgb = torch.cat([rgb_grad, rgb_rest], dim=1).gather(1, back)                     # (B, H*W, 3)
     return rgb.transpose(1, 2).reshape(-1, 3, H, W)
 
 
-def encode_batch(model, b, rngs):
-    """Sec. 3.2 wiring. Returns set_latents, kp_driving, expr_driving and the expression vectors for L_reg."""
+def split_sets(out, sets):
+    """A dict of batched outputs over torch.cat(list(sets.values())) -> {set name: dict of its outputs}."""
+    parts = {k: v.split([len(x) for x in sets.values()]) for k, v in out.items()}
+    return {name: {k: p[i] for k, p in parts.items()} for i, name in enumerate(sets)}
+
+
+def encode_batch(model, b, rngs, a2=False):
+    """Sec. 3.2 wiring (as the release). rngs: one generator per sample (the 25% rule); a2: the driving
+    frame's non-Omega expression (Eq. 12) from its A2 colours instead of A1, one choice for the whole batch
+    as the release. Returns set_latents, kp_driving, expr_driving and the expression vectors for L_reg."""
     B, N = b["src"].shape[:2]
     flat = lambda x: x.flatten(0, 1)
-    # A1 or A2 colours for the uncropped driving expression (Eq. 12), and the 25% rule, per sample
-    use_a2 = torch.tensor([bool(torch.rand(1, generator=g) < 0.5) for g in rngs], device=b["drv"].device)
     use_full = torch.tensor([bool(torch.rand(1, generator=g) < 0.25) for g in rngs], device=b["drv"].device)
-    drv_a = torch.where(use_a2[:, None, None, None], b["drv_a2"], b["drv"])
+    sets = {"src_full": flat(b["src_full"]), "drv_full": b["drv_full"],      # A2, uncropped: keypoints only
+            "src_a1": flat(b["src"]), "src_a2": flat(b["src_a2"]),             # cropped: expression vectors
+            "drv_a": b["drv_a2"] if a2 else b["drv"], "drv_omega": b["drv_omega"]}
     with torch.no_grad():   # the detector is frozen; one pass over every image of the step
-        det = model.detect(torch.cat([flat(b["src_full"]), b["drv_full"], flat(b["src"]), flat(b["src_a2"]),
-                                      drv_a, b["drv_omega"]]))
-    kp = det["keypoints"]
+        det = split_sets(model.detect(torch.cat(list(sets.values()))), sets)
     # keypoints of out-of-frame crops are detected on the uncropped frames, then mapped into the crop
-    kp_source = data.map_to_crop(kp[:B * N].view(B, N, *kp.shape[1:]), b["crop"][:, None])   # (B, N, K, 2)
-    kp_driving = data.map_to_crop(kp[B * N:B * N + B], b["crop"])                            # (B, K, 2)
-    e = model.expression_of({k: v[B * N + B:] for k, v in det.items()})      # (2BN + 2B, E), with gradient
-    e_src_a1, e_src_a2 = e[:B * N].view(B, N, -1), e[B * N:2 * B * N].view(B, N, -1)
-    e_drv_a, e_drv_omega = e[2 * B * N:2 * B * N + B], e[2 * B * N + B:]
-    # decoder expression: Omega(A3) of the driving frame, in 25% of cases its uncropped A1/A2 version
-    expr_driving = torch.where(use_full[:, None], e_drv_a, e_drv_omega)
+    kp_source = data.map_to_crop(det["src_full"]["keypoints"].unflatten(0, (B, N)), b["crop"][:, None])   # (B,N,K,2)
+    kp_driving = data.map_to_crop(det["drv_full"]["keypoints"], b["crop"])                              # (B,K,2)
+    names = ("src_a1", "src_a2", "drv_a", "drv_omega")                      # one expression pass, with gradient
+    e = model.expression_of({k: torch.cat([det[n][k] for n in names]) for k in ("features", "heatmaps")})
+    e = dict(zip(names, e.split([len(sets[n]) for n in names])))
+    e_src_a1, e_src_a2 = e["src_a1"].unflatten(0, (B, N)), e["src_a2"].unflatten(0, (B, N))
+    # decoder expression: Omega(A3) of the driving frame, in 25% of cases (per sample) its uncropped A1/A2 one
+    expr_driving = torch.where(use_full[:, None], e["drv_a"], e["drv_omega"])
     # the encoder sees the sources' A1 colours with the expression vectors of their A2 versions
     set_latents = model.encode(b["src"], kp_source, e_src_a2)                          # (B, N*T, D)
-    return set_latents, kp_driving, expr_driving, (e_src_a1, e_src_a2, e_drv_a, e_drv_omega)
+    return set_latents, kp_driving, expr_driving, (e_src_a1, e_src_a2, e["drv_a"], e["drv_omega"])
 
 
 def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=None):
@@ -323,7 +341,8 @@ def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=No
     gidx: positions of this rank's samples in the global batch. Returns (loss, dict of float terms,
     prediction (B,P,3) in phase I or the full image (B,3,H,W) later, kp_driving)."""
     rngs = [sample_rng(args.seed, step, i) for i in gidx]
-    set_latents, kp_driving, expr_driving, es = encode_batch(model, b, rngs)
+    a2 = bool(torch.rand(1, generator=step_rng(args.seed, step)) < 0.5)   # A1/A2 for Eq. (12), per batch
+    set_latents, kp_driving, expr_driving, es = encode_batch(model, b, rngs, a2)
     W = args.weights
     # L_reg (Eq. 16) couples the samples (Cov/Var over E, Eq. 13-15; batch means of L_aug): computed on the
     # global batch, gathered with gradient, identically on every rank
@@ -340,9 +359,8 @@ def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=No
         loss = W.mse * mse + reg                                                          # Eq. (16) + (17)
         terms["mse"] = mse.item()
         return loss, terms, pred, kp_driving
-    g = torch.Generator().manual_seed(args.seed * 7919 + step)                          # one offset per step
-    offset = [int(v) for v in torch.randint(0, 2, (2,), generator=g)]
-    pred = render_subsampled(model, set_latents, kp_driving, expr_driving, (H, Wd), offset)   # (B, 3, H, W)
+    offsets = [torch.randint(0, 2, (2,), generator=g).tolist() for g in rngs]         # per sample (release)
+    pred = render_subsampled(model, set_latents, kp_driving, expr_driving, (H, Wd), offsets)  # (B, 3, H, W)
     mse = losses.l_mse(pred, target)                          # Eq. (17) on the assembled full image
     perc = perceptual(pred, target)                           # lambda_P L_P (per-layer weights inside)
     adv = fm = None

@@ -38,8 +38,8 @@ def test_subsampled_render_equals_full_no_grad_render():
     set_latents, kp, expr = decoder_inputs(model, B=2)
     with torch.no_grad():
         full = model.render(set_latents, kp, expr, size=(12, 10))
-    for offset in [(0, 0), (1, 0), (0, 1), (1, 1)]:
-        img = train.render_subsampled(model, set_latents, kp, expr, (12, 10), offset)
+    for offsets in [[(0, 0), (0, 0)], [(1, 0), (0, 1)], [(0, 1), (1, 1)], [(1, 1), (1, 0)]]:
+        img = train.render_subsampled(model, set_latents, kp, expr, (12, 10), offsets)
         assert img.shape == (2, 3, 12, 10) and img.requires_grad
         torch.testing.assert_close(img.detach(), full, atol=1e-5, rtol=0)
 
@@ -54,7 +54,7 @@ def test_only_subsampled_pixels_receive_gradient_and_the_offsets_cover_all(monke
     covered = torch.zeros(H, W, dtype=torch.bool)
     for ox, oy in [(0, 0), (1, 0), (0, 1), (1, 1)]:
         grid.grad = None
-        img = train.render_subsampled(model, set_latents, kp, expr, (H, W), (ox, oy))
+        img = train.render_subsampled(model, set_latents, kp, expr, (H, W), [(ox, oy)])
         (img * torch.rand_like(img)).sum().backward()
         has_grad = (grid.grad.abs().sum(1) > 0).view(H, W)
         expected = torch.zeros(H, W, dtype=torch.bool)
@@ -63,6 +63,66 @@ def test_only_subsampled_pixels_receive_gradient_and_the_offsets_cover_all(monke
         assert set_latents.grad.abs().sum() > 0 and expr.grad.abs().sum() > 0
         covered |= has_grad
     assert covered.all()
+    set_latents, kp, expr = decoder_inputs(model, B=2)                     # one offset per sample
+    for b, (ox, oy) in enumerate([(0, 1), (1, 0)]):
+        grid.grad = None
+        img = train.render_subsampled(model, set_latents, kp, expr, (H, W), [(0, 1), (1, 0)])
+        (img[b] * torch.rand_like(img[b])).sum().backward()
+        expected = torch.zeros(H, W, dtype=torch.bool)
+        expected[oy::2, ox::2] = True
+        assert torch.equal((grid.grad.abs().sum(1) > 0).view(H, W), expected), b
+
+
+def small_batch(n=4, size=32, phase=2):
+    args = train.resolve(train.get_args(["--phase", str(phase), "--image-size", str(size), "--batch-size", str(n)]))
+    torch.manual_seed(0)
+    model = srt.FSRT(train.model_config(args)).freeze_detector()
+    ds = train.data.FaceDataset(size=size, num_src=1, seed=0, crop_p=1.0)
+    return args, model, torch.utils.data.default_collate([ds[i] for i in range(n)])
+
+
+def test_encode_batch_detects_keypoints_on_a2_uncropped_frames_and_uses_the_batch_a1_a2_choice():
+    args, model, b = small_batch()
+    rngs = lambda: [train.sample_rng(0, 0, i) for i in range(4)]
+    with torch.no_grad():
+        det = model.detect(b["drv_full"])
+        for a2, key in ((False, "drv"), (True, "drv_a2")):
+            _, kp_driving, _, es = train.encode_batch(model, b, rngs(), a2)
+            torch.testing.assert_close(kp_driving, train.data.map_to_crop(det["keypoints"], b["crop"]))
+            torch.testing.assert_close(es[2], model.keypoints_and_expression(b[key])[1], atol=1e-5, rtol=1e-4)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_phase2_offset_per_sample_and_a1_a2_choice_per_batch(monkeypatch):
+    """As the release: the pixel offset is drawn per sample, the A1/A2 choice once per batch; both from
+    (seed, step, global index), so two ranks' halves make up the one-process batch."""
+    args, model, b = small_batch()
+    seen, encode = {}, train.encode_batch
+
+    def spy_encode(model, b, rngs, a2=False):
+        seen["a2"] = a2
+        return encode(model, b, rngs, a2)
+
+    def spy_render(model, set_latents, kp, e, size, offsets):
+        seen["offsets"] = [tuple(o) for o in offsets]
+        raise _Stop
+    monkeypatch.setattr(train, "encode_batch", spy_encode)
+    monkeypatch.setattr(train, "render_subsampled", spy_render)
+
+    def run(step, gidx):
+        with pytest.raises(_Stop), torch.no_grad():
+            train.generator_losses(model, {k: v[gidx] for k, v in b.items()}, args, step, gidx, 1)
+        return seen["a2"], seen["offsets"]
+    choices, mixed = set(), False
+    for step in range(8):
+        a2, offsets = run(step, [0, 1, 2, 3])
+        assert isinstance(a2, bool) and run(step, [0, 1]) == (a2, offsets[:2]) and run(step, [2, 3]) == (a2, offsets[2:])
+        choices.add(a2)
+        mixed |= len(set(offsets)) > 1
+    assert choices == {False, True} and mixed
 
 
 def test_lr_schedule_is_the_release_one():
