@@ -35,6 +35,8 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 import data
@@ -488,45 +490,40 @@ def save_grid(path, rows, points=None):
     grid.save(path)
 
 
-def plot_curves(path, panels, width=640, height=200):
-    """panels: list of (title, {name: (xs, ys)}) -> a PNG with one panel per title, drawn with PIL alone."""
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
-    img = Image.new("RGB", (width, height * len(panels)), "white")
-    draw = ImageDraw.Draw(img)
-    for k, (title, series) in enumerate(panels):
-        top, m = k * height, 30
-        pts = [(x, y) for xs, ys in series.values() for x, y in zip(xs, ys) if math.isfinite(y)]
-        if not pts:
-            continue
-        x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts) or 1
-        y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-6)
-        fx = lambda x: m + (x - x0) / (x1 - x0) * (width - 2 * m)
-        fy = lambda y: top + height - m - (y - y0) / (y1 - y0) * (height - 2 * m)
-        draw.rectangle([m, top + m, width - m, top + height - m], outline="black")
-        draw.text((m, top + 5), f"{title}   [{y0:.4g}, {y1:.4g}] over steps {x0}-{x1}", fill="black")
-        for c, (name, (xs, ys)) in enumerate(series.items()):
-            line = [(fx(x), fy(y)) for x, y in zip(xs, ys) if math.isfinite(y)]
-            if len(line) > 1:
-                draw.line(line, fill=colours[c % len(colours)], width=2)
-            elif line:
-                draw.ellipse([line[0][0] - 2, line[0][1] - 2, line[0][0] + 2, line[0][1] + 2],
-                             fill=colours[c % len(colours)])
-            draw.text((width - m - 150, top + m + 5 + 12 * c), name, fill=colours[c % len(colours)])
-    img.save(path)
+def plot_curves(path, recs, phase):
+    """log.jsonl records of one phase -> PNG (matplotlib, Agg): the training loss on a log scale, and below it
+    the held-out check: self-reenactment PSNR with the copy-the-source PSNR as a dashed line (phase 0: the
+    keypoint error in pixels). Returns the figure."""
+    series = lambda key: ([r["step"] for r in recs if r.get(key) is not None and math.isfinite(r[key])],
+                          [r[key] for r in recs if r.get(key) is not None and math.isfinite(r[key])])
+    fig = Figure(figsize=(7, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax_loss, ax_eval = fig.subplots(2, 1, sharex=True)
+    steps, loss = series("loss")
+    ax_loss.plot([s for s, v in zip(steps, loss) if v > 0], [v for v in loss if v > 0], lw=1, label="loss")
+    ax_loss.set(yscale="log", ylabel="training loss (log scale)", title=f"phase {phase}")
+    if phase == 0:
+        ax_eval.plot(*series("eval_kp_err_px"), marker="o", label="held-out keypoint error")
+        ax_eval.set_ylabel("keypoint error (pixels)")
+    else:
+        ax_eval.plot(*series("eval_psnr"), marker="o", label="model: held-out self-reenactment")
+        _, copy = series("eval_copy_psnr")
+        if copy:
+            ax_eval.axhline(float(np.mean(copy)), ls="--", color="gray", label=f"copy the source ({np.mean(copy):.2f} dB)")
+        ax_eval.set_ylabel("PSNR (dB)")
+    ax_eval.set_xlabel("step")
+    for ax in (ax_loss, ax_eval):
+        ax.grid(True, which="both", alpha=0.3)
+        if ax.lines:
+            ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    return fig
 
 
 def draw_curves(out, phase):
-    recs = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))]
-    recs = [r for r in recs if r.get("phase") == phase]
-    series = lambda key: ([r["step"] for r in recs if key in r], [r[key] for r in recs if key in r])
-    panels = [("log10 loss", {"loss": (series("loss")[0], [math.log10(max(v, 1e-12)) for v in series("loss")[1]])})]
-    if phase == 0:
-        panels.append(("held-out keypoint error (px)", {"kp_err_px": series("eval_kp_err_px")}))
-    else:
-        panels.append(("held-out self-reenactment PSNR (dB)",
-                       {"model": series("eval_psnr"), "copy source": series("eval_copy_psnr")}))
-    plot_curves(os.path.join(out, f"curves_phase{phase}.png"), panels)
+    recs = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    plot_curves(os.path.join(out, f"curves_phase{phase}.png"), [r for r in recs if r.get("phase") == phase], phase)
 
 
 # ----------------------------------------------------------------------------------------------------------

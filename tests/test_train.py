@@ -143,6 +143,19 @@ def test_global_batches_split_over_ranks_without_overlap():
         assert {m for _, m in per_rank[0][step] + per_rank[1][step]} == {(step + 1) / 10}
 
 
+def test_curves_have_a_log_loss_axis_labels_and_the_copy_baseline_line(tmp_path):
+    recs = [{"phase": 1, "step": s, "loss": 0.1 / (1 + s)} for s in range(0, 50, 5)]
+    recs += [{"phase": 1, "step": s, "eval_psnr": 12.0 + s / 10, "eval_copy_psnr": 15.5} for s in (0, 25, 50)]
+    fig = train.plot_curves(str(tmp_path / "c.png"), recs, 1)
+    loss, ev = fig.axes
+    assert (tmp_path / "c.png").stat().st_size > 1000 and loss.get_yscale() == "log"
+    assert "loss" in loss.get_ylabel() and "PSNR" in ev.get_ylabel() and ev.get_xlabel() == "step"
+    copy = [l for l in ev.lines if "copy" in l.get_label()]
+    assert len(copy) == 1 and set(copy[0].get_ydata()) == {15.5}            # a horizontal line at its value
+    assert [t.get_text() for t in ev.get_yticklabels()]                    # axes carry values
+    train.plot_curves(str(tmp_path / "p0.png"), [{"phase": 0, "step": 1, "loss": 0.5}], 0)   # no eval yet
+
+
 # ----------------------------------------------------------------------------------------------------------
 # whole runs on the built-in data (32x32 tiny model, a few steps)
 
