@@ -4,7 +4,8 @@ data, reenactment and metrics.
 
 The detector is Siarohin et al.'s (FOMM) network unchanged, with the same parameter names, so FOMM's
 `vox-cpk.pth.tar` loads strictly once its `jacobian.*` head (unused by FSRT) is dropped (the FSRT
-release's kp_detector.pt holds the same keys). Sizes are FOMM's vox256 configuration (KPConfig).
+release's kp_detector.pt holds the same keys). Sizes are FOMM's vox256 configuration (KPConfig; README,
+"The authors' release: sizes and training values").
 """
 import os
 import warnings

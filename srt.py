@@ -4,8 +4,9 @@ patch CNN + transformer encoder (Eq. 1), cross-attention decoder (Eq. 2), the FS
 keypoint detector and the expression network, its config presets, the project's one checkpoint format, and
 the authors' released files (vox256.pt + kp_detector.pt: load_release / save_release).
 
-Sizes (paper preset) are the authors' release (config vox256, andrerochow/fsrt). Two departures from a
-literal implementation, both exact (same function, same parameters, fewer FLOPs):
+Sizes (paper preset) are the authors' release (config vox256, andrerochow/fsrt; README, "The authors'
+release"). Two departures from a literal implementation, both exact (same function, same parameters, fewer
+FLOPs):
   * the query MLP's first layer is split: W [gamma_pix(q), gamma_key(k_D), e_D] = W_pix gamma_pix(q)
     (per pixel, shared by all frames) + W_frame [gamma_key(k_D), e_D] (once per frame); see Decoder.
   * the patch CNN's first conv is split the same way over its 483 input channels; see PatchCNN.
@@ -102,7 +103,8 @@ class FSRTConfig:
 
     @classmethod
     def tiny(cls, **overrides):
-        """Same architecture (and Eq. 3-7 sizes: query 64 + 160 + 32) for 64x64 images on a CPU: 1.1 M parameters
+        """Same architecture (and Eq. 3-7 sizes: query 64 + 160 + 32) for small images on a CPU (64x64 here;
+        train.py's tiny preset uses it at 32x32): 1.1 M parameters
         in encoder + decoder, 2.2 M with detector and expression net; a training step (batch 16, 1 source,
         1024 pixels) is ~70 GFLOP forward + backward, 2/3 of it in the decoder."""
         d = dict(image_size=64, expr_dim=32, cnn_channels=((16, 32), (32, 64), (64, 128)), width=128,

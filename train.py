@@ -45,7 +45,7 @@ import reenact
 import srt
 from keypoints import KP_LANDMARKS, load_kp_detector, to_normalized, to_pixels
 
-# training values per preset: (phase 0, I, II, III) steps; paper values from architecture.md. tiny is the
+# training values per preset: (phase 0, I, II, III) steps; paper = the release's (README). tiny is the
 # CPU recipe measured on the built-in faces (see the README): 32x32 images make a step ~5x cheaper than 64x64
 # at the same PSNR per step; lr 1e-3 with a short warm-up; 256 pixels of 1024 per driving frame.
 PRESETS = {
