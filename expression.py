@@ -3,8 +3,8 @@
 It recycles the keypoint detector's last feature map F_{I,K} and its heatmaps H_I: a learned 7x7 convolution
 X_C gives n_f features per keypoint, each keypoint's features are pooled under its heatmap (Eq. 8),
 concatenated (Eq. 9) and mapped by a 4-layer MLP X_M to the latent expression vector e_I (Eq. 10).
-Sizes (the release's; README, "The authors' release"): 35-channel 64x64 features -> 10 x 32 channels at 58x58 -> 320 -> 640 -> 1280 -> 640
--> 256; 2.56 M parameters.
+Sizes (the release's; README, "The authors' release"): 35-channel 64x64 features -> 10 x 32 channels at
+58x58 -> 320 -> 640 -> 1280 -> 640 -> 256; 2.56 M parameters.
 """
 from dataclasses import dataclass
 

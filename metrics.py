@@ -116,8 +116,10 @@ def detector_landmark_fn(detector, min_size=256):
         if k > 1:
             image_uint8 = np.asarray(Image.fromarray(image_uint8).resize((w * k, h * k), Image.BICUBIC))
         lm = detector(image_uint8)
+        if lm is None:
+            return None
         size = np.array([w, h], np.float64)
-        return None if lm is None else keypoints.to_pixels(keypoints.to_normalized(np.asarray(lm, np.float64), k * size), size)
+        return keypoints.to_pixels(keypoints.to_normalized(np.asarray(lm, np.float64), k * size), size)
     return landmark_fn
 
 

@@ -509,7 +509,8 @@ def plot_curves(path, recs, phase):
         ax_eval.plot(*series("eval_psnr"), marker="o", label="model: held-out self-reenactment")
         _, copy = series("eval_copy_psnr")
         if copy:
-            ax_eval.axhline(float(np.mean(copy)), ls="--", color="gray", label=f"copy the source ({np.mean(copy):.2f} dB)")
+            level = float(np.mean(copy))
+            ax_eval.axhline(level, ls="--", color="gray", label=f"copy the source ({level:.2f} dB)")
         ax_eval.set_ylabel("PSNR (dB)")
     ax_eval.set_xlabel("step")
     for ax in (ax_loss, ax_eval):

@@ -239,8 +239,8 @@ def test_facedataset_builtin_keys_and_augmentation():
     np.testing.assert_allclose(s["drv_lm"].numpy(), render_face(ident, poses[-1], exprs[-1], 64)[1])
     flipped = data.FaceDataset(num_src=2, flip_p=1.0, crop_p=0.0)
     s, raw = flipped[5], flipped.sample_frames(5)           # same rng stream: same frames, then the flip
-    mirror, same = (s["drv_full"] - raw["frames"][N].flip(-1)).abs().mean(), (s["drv_full"] - raw["frames"][N]).abs().mean()
-    assert mirror < 0.5 * same                                # the frame is mirrored (and A2-jittered)
+    mirror = (s["drv_full"] - raw["frames"][N].flip(-1)).abs().mean()
+    assert mirror < 0.5 * (s["drv_full"] - raw["frames"][N]).abs().mean()   # mirrored (and A2-jittered)
     np.testing.assert_allclose(s["drv_lm"].numpy(), data.flip_landmarks(raw["landmarks"][N], S))
     assert s["drv_lm"][36:42, 0].mean() < s["drv_lm"][42:48, 0].mean()   # 36-41 stays the image-left eye
     tr, te = data.VideoSet(split="train", num_videos=3, frames=4), data.VideoSet(split="test", num_videos=3, frames=4)

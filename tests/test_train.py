@@ -119,7 +119,8 @@ def test_phase2_offset_per_sample_and_a1_a2_choice_per_batch(monkeypatch):
     choices, mixed = set(), False
     for step in range(8):
         a2, offsets = run(step, [0, 1, 2, 3])
-        assert isinstance(a2, bool) and run(step, [0, 1]) == (a2, offsets[:2]) and run(step, [2, 3]) == (a2, offsets[2:])
+        assert isinstance(a2, bool)
+        assert run(step, [0, 1]) == (a2, offsets[:2]) and run(step, [2, 3]) == (a2, offsets[2:])
         choices.add(a2)
         mixed |= len(set(offsets)) > 1
     assert choices == {False, True} and mixed
