@@ -49,6 +49,15 @@ def to_pixels(p, size):
     return p * (size / 2) + size / 2 - 0.5
 
 
+def pixel_grid(H, W, device=None, dtype=torch.float32):
+    """Normalised pixel centres (i + 0.5 - S/2) / (S/2) (to_normalized), as (x, y), row-major
+    (y outer): [H*W, 2]."""
+    xs = to_normalized(torch.arange(W, device=device, dtype=dtype), W)
+    ys = to_normalized(torch.arange(H, device=device, dtype=dtype), H)
+    y, x = torch.meshgrid(ys, xs, indexing="ij")                            # [H, W] each
+    return torch.stack((x, y), dim=-1).reshape(H * W, 2)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # building blocks (FOMM modules/util.py; names kept so state dicts match)
 

@@ -20,8 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from keypoints import antialias_downsample
-from srt import pixel_grid
+from keypoints import antialias_downsample, pixel_grid
 
 
 @dataclass
@@ -298,7 +297,7 @@ class DiscConfig:
 
 def kp2gaussian(kp, size, variance=0.01):
     """FOMM's kp2gaussian: exp(-||p - k||^2 / (2 variance)) for every pixel p.  kp: [B, K, 2] (x, y) in
-    the project's normalised coordinates; size (H, W).  The grid is srt.pixel_grid, the project's pixel-centre
+    the project's normalised coordinates; size (H, W).  The grid is keypoints.pixel_grid, the project's pixel-centre
     convention (keypoints.to_normalized; FOMM's grid spans [-1, 1] inclusive, < 1 pixel apart).
     -> [B, K, H, W]."""
     grid = pixel_grid(*size, device=kp.device, dtype=kp.dtype).view(*size, 2)     # (H, W, 2)

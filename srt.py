@@ -23,8 +23,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import losses
 from expression import ExpressionConfig, ExpressionNet
-from keypoints import KPConfig, KPDetector, load_kp_state, to_normalized
+from keypoints import KPConfig, KPDetector, load_kp_state, pixel_grid
 
 # -----------------------------------------------------------------------------
 # Eq. (3)-(5): positional encodings
@@ -42,14 +43,6 @@ def positional_encoding(p, start_octave, octaves):
     code = torch.stack((torch.sin(scaled), torch.cos(scaled)), dim=-1)      # [..., D, O, 2]
     return code.flatten(-3).to(p.dtype if p.is_floating_point() else torch.float32)
 
-
-def pixel_grid(H, W, device=None, dtype=torch.float32):
-    """Normalised pixel centres (i + 0.5 - S/2) / (S/2) (keypoints.to_normalized), as (x, y), row-major
-    (y outer): [H*W, 2]."""
-    xs = to_normalized(torch.arange(W, device=device, dtype=dtype), W)
-    ys = to_normalized(torch.arange(H, device=device, dtype=dtype), H)
-    y, x = torch.meshgrid(ys, xs, indexing="ij")                            # [H, W] each
-    return torch.stack((x, y), dim=-1).reshape(H * W, 2)
 
 # -----------------------------------------------------------------------------
 # config
@@ -455,7 +448,7 @@ def health(model, images):
     own = (rows[:, None] * w + cols[None, :]).flatten()                           # (HW,) token of each pixel
     attn_own = float(att.gather(-1, own.view(1, 1, -1, 1).expand(B, att.shape[1], -1, 1)).mean())
     rgb = model.render(z, kp, e, size=(H, W)).clamp(0, 1)
-    self_psnr = float((-10 * torch.log10((rgb - images).pow(2).mean((1, 2, 3)).clamp_min(1e-10))).mean())
+    self_psnr = float(losses.psnr(rgb, images).mean())
     model.train(was_training)
     return dict(active=active, spread=spread, latent_cos=latent_cos, attn_entropy=entropy,
                 attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr)
