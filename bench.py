@@ -204,7 +204,7 @@ def step_flops(phase, S=256, pixels=4096):
     """FLOPs of one training sample (forward + backward) of the paper preset, counted on the meta device
     (no memory, no time): detector + expression net on source and driving frames, encoder, decoder
     (phase I: `pixels` sampled pixels; phase II/III: 1/4 of the image with gradient, 3/4 without),
-    VGG19 pyramid (phase II/III) and discriminator on real and fake images (phase III)."""
+    VGG19 at full resolution (phase II/III) and discriminator on real and fake images (phase III)."""
     from torch.utils.flop_counter import FlopCounterMode
     import losses
     with torch.device("meta"):
@@ -225,11 +225,9 @@ def step_flops(phase, S=256, pixels=4096):
             with torch.no_grad():
                 model.decode(z.detach(), grid[n_grad:], kp_d, e_d)
             img = torch.rand(1, 3, S, S, device="meta", requires_grad=True)
-            for s in (1, 2, 4, 8):   # pyramid: prediction with gradient, target without
-                x = img[..., ::s, ::s]
-                loss = loss + sum(f.mean() for f in vgg(x))
-                with torch.no_grad():
-                    vgg(x)
+            loss = loss + sum(f.mean() for f in vgg(img))   # one scale, as the release: prediction with
+            with torch.no_grad():                             # gradient, target without
+                vgg(img)
             if phase >= 3:
                 scores, feats = disc(img, kp_d)
                 loss = loss + scores.mean() + disc(img.detach(), kp_d)[0].mean()
