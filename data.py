@@ -20,6 +20,7 @@ pixels (pixel centre i at x = i); boxes are pixel (x0, y0, x1, y1) with x1, y1 e
 import argparse
 import math
 import os
+import re
 import sys
 import warnings
 from dataclasses import astuple, dataclass
@@ -472,7 +473,7 @@ def read_frames(path, indices=None):
                     if want is not None and len(got) == len(want):
                         break
         except Exception as e:
-            raise ValueError(f"{path}: cannot read video ({type(e).__name__}: {str(e)[:200]})") from None
+            raise video_error(path, e) from None
         missing = [] if want is None else sorted(want - set(got))
         if not got or missing:
             raise ValueError(f"{path}: video too short or empty ({len(got)} frames read, missing {missing[:3]})")
@@ -482,8 +483,52 @@ def read_frames(path, indices=None):
     return np.stack(frames)
 
 
+def video_error(path, err):
+    """ValueError for an unreadable video giving ffmpeg's reason (the last lines of its stderr), not its banner."""
+    head, _, tail = str(err).partition("=== stderr ===")
+    lines = [re.sub(r"^\[[^]]*\]\s*", "", l).strip() for l in tail.splitlines()]
+    lines = [l for l in lines if l and not re.match(r"ffmpeg version|built with|configuration:|lib\w+ +\d|"
+                                                    r"Error opening input file", l)]
+    reason = "; ".join(dict.fromkeys([" ".join(head.split())] + lines[-2:]))
+    return ValueError(f"{path}: cannot read video ({type(err).__name__}: {reason[:300]})")
+
+
+def iter_frames(path):
+    """The frames of an image, a video file or a folder of frames as np.uint8 [H,W,3], one at a time: a long
+    video is never held in memory."""
+    if os.path.isdir(path):
+        for name in _frame_files(path):
+            yield read_image(os.path.join(path, name))
+    elif os.path.splitext(path)[1].lower() in IMAGE_EXTS:
+        yield read_image(path)
+    else:
+        import imageio.v2 as imageio
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: video not found")
+        try:
+            reader = imageio.get_reader(path)
+        except Exception as e:
+            raise video_error(path, e) from None
+        with reader:
+            frames = iter(reader)
+            while True:
+                try:
+                    fr = next(frames)
+                except StopIteration:
+                    return
+                except Exception as e:
+                    raise video_error(path, e) from None
+                yield _rgb8(fr)
+
+
 def read_video(path):
     """mp4/gif/mov file or folder of PNG/JPG frames -> (np.uint8 [T,H,W,3], fps)."""
+    fps = video_fps(path)
+    return read_frames(path), fps
+
+
+def video_fps(path):
+    """Frame rate of a video file from its metadata; DEFAULT_FPS for a folder of frames."""
     fps = DEFAULT_FPS
     if os.path.isfile(path):
         import imageio.v2 as imageio
@@ -492,16 +537,17 @@ def read_video(path):
                 meta = reader.get_meta_data()
             fps = float(meta.get("fps") or (1000.0 / meta["duration"] if meta.get("duration") else DEFAULT_FPS))
         except Exception as e:
-            raise ValueError(f"{path}: cannot read video ({type(e).__name__}: {str(e)[:200]})") from None
+            raise video_error(path, e) from None
     elif not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such video file or frame folder")
-    return read_frames(path), fps
+    return fps
 
 
 def write_video(path, frames, fps=DEFAULT_FPS):
-    """frames [T,H,W,3] (uint8, or float in [0, 1]) -> .mp4/.mov (H.264), .gif, or (any other name) a folder
-    of PNG frames."""
-    frames = _rgb8(np.asarray(frames))
+    """frames [T,H,W,3] or any iterable of [H,W,3] frames (uint8, or float in [0, 1]) -> .mp4/.mov (H.264),
+    .gif, or (any other name) a folder of PNG frames. An iterable is written as it comes (streaming), except
+    for a GIF, whose frames are collected first."""
+    frames = (_rgb8(np.asarray(fr)) for fr in frames)
     ext = os.path.splitext(path)[1].lower()
     if ext not in VIDEO_EXTS:
         os.makedirs(path, exist_ok=True)
@@ -511,15 +557,19 @@ def write_video(path, frames, fps=DEFAULT_FPS):
     import imageio.v2 as imageio
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{ext}"                 # written aside, then moved: never a half-written video
-    if ext == ".gif":
-        import imageio.v3 as iio
-        iio.imwrite(tmp, frames, duration=1000.0 / fps, loop=0)
-    else:
-        with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=2,
-                                ffmpeg_log_level="error") as w:
-            for fr in frames:
-                w.append_data(fr)
-    os.replace(tmp, path)
+    try:
+        if ext == ".gif":
+            import imageio.v3 as iio
+            iio.imwrite(tmp, np.stack(list(frames)), duration=1000.0 / fps, loop=0)
+        else:
+            with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=2,
+                                    ffmpeg_log_level="error") as w:
+                for fr in frames:
+                    w.append_data(fr)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):              # only after a failure or an interruption
+            os.remove(tmp)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -555,6 +605,18 @@ def preview(path, root=None, size=64, n=6, num_src=1, seed=0):
     Image.fromarray(to_uint8(torch.cat(rows, 1))).save(path)
 
 
+def check_numbers(args, rules):
+    """rules {"warmup": ">= 0 (0 = no warm-up)", "lr": "> 0"}: a one-line ValueError for the first option
+    (set, not None) outside its range; NaN is always refused."""
+    for name, rule in rules.items():
+        v = getattr(args, name, None)     # options of another subcommand are absent
+        values = v if isinstance(v, (list, tuple)) else [v]
+        op, bound = rule.split()[:2]
+        for x in values:
+            if x is not None and (math.isnan(x) or not (x >= float(bound) if op == ">=" else x > float(bound))):
+                raise ValueError(f"--{name.replace('_', '-')} {x}: must be {rule}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="FSRT data: built-in faces, VoxCeleb landmarks, previews.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -576,6 +638,8 @@ def main(argv=None):
     pv.add_argument("--n", type=int, default=6)
     args = p.parse_args(argv)
     try:
+        check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
+                             "motion": ">= 0", "n": ">= 1"})
         if args.cmd == "export":
             export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
         elif args.cmd == "landmarks":

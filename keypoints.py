@@ -216,8 +216,9 @@ def load_kp_detector(path, detector: KPDetector) -> KPDetector:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path!r} is not a readable torch checkpoint ({type(e).__name__}: {str(e)[:200]}); "
-                         f"expected {KP_FILES}") from None
+        from srt import load_reason   # one line; never torch's hint to retry with weights_only=False
+        raise ValueError(f"{path!r} is not a readable torch checkpoint ({load_reason(e)}); expected {KP_FILES}") \
+            from None
     return load_kp_state(obj, detector, repr(path))
 
 

@@ -215,6 +215,15 @@ class VGG19(nn.Module):
         return out
 
 
+def _load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:   # a text file, a truncated download, a pickle with code in it: one clear line
+        from srt import load_reason
+        raise ValueError(f"{path} is not a readable torch checkpoint ({load_reason(err)}); expected torchvision's "
+                         f"{VGG19_FILE} ({VGG19_URL})") from None
+
+
 def load_vgg19(weights_path=None, random_weights=False):
     """A frozen VGG19 with torchvision's ImageNet weights.
 
@@ -228,9 +237,9 @@ def load_vgg19(weights_path=None, random_weights=False):
         if not os.path.isfile(weights_path):
             raise FileNotFoundError(f"VGG19 weights not found at {weights_path}: download {VGG19_URL} "
                                     f"and pass its path, or leave the path out to use {vgg19_weights_path()}")
-        sd = torch.load(weights_path, map_location="cpu", weights_only=True)
+        sd = _load(weights_path)
     elif os.path.isfile(vgg19_weights_path()):
-        sd = torch.load(vgg19_weights_path(), map_location="cpu", weights_only=True)
+        sd = _load(vgg19_weights_path())
     else:
         try:
             sd = torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", progress=False)

@@ -36,7 +36,9 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
+import warnings
 
 import numpy as np
 import torch
@@ -47,7 +49,8 @@ from tqdm import tqdm
 import data
 import keypoints
 import losses
-from reenact import pick_precision, reenact
+from reenact import (EXPECTED, check_device, check_writable, fail, pick_precision, reenact,
+                     refuse_overwriting_inputs)
 from srt import model_from_checkpoint
 
 
@@ -173,13 +176,19 @@ def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=No
                   chunk=None, progress=True, bf16=False) -> dict:
     """Self-reenactment on a sequence of videos (dicts with "frames" [T,3,S,S]), protocol of Sec. 4.1.
 
-    Returns {"model": row or None, "baseline": row, "videos": n, "videos_skipped": n}; a row holds ssim,
+    Returns {"model": row or None, "baseline": row, "videos": n, "videos_skipped": n (too short),
+    "videos_unreadable": n (broken files, skipped with a warning)}; a row holds ssim,
     psnr, l1, frames (and the AKD entries when landmark_fn is given). model=None scores only the baseline.
     """
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
-    rows_model, rows_base, skipped = [], [], 0
+    rows_model, rows_base, skipped, unreadable = [], [], 0, 0
     for i in tqdm(range(n), desc="self-reenactment", disable=not progress):
-        frames = videos[i]["frames"]                                        # (T, 3, S, S)
+        try:
+            frames = videos[i]["frames"]                                    # (T, 3, S, S)
+        except (ValueError, OSError) as err:   # one broken file does not end the evaluation: skipped, counted
+            warnings.warn(f"skipping unreadable test video: {err}")
+            unreadable += 1
+            continue
         src_idx, drv_idx = protocol_frames(len(frames), num_src)
         if not drv_idx:
             skipped += 1
@@ -191,11 +200,14 @@ def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=No
             pred = reenact(model, frames[src_idx].to(device), targets.to(device), relative=False,
                            chunk=chunk, bf16=bf16).cpu()
             rows_model.append(_score(pred, targets, landmark_fn))
+    if unreadable == n:
+        raise ValueError(f"none of the {n} test videos could be read (see the warnings above)")
     if not rows_base:
         raise ValueError(f"no video of {n} has a driving frame under the protocol (videos too short: a video "
                          f"needs more than {10 * num_src} frames)")
     return {"model": mean_over_videos(rows_model) if rows_model else None,
-            "baseline": mean_over_videos(rows_base), "videos": len(rows_base), "videos_skipped": skipped}
+            "baseline": mean_over_videos(rows_base), "videos": len(rows_base), "videos_skipped": skipped,
+            "videos_unreadable": unreadable}
 
 
 def _score(preds, targets, landmark_fn):
@@ -437,6 +449,11 @@ def _jsonable(x):
 
 
 def run(args) -> dict:
+    data.check_numbers(args, {"num_src": ">= 1", "max_videos": ">= 1", "probe_videos": ">= 1", "probe_stride": ">= 1",
+                             "probe_alpha": "> 0", "chunk": ">= 1", "seed": ">= 0"})
+    check_device(args.device)
+    refuse_overwriting_inputs(args.out, [("--checkpoint", args.checkpoint), ("--kp-detector", args.kp_detector)])
+    check_writable(args.out)          # now, not after the whole evaluation
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -454,7 +471,8 @@ def run(args) -> dict:
            "akd": {"available": landmark_fn is not None, "reason": akd_reason,
                    "units": f"pixels at {size}x{size}"}}
     print(f"\nself-reenactment (Sec. 4.1), {res['videos']} videos "
-          f"({res['videos_skipped']} too short), {res['baseline']['frames']} driving frames")
+          f"({res['videos_skipped']} too short, {res['videos_unreadable']} unreadable), "
+          f"{res['baseline']['frames']} driving frames")
     print(f"{'method':<26}{'#src':>5}  {'SSIM':>6}  {'PSNR':>6}  {'L1':>6}  {'AKD':>5}")
     print(format_row("FSRT (this checkpoint)", args.num_src, res["model"]))
     print(format_row("copy nearest source", args.num_src, res["baseline"]))
@@ -501,6 +519,7 @@ def run(args) -> dict:
               f"({len(X_tr)} train / {len(X_te)} test frames; want expression high, identity and pose low)")
         print("  " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in r2.items()))
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(_jsonable(out), f, indent=2)
     print(f"\nwrote {args.out}")
@@ -534,10 +553,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        msg = " ".join(str(err).split())
-        print("error: " + (msg if len(msg) <= 400 else msg[:400] + " ..."), file=sys.stderr)
-        return 2
+    except EXPECTED as err:
+        return fail(err)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -24,8 +24,10 @@ expression, motion transfer, chunked decoding of all pixels. Its output is clamp
 
 Inputs: PNG/JPG images, mp4/gif/mov videos or folders of frames, any size (centre-cropped to a square and
 resized to the model's size, with a notice), gray/RGBA/16-bit converted (data.read_image). Output by the
-extension of --out (.mp4/.mov/.gif, or a folder of PNGs) at the driving video's frame rate. Errors end with
-one line `error: ...` on stderr and exit code 2.
+extension of --out (.mp4/.mov/.gif, or a folder of PNGs) at the driving video's frame rate. The driving
+video is streamed: read and resized frame by frame, rendered and written 32 frames at a time, so memory is
+bounded by the model, not by the clip (a GIF's output frames are collected before writing). An --out that
+is, or lies inside, an input is refused. Errors end with one line `error: ...` on stderr and exit code 2.
 
 Checkpoints are recognised by content: train.py's, or the authors' release (vox256.pt, vox256_2Source.pt)
 with --kp-detector kp_detector.pt (srt.load_release; 256x256). --precision auto (default) decodes in
@@ -33,9 +35,14 @@ bfloat16 where a short matmul probe shows bf16 faster than fp32 on this machine,
 """
 import argparse
 import contextlib
+import errno
 import functools
+import itertools
 import os
+import re
+import signal
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -235,27 +242,79 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
 # -----------------------------------------------------------------------------
 # command line: inputs, outputs, processes
 
-def load_frames(path):
-    """An image, a video or a folder of frames -> (uint8 [T, H, W, 3], fps or None for a still image)."""
+def check_input(path):
+    """An image, a video or a folder of frames that exists -> 'image' or 'frames' (a ValueError otherwise)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     ext = os.path.splitext(path)[1].lower()
-    try:
-        if os.path.isdir(path) or ext in VIDEO_EXTS:
-            frames, fps = data.read_video(path)
-        elif ext in IMAGE_EXTS:
-            frames, fps = data.read_image(path)[None], None
-        else:
-            raise ValueError(f"{path}: unknown file type '{ext}'; use PNG/JPG images, "
-                             f"{'/'.join(e[1:] for e in VIDEO_EXTS)} videos or a folder of frames")
-    except (ValueError, FileNotFoundError, RuntimeError, OSError):
-        raise
-    except Exception as e:  # library internals (imageio, PIL, ffmpeg): one clear line, not a traceback
-        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {e})") from e
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or len(frames) == 0:
+    if os.path.isdir(path) or ext in VIDEO_EXTS:
+        return "frames"
+    if ext in IMAGE_EXTS:
+        return "image"
+    raise ValueError(f"{path}: unknown file type '{ext}'; use PNG/JPG images, "
+                     f"{'/'.join(e[1:] for e in VIDEO_EXTS)} videos or a folder of frames")
+
+
+def count_frames(path, limit=None):
+    """Frames in a video or folder (at most `limit`), decoded one at a time and never kept."""
+    n = sum(1 for _ in itertools.islice(data.iter_frames(path), limit))
+    if n == 0:
         raise ValueError(f"{path}: no frames in it")
-    return frames, fps
+    return n
+
+
+def load_source(path, indices):
+    """A source image (indices must address its one frame) or frames `indices` of a video or folder ->
+    uint8 [n, H, W, 3]. Only the wanted frames are kept in memory."""
+    if check_input(path) == "image":
+        pick_frames(1, indices, f"--source-frames for the still image {path}")
+        return data.read_image(path)[None]
+    return data.read_frames(path, pick_frames(count_frames(path), indices, path))
+
+
+class Driving:
+    """The driving frames: a file or folder is streamed from disk, each frame resized to the model's size as
+    soon as it is read (a long or large video is never held in memory; with max_frames only that many frames
+    are decoded); the built-in demo's frames are in memory already (float [T, 3, S, S])."""
+    CHUNK = 32      # frames rendered per call of reenact()
+
+    def __init__(self, path=None, frames=None, max_frames=None):
+        self.path, self.frames = path, frames
+        if frames is not None:
+            self.n, self.fps = len(frames), None
+        elif check_input(path) == "image":
+            self.n, self.fps = 1, None
+        else:
+            self.n, self.fps = count_frames(path, max_frames), data.video_fps(path)
+
+    def __len__(self):
+        return self.n
+
+    def raw(self, start=0):
+        """The frames from `start` as they are, uint8 [H, W, 3], one at a time."""
+        if self.frames is not None:
+            yield from data.to_uint8(self.frames[start:])
+            return
+        image = os.path.splitext(self.path)[1].lower() in IMAGE_EXTS and not os.path.isdir(self.path)
+        yield from itertools.islice(iter([data.read_image(self.path)]) if image else data.iter_frames(self.path),
+                                    start, self.n)
+
+    def chunks(self, S, log=print, start=0):
+        """float [n, 3, S, S] in [0, 1], CHUNK frames at a time (n < CHUNK for the last)."""
+        if self.frames is not None:
+            yield from (self.frames[t:t + self.CHUNK] for t in range(start, self.n, self.CHUNK))
+            return
+        block, shape = [], None
+        for f in self.raw(start):
+            if shape is not None and f.shape != shape:
+                raise ValueError(f"{self.path}: frames of different sizes")
+            block.append(to_model_size(f[None], S, self.path, log if shape is None else lambda *a: None)[1])
+            shape = f.shape
+            if len(block) == self.CHUNK:
+                yield torch.cat(block)
+                block = []
+        if block:
+            yield torch.cat(block)
 
 
 def to_model_size(frames, size, name, log=print):
@@ -281,6 +340,124 @@ def pick_frames(n, indices, name):
             raise ValueError(f"{name}: frame {i} requested but it has {n} frames")
         out.append(i % n)
     return out
+
+
+# -----------------------------------------------------------------------------
+# command-line checks shared with train.py and metrics.py: fail early, in one line
+
+def error_line(err):
+    """An exception -> one line saying what went wrong (out of memory and a full disk said plainly)."""
+    msg = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, MemoryError) or re.search(r"out of memory|can't allocate memory|Cannot allocate memory", msg):
+        msg = (f"out of memory ({msg[:300]}): lower --batch-size, --pixels, --chunk or the image size, "
+               f"or close other programs")
+    elif isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        msg = f"the disk is full: cannot write {err.filename or ''} ({err.strerror}); free some space and rerun"
+    elif "No space left on device" in msg:                     # e.g. reported by ffmpeg while writing a video
+        msg = f"the disk is full ({msg[:300]}); free some space and rerun"
+    return msg if len(msg) <= 1000 else msg[:1000] + " ..."
+
+
+def fail(err, code=2):
+    """Print `error: ...` (one line) on stderr and return the exit code."""
+    print(f"error: {error_line(err)}", file=sys.stderr)
+    return code
+
+
+# exceptions that end a command line with one line (anything else is a bug and keeps its traceback)
+EXPECTED = (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError)
+
+
+def check_device(name):
+    """--device: a device torch knows and this machine has (a one-line ValueError otherwise)."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {name!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available on this machine ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+
+
+def available_memory(device):
+    """Bytes that can still be allocated on `device` (CUDA: free GPU memory; CPU: MemAvailable), or None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(l for l in f if l.startswith("MemAvailable:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def check_writable(path, what="--out", folder=False):
+    """Fail now, before long work, if `path` (a file, or with folder=True a folder of files; missing parent
+    folders will be created) cannot be written. -> ValueError with the reason."""
+    p = os.path.abspath(path)
+    if os.path.isdir(p) and not folder:
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    if os.path.exists(p) and not os.path.isdir(p) and folder:
+        raise ValueError(f"{what} {path} is a file; give a folder")
+    d = p if folder else os.path.dirname(p)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise ValueError(f"{what} {path}: {d} is a file, not a folder")
+    try:
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {d} ({e.strerror or e}); choose another place") from None
+
+
+def refuse_overwriting_inputs(out, inputs, what="--out", frame_folder=False):
+    """Refuse an output path that is one of the inputs or lies inside an input folder (and, for a folder of
+    PNG frames, an input that is one of the frame files about to be written). inputs: [(option, path)]."""
+    o = os.path.realpath(out)
+    for name, path in inputs:
+        if path is None or not os.path.exists(path):
+            continue
+        i = os.path.realpath(path)
+        same = o == i or (os.path.exists(o) and os.path.samefile(o, i))
+        inside = os.path.isdir(i) and o.startswith(i.rstrip(os.sep) + os.sep)
+        clash = frame_folder and os.path.dirname(i) == o and re.fullmatch(r"\d{6}\.png", os.path.basename(i))
+        if same or inside or clash:
+            where = "is" if same else "is inside" if inside else "would overwrite"
+            raise ValueError(f"{what} {out} {where} the input {name} {path}; writing it would destroy the input: "
+                             f"choose another output path")
+
+
+STOP = 0      # the signal number of the first SIGINT/SIGTERM received, 0 before
+
+
+def on_stop_signals(message):
+    """First SIGINT/SIGTERM: set STOP and print `message`; the default action is restored for both signals,
+    so a second one ends the process at once (exit 130 / 143, even inside a long computation)."""
+    def handler(signum, frame):
+        global STOP
+        STOP = signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{message}", file=sys.stderr, flush=True)
+    global STOP
+    STOP = 0
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def exit_code_of(signum):
+    """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143)."""
+    return 128 + int(signum)
 
 
 def build_parser():
@@ -328,6 +505,7 @@ def setup_processes(device_arg):
 
 
 def load_model(path, device, kp_detector=None):
+    """The model of a checkpoint (default: the built-in one); srt refuses phase-0 (detector only) ones."""
     if path is None:
         if not os.path.exists(BUILTIN_CKPT):
             raise FileNotFoundError(f"no --checkpoint given and the built-in checkpoint {BUILTIN_CKPT} is missing: "
@@ -337,14 +515,12 @@ def load_model(path, device, kp_detector=None):
 
 
 def gather_inputs(args, S, log):
-    """-> sources [N,3,S,S], driving [T,3,S,S], their uint8 squares (for landmarks / side-by-side), fps,
-    and known landmarks (built-in data) or None."""
-    if (args.source is None) != (args.driving is None):
-        raise ValueError("give both --source and --driving, or neither for the built-in demo")
+    """-> sources [N,3,S,S], their uint8 squares (for landmarks / side-by-side), the Driving frames (read
+    chunk by chunk later), fps, and known landmarks (built-in data) or None."""
     if args.source is None:  # built-in demo: a test identity driven by another identity's video
         # the built-in videos are rendered on access: render only the frames needed
         videos = data.VideoSet(split="test", size=S, **({} if args.max_frames is None else
-                                                          dict(frames=max(1, args.max_frames))))
+                                                          dict(frames=args.max_frames)))
         if len(videos) < 2:
             raise RuntimeError("the built-in test set has fewer than 2 videos")
         src = videos[0]
@@ -354,28 +530,38 @@ def gather_inputs(args, S, log):
                 break
         log(f"demo: source {src['name']} ({src['identity']}), driving {drv['name']} ({drv['identity']})")
         sel = pick_frames(len(src["frames"]), args.source_frames, src["name"])
-        sources, driving = src["frames"][sel].float(), drv["frames"].float()
+        sources = src["frames"][sel].float()
         src_lm = None if src.get("landmarks") is None else np.asarray(src["landmarks"])[sel[0]]
         drv_lm = None if drv.get("landmarks") is None else list(np.asarray(drv["landmarks"]))
         fps = float(drv.get("fps") or data.DEFAULT_FPS)
-        return sources, driving, data.to_uint8(sources), data.to_uint8(driving), fps, (src_lm, drv_lm)
+        return sources, data.to_uint8(sources), Driving(frames=drv["frames"].float()), fps, (src_lm, drv_lm)
 
     sources, squares = [], []
     for path in args.source:
-        frames, fps = load_frames(path)
-        if fps is not None:  # a video or folder: take --source-frames
-            frames = frames[pick_frames(len(frames), args.source_frames, path)]
-        sq, x = to_model_size(frames, S, path, log)
+        sq, x = to_model_size(load_source(path, args.source_frames), S, path, log)
         sources.append(x)
         squares.extend(sq)
-    frames, fps = load_frames(args.driving)
-    if args.max_frames is not None:
-        frames = frames[:max(1, args.max_frames)]
-    drv_sq, driving = to_model_size(frames, S, args.driving, log)
-    return torch.cat(sources), driving, squares, drv_sq, float(fps or data.DEFAULT_FPS), None
+    driving = Driving(args.driving, max_frames=args.max_frames)
+    return torch.cat(sources), squares, driving, float(driving.fps or data.DEFAULT_FPS), None
 
 
 def run(args):
+    data.check_numbers(args, {"max_frames": ">= 1", "batch": ">= 1", "chunk": ">= 1"})
+    check_device(args.device)
+    if (args.source is None) != (args.driving is None):
+        raise ValueError("give both --source and --driving, or neither for the built-in demo")
+    out = args.out or ("demo.mp4" if args.source is None else None)
+    if out is None:
+        raise ValueError("--out is required (a .mp4, .gif or a folder for PNG frames)")
+    ext = os.path.splitext(out)[1].lower()
+    if ext and ext not in (".mp4", ".mov", ".gif"):
+        raise ValueError(f"--out {out}: unknown video type '{ext}'; use .mp4, .mov, .gif or a folder name")
+    # before any work: never write over an input, and fail now if the output cannot be written
+    inputs = [("--source", p) for p in args.source or []] + [("--driving", args.driving),
+                                                            ("--checkpoint", args.checkpoint),
+                                                            ("--kp-detector", args.kp_detector)]
+    refuse_overwriting_inputs(out, inputs, frame_folder=not ext)
+    check_writable(out, folder=not ext)
     rank, world, device = setup_processes(args.device)
     log = print if rank == 0 else (lambda *a, **k: None)
     model = load_model(args.checkpoint, device, args.kp_detector)
@@ -385,13 +571,7 @@ def run(args):
         dist.broadcast_object_list(precision, src=0)
     (precision, why), args.bf16 = precision[0], precision[0][0] == "bf16"
     log(f"precision: {precision} ({why})")
-    sources, driving, src_sq, drv_sq, fps, landmarks = gather_inputs(args, S, log)
-    out = args.out or ("demo.mp4" if args.source is None else None)
-    if out is None:
-        raise ValueError("--out is required (a .mp4, .gif or a folder for PNG frames)")
-    ext = os.path.splitext(out)[1].lower()
-    if ext and ext not in (".mp4", ".mov", ".gif"):
-        raise ValueError(f"--out {out}: unknown video type '{ext}'; use .mp4, .mov, .gif or a folder name")
+    sources, src_sq, driving, fps, landmarks = gather_inputs(args, S, log)
     side_by_side = args.side_by_side or args.source is None
     T = len(driving)
 
@@ -407,7 +587,9 @@ def run(args):
             try:
                 from keypoints import LandmarkDetector
                 detector = LandmarkDetector(device=str(device))      # models are built on the first call
-                landmarks = (detector(src_sq[0]), [detector(f) for f in drv_sq])
+                quiet = lambda *a: None                              # one centre-cropped frame at a time
+                landmarks = (detector(src_sq[0]), [detector(to_model_size(f[None], S, "", quiet)[0][0])
+                                                   for f in driving.raw()])
             except Exception as e:      # keypoints.py's messages name the files to download and where
                 msg = str(e) if isinstance(e, (RuntimeError, ValueError)) else f"{type(e).__name__}: {e}"
                 raise RuntimeError(f"--find-best-frame needs face-alignment landmarks: {msg} "
@@ -417,27 +599,45 @@ def run(args):
     if args.adapt_scale and not relative:
         log("notice: --adapt-scale only matters with --relative")
 
-    # this process's share of the frames (contiguous, in order); rank 0 writes them all
-    bounds = np.linspace(0, T, world + 1).round().astype(int)
-    mine = slice(int(bounds[rank]), int(bounds[rank + 1]))
-    if world > 1:
-        log(f"{T} frames split across {world} processes; the progress bar shows rank 0's {mine.stop} frames")
-    result = reenact(model, sources, driving, relative=relative, adapt_scale=args.adapt_scale,
-                     initial_frame=initial, chunk=args.chunk, bf16=args.bf16, batch=args.batch,
-                     progress=rank == 0 and not args.no_progress, frames=mine)
-    result = data.to_uint8(result)
-    if world > 1:
-        parts = [None] * world if rank == 0 else None
-        dist.gather_object(result, parts, dst=0)
-        if rank == 0:
-            result = np.concatenate(parts)
+    frames = render_stream(model, sources, driving, S, relative, initial, args, rank, world,
+                           first_source(src_sq, S) if side_by_side else None)
     if rank != 0:
+        for _ in frames:   # the other processes render their share of every chunk; rank 0 writes
+            pass
         return
-    if side_by_side:
-        source = np.broadcast_to(first_source(src_sq, S), result.shape)
-        result = np.concatenate([source, data.to_uint8(driving), result], axis=2)   # (T, S, 3S, 3)
-    data.write_video(out, result, fps)                                   # creates folders as needed
-    log(f"wrote {out}: {len(result)} frames at {fps:g} fps" + (" (source | driving | result)" if side_by_side else ""))
+    data.write_video(out, frames, fps)                                   # creates folders as needed
+    log(f"wrote {out}: {T} frames at {fps:g} fps" + (" (source | driving | result)" if side_by_side else ""))
+
+
+def render_stream(model, sources, driving, S, relative, initial, args, rank, world, source_view=None):
+    """Yields the output frames (uint8 [S, S or 3S, 3]) on rank 0, Driving.CHUNK driving frames at a time:
+    memory is bounded by the model and the chunk, not by the clip's length. Each chunk is split across the
+    processes (contiguous, in order) and gathered on rank 0. The initial driving frame of relative motion
+    leads every chunk (k_D,init) and is not rendered."""
+    lead = None
+    if relative:
+        first = driving.chunks(S, log=lambda *a: None, start=initial)
+        lead = next(first)[:1]
+        first.close()
+    bar = tqdm(total=len(driving), unit="frame", disable=rank != 0 or args.no_progress, dynamic_ncols=True)
+    for x in driving.chunks(S, log=print if rank == 0 else lambda *a: None):
+        n, k = len(x), int(relative)
+        bounds = np.linspace(0, n, world + 1).round().astype(int)
+        mine = slice(k + int(bounds[rank]), k + int(bounds[rank + 1]))
+        result = data.to_uint8(reenact(model, sources, x if lead is None else torch.cat([lead, x]),
+                                       relative=relative, adapt_scale=args.adapt_scale, initial_frame=0,
+                                       chunk=args.chunk, bf16=args.bf16, batch=args.batch, frames=mine))
+        if world > 1:
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(result, parts, dst=0)
+            result = np.concatenate(parts) if rank == 0 else None
+        bar.update(n)
+        if rank != 0:
+            continue
+        if source_view is not None:   # source | driving | result
+            result = np.concatenate([np.broadcast_to(source_view, result.shape), data.to_uint8(x), result], axis=2)
+        yield from result
+    bar.close()
 
 
 def first_source(src_sq, S):
@@ -452,11 +652,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        msg = msg if len(msg) <= 1000 else msg[:1000] + " ..."
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
+    except EXPECTED as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

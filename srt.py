@@ -12,9 +12,16 @@ FLOPs):
   * the patch CNN's first conv is split the same way over its 483 input channels; see PatchCNN.
 `FSRT.decode_naive` and `FSRT.encode_naive` are the literal versions, kept as references for the tests.
 """
+import errno
+import glob
 import math
 import os
+import re
+import shutil
+import socket
+import sys
 import tempfile
+import time
 import warnings
 import zipfile
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -470,8 +477,15 @@ def _atomic_save(obj, path):
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".pt", dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+        except (RuntimeError, OSError) as err:   # torch says "enforce fail ... file write failed" on a full disk
+            free = shutil.disk_usage(folder).free
+            if free < 2 ** 20 + sum(t.numel() * t.element_size() for t in _tensors(obj)):
+                raise OSError(errno.ENOSPC, f"No space left on device ({free / 2 ** 20:.0f} MB free, "
+                              f"{type(err).__name__}: {str(err)[:100]})", path) from None
+            raise
         os.replace(tmp, path)                                               # atomic on POSIX and Windows
     finally:
         if os.path.exists(tmp):                                             # only after a failure
@@ -481,6 +495,72 @@ def _atomic_save(obj, path):
 def save_checkpoint(path, ckpt):
     """Atomic save of a project checkpoint (adds format='fsrt')."""
     _atomic_save({"format": "fsrt", **ckpt}, path)
+
+
+def load_reason(err):
+    """Why torch.load failed, in one line ("TypeName: reason"). Never repeats torch's hint to retry with
+    weights_only=False: that would run whatever code the file holds."""
+    msg = str(err)
+    if "Weights only load failed" in msg:
+        found = re.search(r"unsupported global:? (?:GLOBAL )?(\S+)", msg, re.I)
+        return (f"{type(err).__name__}: it holds Python objects besides tensors "
+                f"({found.group(1) if found else 'custom classes'}); they were not unpickled, as that could run code")
+    return f"{type(err).__name__}: {(msg.splitlines() or [''])[0].split('. ')[0][:160]}"
+
+
+class RunLock:
+    """FOLDER/.lock, locked with flock and holding the owner's pid. The OS drops the lock when its process
+    dies (even by kill -9), so a lock file left behind by a dead run is taken over, with a notice; while the
+    owner runs, another process refuses with one line naming it. No-op where fcntl is missing (Windows)."""
+
+    def __init__(self, folder, log=print):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--out {folder} is a file; give a folder for the run (checkpoints, log, samples)")
+        os.makedirs(folder, exist_ok=True)
+        self.path, self.fd = os.path.join(folder, ".lock"), None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(f"the run folder {folder} is in use by {owner}: two runs in one folder would "
+                               f"overwrite each other's checkpoints; wait for it, stop it, or pass another --out")
+        old = os.pread(fd, 1000, 0).decode(errors="replace").strip()
+        if old:
+            log(f"notice: took over the lock of {folder} from {old}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        self.fd = fd
+
+    def release(self):
+        """Empty the lock file and unlock (the file stays: removing it could race with a process opening it)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+def remove_stale_temp(folder, log=print):
+    """Remove the `.tmp_*.pt` files of checkpoint writes that were killed (srt.save_checkpoint writes beside
+    the checkpoint, then renames). Call it only while holding the folder's RunLock: then no writer is alive."""
+    stale = glob.glob(os.path.join(glob.escape(folder), ".tmp_*.pt"))
+    size = 0
+    for p in stale:
+        try:
+            size += os.path.getsize(p)
+            os.remove(p)
+        except OSError:
+            pass
+    if stale:
+        log(f"notice: removed {len(stale)} temporary checkpoint file(s) ({size / 2 ** 20:.1f} MB) left in {folder} "
+            f"by interrupted writes")
+    return len(stale)
 
 
 def _numpy_scalars():
@@ -503,8 +583,7 @@ def _read(path, hint, mmap=True, map_location="cpu"):
             return torch.load(path, map_location=map_location, weights_only=True,
                               mmap=mmap and zipfile.is_zipfile(path))
     except Exception as err:
-        why = (str(err).splitlines() or [""])[0].split(". ")[0][:160]
-        raise RuntimeError(f"cannot read {path} as a torch checkpoint ({type(err).__name__}: {why}); the file "
+        raise RuntimeError(f"cannot read {path} as a torch checkpoint ({load_reason(err)}); the file "
                            f"may be truncated (download it again) or not a checkpoint: {hint}") from None
 
 
@@ -525,6 +604,14 @@ def _kind(obj):
     if "kp.weight" in obj and any(str(k).startswith("predictor.") for k in obj):
         return "detector"
     return None
+
+
+def _tensors(obj):
+    if torch.is_tensor(obj):
+        yield obj
+    elif isinstance(obj, (dict, list, tuple)):
+        for v in (obj.values() if isinstance(obj, dict) else obj):
+            yield from _tensors(v)
 
 
 def _describe(obj):
@@ -573,6 +660,10 @@ def model_from_checkpoint(path_or_dict, device="cpu", kp_detector=None):
         raise ValueError(f"a keypoint-detector file ({kp_detector}) goes only with the authors' release "
                          f"checkpoints (vox256.pt), but {where} is {_describe(ckpt)}: leave the detector out")
     ckpt = _check(ckpt, where)
+    if ckpt.get("phase") == 0:   # train.py's phase 0 trains the detector alone: nothing to render with
+        raise ValueError(f"{where} is a phase-0 checkpoint: only its keypoint detector is trained, the encoder and "
+                         f"decoder are untrained; pass the phase1.pt (or later) of that run, after `python "
+                         f"train.py --phase 1 --out {os.path.dirname(where) or '.'}`")
     model = FSRT(FSRTConfig.from_dict(ckpt["config"]))
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:   # a short message instead of torch's list of every key

@@ -56,7 +56,7 @@ PRESETS = {
     "paper": dict(image_size=256, batch_size=24, pixels=4096, lr=1e-4, warmup=2500,
                   steps=(20000, 200000, 300000, 500000), disc_warmup=500),
 }
-STOP = False   # set by SIGINT/SIGTERM; the step in flight finishes, a checkpoint is written, the run exits
+NEVER = sys.maxsize   # --log-every/--sample-every/--ckpt-every 0: never (still at the end and when stopped)
 
 
 def get_args(argv=None):
@@ -101,6 +101,7 @@ def get_args(argv=None):
 
 def resolve(args):
     """Fill the preset's values into the options left unset and check the options."""
+    reenact.check_device(args.device)
     cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
     args.preset = ("paper" if cuda else "tiny") if args.preset == "auto" else args.preset
     for k, v in PRESETS[args.preset].items():
@@ -120,8 +121,15 @@ def resolve(args):
     if args.vgg_weights not in (None, "random") and not os.path.isfile(args.vgg_weights):
         raise FileNotFoundError(f"--vgg-weights {args.vgg_weights!r}: no such file (download torchvision's "
                                 f"vgg19-dcbb9e9d.pth)")
-    if min(args.batch_size, args.pixels, args.image_size, args.num_src, args.steps + 1) < 1:
-        raise ValueError("--batch-size, --pixels, --image-size and --num-src must be positive")
+    data.check_numbers(args, {**{k: ">= 1" for k in ("batch_size", "pixels", "image_size", "num_src", "pix_octaves",
+                                                    "identities")},
+                             **{k: ">= 0" for k in ("steps", "disc_warmup", "motion", "motion_start", "motion_ramp",
+                                                    "seed", "eval_videos", "workers")},
+                             "expr_dim": ">= 0 (0 = no expression vector)",
+                             "lr": "> 0", "warmup": ">= 0 (0 = no warm-up)", "max_minutes": "> 0",
+                             **{k: ">= 0 (0 = never)" for k in ("log_every", "sample_every", "ckpt_every")}})
+    for k in ("log_every", "sample_every", "ckpt_every"):
+        setattr(args, k, getattr(args, k) or NEVER)
     args.weights = loss_weights(args.loss_weights)
     if args.pixels > args.image_size ** 2:
         raise ValueError(f"--pixels {args.pixels} exceeds the {args.image_size}x{args.image_size} image")
@@ -138,8 +146,10 @@ def loss_weights(text):
             if k.strip() not in known:
                 raise ValueError
             over[k.strip()] = float(v)
+            if not over[k.strip()] >= 0:        # a negative or NaN lambda would train against its loss
+                raise ValueError
         except ValueError:
-            raise ValueError(f"--loss-weights {text!r}: each item must be NAME=NUMBER with NAME one of "
+            raise ValueError(f"--loss-weights {text!r}: each item must be NAME=NUMBER >= 0 with NAME one of "
                              f"{', '.join(known)}") from None
     return losses.LossWeights(**over)
 
@@ -436,7 +446,7 @@ def unfinished(path):
 
 def lr_at(args, iteration):
     """The release's schedule: linear warm-up, then x0.16 every 4M iterations. iteration counts from 1."""
-    return args.lr * min(1.0, iteration / args.warmup) * 0.16 ** ((iteration - args.warmup) / 4e6)
+    return args.lr * min(1.0, iteration / max(args.warmup, 1)) * 0.16 ** ((iteration - args.warmup) / 4e6)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -655,7 +665,7 @@ def run_phase(args, rank, world, device):
         perceptual = perceptual.to(device, args.dtype)
     videos = []
     if rank == 0:
-        test = data.VideoSet(root=args.data, split="test", size=args.image_size, frames=32)   # 32-frame clips
+        test = data.VideoSet(root=args.data, split="test", size=args.image_size, frames=32) if args.eval_videos else []
         videos = [test[i] for i in range(min(args.eval_videos, len(test)))]
         os.makedirs(args.out, exist_ok=True)
         log = open(os.path.join(args.out, "log.jsonl"), "a")
@@ -720,7 +730,7 @@ def run_phase(args, rank, world, device):
                 dist.all_reduce(vals)
             if rank == 0 and vals[-1] > 0:
                 rec = {k: float(v / vals[-1]) for k, v in zip(sorted(acc), vals[:-1])}
-                rate = args.log_every / max(time.time() - t_log, 1e-9)
+                rate = min(args.log_every, step) / max(time.time() - t_log, 1e-9)
                 write({**rec, "lr": lr_at(args, iteration), "steps_per_s": rate, "iteration": iteration})
                 bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items()})
             acc, n_acc, t_log = {}, 0, time.time()
@@ -728,7 +738,7 @@ def run_phase(args, rank, world, device):
             eval_and_sample(b)
             draw_curves(args.out, args.phase)
         out_of_time = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
-        stop = all_agree(STOP or out_of_time, world, device)
+        stop = all_agree(reenact.STOP or out_of_time, world, device)
         if step % args.ckpt_every == 0 or step == args.steps or stop:
             if rank == 0:
                 save(path, model, opt, step, iteration, args, disc, dopt)
@@ -767,19 +777,41 @@ def sample_grid(path, model, b, args, rows=4):
     save_grid(path, [[*sub["src"][i], sub["drv_omega"][i], pred[i], sub["drv"][i]] for i in range(n)])
 
 
+def memory_floor(args, world=1):
+    """A lower bound of one step's memory per process in bytes: the batch's images (3 n_src + 4 per sample,
+    data.FaceDataset) and, from phase I on, the decoder's query features and render-MLP units of every decoded
+    pixel, kept for the backward pass. A batch above it cannot fit: it is refused before it swells memory."""
+    cfg, B = model_config(args), args.batch_size // world
+    size = torch.empty((), dtype=args.dtype).element_size()
+    floor = B * (3 * args.num_src + 4) * 3 * args.image_size ** 2 * size
+    if args.phase >= 1:
+        pixels = args.pixels if args.phase == 1 else args.image_size ** 2
+        floor += B * pixels * (cfg.query_dim + sum(cfg.decoder_sizes()[2])) * size
+    return floor
+
+
 def main(argv=None):
+    lock = None
     try:
         args = resolve(get_args(argv))
         rank, world, device = setup_distributed(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        need, free = memory_floor(args, world), reenact.available_memory(device)
+        if free is not None and need > free:
+            raise ValueError(f"--batch-size {args.batch_size} cannot fit: one step needs at least {need / 2 ** 30:.1f} "
+                             f"GB on {device} (the batch's images and decoder activations), {free / 2 ** 30:.1f} GB "
+                             f"are free; use a smaller --batch-size or --pixels")
+        if rank == 0:   # one writer per run folder; then no other writer's temporary file can be alive
+            if not os.path.isfile(args.out):
+                reenact.check_writable(args.out, folder=True)
+            lock = srt.RunLock(args.out)
+            srt.remove_stale_temp(args.out)
+    except reenact.EXPECTED as e:
+        return reenact.fail(e)
 
-    def on_signal(signum, frame):
-        global STOP
-        STOP = True
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    reenact.on_stop_signals("stopping after the step in flight and writing a checkpoint (exit code 130, or 143 for "
+                        "SIGTERM); rerun the same command to resume. Ctrl-C again quits at once, keeping the "
+                        "last checkpoint written")
+    stopped = False
     try:
         phases, p0 = [args.phase], os.path.join(args.out, "phase0.pt")
         if (args.phase == 1 and not args.kp_checkpoint and not args.init
@@ -792,17 +824,20 @@ def main(argv=None):
         for ph in phases:
             args.phase = ph
             args.steps = steps if ph == phases[-1] else PRESETS[args.preset]["steps"][ph]
-            if run_phase(args, rank, world, device):
+            stopped = run_phase(args, rank, world, device)
+            if stopped:
                 break
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except reenact.EXPECTED as e:
         if os.environ.get("FSRT_DEBUG"):   # FSRT_DEBUG=1 shows the traceback
             raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return reenact.fail(e)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+        if lock is not None:
+            lock.release()
+    # stopped by a signal: 130 (SIGINT) / 143 (SIGTERM), so scripts can tell it from a finished run
+    return reenact.exit_code_of(reenact.STOP) if stopped and reenact.STOP else 0
 
 
 if __name__ == "__main__":
