@@ -201,9 +201,8 @@ class VideoSet:
         if self.root is None:
             seed, name, ident = builtin_identity(self.split, i)
             poses, exprs = builtin_motion(seed, 0, self.frames, self.motion_scale)
-            out = [render_face(ident, p, e, self.size) for p, e in zip(poses, exprs)]
-            frames = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
-            return dict(frames=frames, landmarks=np.stack([o[1] for o in out]), name=f"{name}#builtin#000000#"
+            frames, landmarks = render_frames(ident, poses, exprs, self.size)
+            return dict(frames=frames, landmarks=landmarks, name=f"{name}#builtin#000000#"
                         f"{self.frames:06d}", identity=name, fps=DEFAULT_FPS,
                         params=dict(identity=ident, poses=poses, expressions=exprs))
         v = self.videos[i]
@@ -277,9 +276,8 @@ class FaceDataset(torch.utils.data.Dataset):
             video = int(rng.integers(self.videos_per_identity))
             idx = rng.choice(self.frames, n, replace=False)
             poses, exprs = builtin_motion(seed, video, self.frames, self.motion_scale, at=idx)
-            out = [render_face(ident, p, e, self.size) for p, e in zip(poses, exprs)]
-            frames = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).contiguous()
-            return dict(frames=frames, landmarks=np.stack([o[1] for o in out]), identity=name,
+            frames, landmarks = render_frames(ident, poses, exprs, self.size)
+            return dict(frames=frames, landmarks=landmarks, identity=name,
                         video=f"{name}#builtin{video:02d}", frame_idx=idx)
         last = None
         for attempt in range(self.max_tries):
@@ -979,6 +977,14 @@ def render_face(identity, pose, expression, size=64):
     image = np.clip(fg + (1 - cover) * _background(identity, size), 0, 1)   # pre-multiplied "over"
     landmarks = to_pixels(to_normalized(P["lm"], C), size).astype(np.float32)   # canvas -> output pixels
     return image, landmarks
+
+
+def render_frames(identity, poses, expressions, size=64):
+    """render_face for each (pose, expression) -> (frames [T, 3, size, size] float in [0, 1], landmarks
+    [T, 68, 2] pixels)."""
+    out = [render_face(identity, p, e, size) for p, e in zip(poses, expressions)]
+    frames = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).float().contiguous()
+    return frames, np.stack([o[1] for o in out])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -272,8 +272,7 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
         for mode in modes:
             poses = [poses_b[j] if mode == "absolute" else relative_pose(poses_a[0], poses_b[j], poses_b[0])
                      for j in drv_idx]
-            gt[mode] = torch.stack([torch.from_numpy(data.render_face(id_a, p, exprs_b[j], size=size)[0])
-                                    .permute(2, 0, 1).float() for p, j in zip(poses, drv_idx)])
+            gt[mode] = data.render_frames(id_a, poses, [exprs_b[j] for j in drv_idx], size)[0]
             pred = reenact(model, sources, driving, relative=mode == "relative", initial_frame=0,
                            chunk=chunk, bf16=bf16).cpu()[1:]
             rows[mode].append(frame_scores(pred, gt[mode]))
@@ -284,17 +283,11 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
     return {k: mean_over_videos(v) if v else None for k, v in rows.items()} | {"pairs": len(rows["absolute"])}
 
 
-def render_frames(identity, poses, expressions, size):
-    """data.render_face per frame -> [T, 3, size, size] float in [0, 1]."""
-    return torch.stack([torch.from_numpy(data.render_face(identity, p, e, size=size)[0]).permute(2, 0, 1).float()
-                        for p, e in zip(poses, expressions)])
-
-
 @torch.no_grad()
 def evaluate_leak(videos, model, max_videos=None, device="cpu", chunk=None, progress=True):
     """The identity leak, measured directly: source A (video i's first frame) is driven by two different people
     B (video i+1) and C (video i+2's identity) who perform the SAME pose and expression sequence (B's, at B's
-    protocol frames; C's frames are rendered with data.render_face). A model that takes only motion from the
+    protocol frames; C's frames are rendered with data.render_frames). A model that takes only motion from the
     driver gives the same output for both: the figure is PSNR(output driven by B, output driven by C) in dB
     (inf = identical), for absolute and relative motion, with the PSNR between the two driving videos for scale.
     Where the leak goes (absolute motion): 'via_e' swaps only the expression vector (k from B, e from C vs e
@@ -315,7 +308,7 @@ def evaluate_leak(videos, model, max_videos=None, device="cpu", chunk=None, prog
             continue
         idx = [0] + drv_idx                                                    # frame 0: the relative anchor
         drv_b = b["frames"][idx]
-        drv_c = render_frames(id_c, [poses_b[j] for j in idx], [exprs_b[j] for j in idx], drv_b.shape[-1])
+        drv_c = data.render_frames(id_c, [poses_b[j] for j in idx], [exprs_b[j] for j in idx], drv_b.shape[-1])[0]
         source = a["frames"][:1].to(device)
         for mode in modes:
             out = [reenact(model, source, d.to(device), relative=mode == "relative", initial_frame=0,

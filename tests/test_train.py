@@ -342,8 +342,8 @@ def cross_ground_truth(ds, n):
         video = int(s["video"].split("#builtin")[1])
         poses, exprs = train.data.builtin_motion(seed_j, video, ds.frames, ds.motion_scale, at=s["frame_idx"][-1:])
         ident_i = train.data.builtin_identity("train", i % ds.num_identities)[2]
-        out.append(torch.from_numpy(train.data.render_face(ident_i, poses[0], exprs[0], ds.size)[0]).permute(2, 0, 1))
-    return torch.stack(out).float()
+        out.append(train.data.render_frames(ident_i, poses, exprs, ds.size)[0])
+    return torch.cat(out)
 
 
 def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
