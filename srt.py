@@ -427,9 +427,11 @@ def health(model, images):
     model.eval()
     B, _, H, W = images.shape
     kp, e = model.keypoints_and_expression(images)
-    pix = model.gamma_pix(pixel_grid(H, W, images.device)).to(images.dtype).t().reshape(-1, H, W)
+    grid = pixel_grid(H, W, images.device)                                        # (HW, 2)
+    code = model.gamma_pix(grid).to(images.dtype)                                 # (HW, 64), Eq. (5)
+    frame_code = model.frame_code(kp, e)                                          # (B, 160 + E)
     cnn = model.encoder.cnn
-    x = cnn.first_conv(images, pix, model.frame_code(kp, e))                      # (B, C1, H, W) pre-ReLU
+    x = cnn.first_conv(images, code.t().reshape(-1, H, W), frame_code)            # (B, C1, H, W) pre-ReLU
     active = [float((x > 0).flatten(2).any(-1).any(0).float().mean())]
     for conv in cnn.convs[1:]:
         x = conv(F.relu(x))
@@ -441,9 +443,8 @@ def health(model, images):
     cos = flat @ flat.t()                                                         # (B, B)
     latent_cos = float((cos.sum() - cos.diagonal().sum()) / (B * (B - 1))) if B > 1 else float("nan")
     # first decoder block's attention weights, recomputed (SDPA does not return them)
-    grid = pixel_grid(H, W, images.device)                                        # (HW, 2)
-    frame = model.decoder.frame_part(model.frame_code(kp, e))                     # (B, 1, 720)
-    q_in = model.decoder.query_mlp[2](F.relu(model.decoder.pixel_part(model.gamma_pix(grid)) + frame))  # (B,HW,dq)
+    frame = model.decoder.frame_part(frame_code)                                  # (B, 1, 720)
+    q_in = model.decoder.query_mlp[2](F.relu(model.decoder.pixel_part(code) + frame))   # (B, HW, dq), Eq. (7)
     block = model.decoder.blocks[0]
     k, _ = block.kv(z)                                                            # (B, nh, T, hs)
     q = block.split_heads(block.c_q(block.ln_1(q_in)))                            # (B, nh, HW, hs)
