@@ -232,12 +232,15 @@ class FaceDataset(torch.utils.data.Dataset):
       src_full, drv_full  A2 colours, uncropped: keypoints are detected here, then mapped into the crop
       crop [4]            the crop's edges (x0, y0, x1, y1) in normalised coordinates ((-1,-1,1,1): none)
       src_lm, drv_lm      68 landmarks in pixels of the uncropped (flipped) frames
-    Without augmentation every image is the plain frame."""
+    Without augmentation every image is the plain frame. Ablations: jitter=False leaves A1 = A2 = A3 = the
+    plain colours, omega=False gives the expression network the uncropped A3 frame."""
 
     def __init__(self, root=None, split="train", size=64, num_src=1, augment=True, seed=0, num_identities=None,
-                 videos_per_identity=4, frames=100, motion_scale=1.0, flip_p=0.5, crop_p=0.5, max_tries=10):
+                 videos_per_identity=4, frames=100, motion_scale=1.0, flip_p=0.5, crop_p=0.5, max_tries=10,
+                 jitter=True, omega=True):
         self.root, self.split, self.size, self.num_src, self.augment, self.seed = root, split, size, num_src, \
             augment, seed
+        self.jitter, self.omega = jitter, omega      # ablations of Sec. 3.2 (the same random draws either way)
         self.videos_per_identity, self.frames, self.motion_scale = videos_per_identity, frames, motion_scale
         self.flip_p, self.crop_p, self.max_tries = flip_p, crop_p, max_tries
         self.skipped = dict(empty=0, no_landmarks=0, broken=0)
@@ -314,8 +317,10 @@ class FaceDataset(torch.utils.data.Dataset):
                         drv_full=x[N], crop=torch.tensor(crop), src_lm=torch.from_numpy(lm[:N]),
                         drv_lm=torch.from_numpy(lm[N]))
         a1, a2, a3 = (jitter_params(rng) for _ in range(3))         # three independent draws, each shared
-        x1, x2 = color_jitter(x, a1), color_jitter(x, a2)           # by all frames of the sample
-        omega = crop_resize(color_jitter(x[N:], a3), omega_box(lm[N], S, rng), S)[0]
+        jit = color_jitter if self.jitter else (lambda img, _: img) # by all frames of the sample
+        x1, x2 = jit(x, a1), jit(x, a2)
+        box = omega_box(lm[N], S, rng)
+        omega = crop_resize(jit(x[N:], a3), box, S)[0] if self.omega else jit(x[N:], a3)[0]
         full = x2                                                   # keypoints: A2, before the crop
         if rng.uniform() < self.crop_p:                             # the same crop for all frames
             box = out_of_frame_box(lm[:N], S, rng)

@@ -80,6 +80,8 @@ def get_args(argv=None):
     p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
     p.add_argument("--no-keypoints", action="store_true", help="ablation: n_K = 0 (no keypoint conditioning)")
+    p.add_argument("--no-jitter", action="store_true", help="ablation: no colour jitter (A1 = A2 = A3, Sec. 3.2)")
+    p.add_argument("--no-omega", action="store_true", help="ablation: no Omega crop before the expression net")
     p.add_argument("--pix-octaves", type=int, default=None, help="octaves of the pixel encoding (Eq. 5)")
     p.add_argument("--cnn-init", default=None, choices=("kaiming", "torch"),
                    help="patch-CNN initialisation (srt.PatchCNN); 'torch' is the release's default init")
@@ -651,7 +653,8 @@ def run_phase(args, rank, world, device):
         return False
     builtin = dict(num_identities=args.identities) if args.data is None else {}
     ds = data.FaceDataset(root=args.data, split="train", size=args.image_size, num_src=args.num_src,
-                          augment=True, seed=args.seed, **builtin)
+                          augment=True, seed=args.seed, jitter=not args.no_jitter, omega=not args.no_omega,
+                          **builtin)
     local_bs = args.batch_size // world
     motion = lambda t: args.motion_start + (args.motion - args.motion_start) * min(1.0, t / max(args.motion_ramp, 1))
     loader = torch.utils.data.DataLoader(Curriculum(ds), num_workers=args.workers, batch_sampler=StepSampler(
