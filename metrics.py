@@ -376,13 +376,15 @@ def choose_alpha(X, Y, groups, alphas=ALPHAS, folds=4) -> float:
 def probe_r2(X_train, targets_train: dict, X_test, targets_test: dict, alpha=None, groups=None):
     """Held-out R^2 of a ridge map from features X to each named target ([n, m] arrays).
     alpha=None: chosen per target by choose_alpha over `groups` (identity per training frame; None: every
-    frame its own group). Returns ({name: R^2}, {name: alpha})."""
-    r2, alphas = {}, {}
+    frame its own group). Returns ({name: R^2}, {name: alpha}, {name: [R^2 of each dimension]})."""
+    r2, alphas, r2_dims = {}, {}, {}
     for name, Y in targets_train.items():
         g = np.arange(len(Y)) if groups is None else groups
         alphas[name] = choose_alpha(X_train, Y, g) if alpha is None else float(alpha)
-        r2[name] = r2_score(targets_test[name], fit_ridge(X_train, Y, alphas[name])(X_test))
-    return r2, alphas
+        Y_hat, Y_te = fit_ridge(X_train, Y, alphas[name])(X_test), targets_test[name]
+        r2[name] = r2_score(Y_te, Y_hat)
+        r2_dims[name] = [r2_score(Y_te[:, [j]], Y_hat[:, [j]]) for j in range(Y_te.shape[1])]
+    return r2, alphas, r2_dims
 
 
 def continuous_vector(params) -> np.ndarray:
@@ -415,6 +417,45 @@ def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch
     return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}, np.array(groups)
 
 
+def readout_ceiling(model, frames=3000, steps=1500, batch=64, seed=0, test_frames=600, progress=True):
+    """What Eq. (8)-(10) CAN read from this detector: a fresh expression network (the model's configuration)
+    and a linear head trained, supervised, to regress the true expression parameters from the frozen
+    detector's output on rendered frames of random identities, poses and expressions at the model's size.
+    -> {parameter: held-out R^2}. An upper bound for the probe of e: where it is low, the detector's features
+    (and so e) cannot show that part of the expression at this resolution, however FSRT is trained."""
+    from expression import ExpressionNet
+    torch.manual_seed(seed)
+    size, names = model.cfg.image_size, [f.name for f in dataclasses.fields(data.Expression)]
+
+    def detect(n, rng):                     # frozen detector on n rendered frames -> (features, heatmaps, E)
+        feats, heats, E = [], [], []
+        for k in tqdm(range(0, n, 100), desc="readout frames", disable=not progress):
+            params = [(data.sample_identity(rng), data.sample_pose(rng), data.sample_expression(rng))
+                      for _ in range(min(100, n - k))]
+            x = torch.stack([data.render_frames(i, [p], [e], size)[0][0] for i, p, e in params])
+            with torch.no_grad():
+                d = model.kp_detector(x.to(next(model.parameters()).device))
+            feats.append(d["features"].float().cpu()), heats.append(d["heatmaps"].float().cpu())
+            E += [e.vector() for _, _, e in params]
+        return torch.cat(feats), torch.cat(heats), torch.tensor(np.array(E), dtype=torch.float32)
+    F, H, E = detect(frames, np.random.default_rng([seed, 1]))
+    F_te, H_te, E_te = detect(test_frames, np.random.default_rng([seed, 2]))
+    mu, sd = E.mean(0), E.std(0).clamp_min(1e-6)
+    if model.expression.cfg.expr_dim == 0:
+        return {k: math.nan for k in names}
+    net = ExpressionNet(model.expression.cfg)
+    head = torch.nn.Linear(net.cfg.expr_dim, len(names))
+    opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=1e-3)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(steps), desc="readout training", disable=not progress):
+        i = torch.randint(0, len(F), (batch,), generator=gen)
+        loss = ((head(net(F[i], H[i])) - (E[i] - mu) / sd) ** 2).mean()
+        opt.zero_grad(), loss.backward(), opt.step()
+    with torch.no_grad():
+        pred = (head(net(F_te, H_te)) * sd + mu).numpy()
+    return {k: r2_score(E_te[:, [j]].numpy(), pred[:, [j]]) for j, k in enumerate(names)}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # command line
 
@@ -442,7 +483,8 @@ def _jsonable(x):
 
 
 def run(args) -> dict:
-    data.check_numbers(args, {"num_src": ">= 1", "max_videos": ">= 1", "probe_videos": ">= 1", "probe_stride": ">= 1",
+    data.check_numbers(args, {"readout_ceiling": ">= 0", "num_src": ">= 1", "max_videos": ">= 1",
+                              "probe_videos": ">= 1", "probe_stride": ">= 1",
                              "probe_alpha": "> 0", "chunk": ">= 1", "seed": ">= 0"})
     check_device(args.device)
     refuse_overwriting_inputs(args.out, [("--checkpoint", args.checkpoint), ("--kp-detector", args.kp_detector)])
@@ -505,12 +547,21 @@ def run(args) -> dict:
         train = data.VideoSet(root=None, split="train", size=size)
         X_tr, Y_tr, g_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)
         X_te, Y_te, g_te = probe_features(model, videos, args.max_videos, args.probe_stride, device)
-        r2, alphas = probe_r2(X_tr, Y_tr, X_te, Y_te, args.probe_alpha, g_tr)
-        out["probe"] = {"r2": r2, "alpha": alphas, "train_frames": len(X_tr), "test_frames": len(X_te),
+        r2, alphas, r2_dims = probe_r2(X_tr, Y_tr, X_te, Y_te, args.probe_alpha, g_tr)
+        expr_r2 = dict(zip((f.name for f in dataclasses.fields(data.Expression)), r2_dims["expression"]))
+        out["probe"] = {"r2": r2, "alpha": alphas, "expression_r2": expr_r2,
+                        "train_frames": len(X_tr), "test_frames": len(X_te),
                         "train_identities": len(set(g_tr.tolist())), "test_identities": len(set(g_te.tolist()))}
         print(f"\ndisentanglement probe: ridge map from e to the true parameters, R^2 on held-out identities "
               f"({len(X_tr)} train / {len(X_te)} test frames; want expression high, identity and pose low)")
         print("  " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in r2.items()))
+        print("  expression, per parameter: " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in
+                                                         expr_r2.items()))
+    if builtin and args.readout_ceiling:
+        out["readout_ceiling"] = ceil = readout_ceiling(model, steps=args.readout_ceiling)
+        print(f"\nreadout ceiling: Eq. (8)-(10) trained supervised on this detector ({args.readout_ceiling} steps), "
+              f"R^2 per expression parameter (what e could carry at {model.cfg.image_size}x{model.cfg.image_size})")
+        print("  " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in ceil.items()))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
@@ -536,6 +587,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-probe", action="store_true", help="skip the disentanglement probe (built-in data)")
     p.add_argument("--probe-videos", type=int, default=64, help="train videos the probe is fitted on")
     p.add_argument("--probe-stride", type=int, default=5, help="probe uses every N-th frame")
+    p.add_argument("--readout-ceiling", type=int, default=0, metavar="STEPS",
+                   help="also train Eq. (8)-(10) supervised on the frozen detector for STEPS steps: the most the "
+                        "probe of e could read at this image size (built-in data; ~5 min at 64x64 on 2 cores)")
     p.add_argument("--probe-alpha", type=float, default=None,
                    help="ridge penalty (default: chosen by cross-validation over training identities)")
     p.add_argument("--chunk", type=int, default=None, help="pixels decoded per chunk")

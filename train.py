@@ -98,6 +98,9 @@ def get_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None, help="stop as on Ctrl-C after this wall time")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "auto"),
+                   help="bf16: mixed precision (bfloat16 autocast of the forward pass, fp32 weights, Adam and "
+                        "losses); auto: bf16 where its matmul is faster here (reenact.pick_precision)")
     p.add_argument("--double", action="store_true", help="float64 everywhere (exactness checks in the tests)")
     return p.parse_args(argv)
 
@@ -113,6 +116,7 @@ def resolve(args):
             setattr(args, k, v[args.phase] if isinstance(v, tuple) else v)   # steps (and tiny's lr) per phase
     args.out = args.out or os.path.join("runs", args.preset)
     args.dtype = torch.float64 if args.double else torch.float32
+    args.bf16 = args.precision == "bf16"   # 'auto' is decided in main, once the device is known
     args.motion_start = args.motion if args.motion_start is None else args.motion_start
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data!r} is not a folder: give a VoxCeleb root prepared as the "
@@ -362,21 +366,21 @@ def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=No
     W = args.weights
     # L_reg (Eq. 16) couples the samples (Cov/Var over E, Eq. 13-15; batch means of L_aug): computed on the
     # global batch, gathered with gradient, identically on every rank
-    reg, terms = losses.l_reg(*(gather(e, world) for e in es), W)
+    reg, terms = losses.l_reg(*(gather(e.float(), world) for e in es), W)   # fp32 under bf16 autocast
     terms = {k: v.item() for k, v in terms.items()}
     target = b["drv"]                                                                  # (B, 3, H, W)
     B, _, H, Wd = target.shape
     if args.phase == 1:   # Eq. (17) on --pixels pixels per driving frame, sampled without replacement
         idx = torch.stack([torch.randperm(H * Wd, generator=g)[:args.pixels] for g in rngs]).to(target.device)
         pixels = srt.pixel_grid(H, Wd, device=target.device)[idx]                        # (B, P, 2)
-        pred = model.decode(set_latents, pixels, kp_driving, expr_driving)               # (B, P, 3)
+        pred = model.decode(set_latents, pixels, kp_driving, expr_driving).float()       # (B, P, 3)
         gt = torch.gather(target.flatten(2), 2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
         mse = losses.l_mse(pred, gt)
         loss = W.mse * mse + reg                                                          # Eq. (16) + (17)
         terms["mse"] = mse.item()
         return loss, terms, pred, kp_driving
     offsets = [torch.randint(0, 2, (2,), generator=g).tolist() for g in rngs]         # per sample (release)
-    pred = render_subsampled(model, set_latents, kp_driving, expr_driving, (H, Wd), offsets)  # (B, 3, H, W)
+    pred = render_subsampled(model, set_latents, kp_driving, expr_driving, (H, Wd), offsets).float()
     mse = losses.l_mse(pred, target)                          # Eq. (17) on the assembled full image
     perc = perceptual(pred, target)                           # lambda_P L_P (per-layer weights inside)
     adv = fm = None
@@ -568,11 +572,12 @@ def train_step(model, opt, params, b, args, step, iteration, gidx, world, device
     set_lr(opt, lr_at(args, iteration))
     if disc is not None:
         disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
-    if args.phase == 0:
-        loss, _, _ = kp_loss(model, b, args)
-        terms, pred, kp = {}, None, None
-    else:
-        loss, terms, pred, kp = generator_losses(model, b, args, step, gidx, world, perceptual, disc)
+    with reenact._autocast(torch.device(device), args.bf16):
+        if args.phase == 0:
+            loss, _, _ = kp_loss(model, b, args)
+            terms, pred, kp = {}, None, None
+        else:
+            loss, terms, pred, kp = generator_losses(model, b, args, step, gidx, world, perceptual, disc)
     terms["loss"] = loss.item()
     return terms, pred, kp, apply_gradients(loss, opt, params, world, device)
 
@@ -798,6 +803,12 @@ def main(argv=None):
     try:
         args = resolve(get_args(argv))
         rank, world, device = setup_distributed(args)
+        if args.double and args.precision != "fp32":
+            raise ValueError("--double and --precision bf16/auto exclude each other")
+        precision, why = reenact.pick_precision(args.precision, device)
+        args.bf16 = precision == "bf16"
+        if rank == 0 and args.precision != "fp32":
+            print(f"precision: {precision} ({why})")
         need, free = memory_floor(args, world), reenact.available_memory(device)
         if free is not None and need > free:
             raise ValueError(f"--batch-size {args.batch_size} cannot fit: one step needs at least {need / 2 ** 30:.1f} "

@@ -183,6 +183,27 @@ def test_keypoint_frames_are_a2_before_the_crop_and_omega_crops_the_uncropped_a3
     np.testing.assert_array_equal(seen[0], s["drv_lm"].numpy())   # the uncropped frame's landmarks
 
 
+
+def test_jitter_and_omega_ablations_switch_off_only_their_own_step():
+    """--no-jitter: A1 = A2 = A3 = the plain colours; --no-omega: the expression net sees the whole A3 frame.
+    The crop and every other draw stay those of the full recipe (same seed, same index)."""
+    kw = dict(num_src=2, size=64, seed=5, crop_p=0.5)
+    plain = data.FaceDataset(augment=False, flip_p=0.0, **kw)
+    full, nojit = data.FaceDataset(flip_p=0.0, **kw), data.FaceDataset(flip_p=0.0, jitter=False, **kw)
+    noom, neither = data.FaceDataset(flip_p=0.0, omega=False, **kw), \
+        data.FaceDataset(flip_p=0.0, jitter=False, omega=False, **kw)
+    for i in range(4):
+        a, b, c, d, p = full[i], nojit[i], noom[i], neither[i], plain[i]
+        assert torch.equal(a["crop"], b["crop"]) and torch.equal(a["crop"], c["crop"])
+        assert not torch.allclose(a["src"], a["src_a2"])                  # jitter on: A1 != A2
+        assert torch.equal(b["src"], b["src_a2"]) and torch.equal(b["drv"], b["drv_a2"])
+        assert torch.equal(b["src_full"], p["src"]) and torch.equal(b["drv_full"], p["drv"])
+        for k in ("src", "drv", "src_a2", "drv_a2", "src_full", "drv_full"):
+            assert torch.equal(a[k], c[k])                                 # Omega's switch touches nothing else
+        assert torch.equal(d["drv_omega"], p["drv"])                       # neither: the plain whole frame
+        assert not torch.equal(a["drv_omega"], c["drv_omega"])
+
+
 def test_color_jitter_shared_and_sane():
     rng = np.random.default_rng(0)
     x = torch.rand(3, 3, 8, 8)

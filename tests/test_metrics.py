@@ -1,5 +1,6 @@
 """Tests of metrics.py: image metrics, AKD, the Sec. 4.1 frame protocol, the baseline row, the probe, and
 an end-to-end run on a tiny random checkpoint."""
+import dataclasses
 import json
 import math
 
@@ -7,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import metrics
+import srt
 
 
 # ---------------------------------------------------------------- image metrics with known answers
@@ -164,19 +167,31 @@ def test_probe_high_r2_when_vector_contains_parameters():
     def embed(p):                                          # linear mix of all parameters + small noise
         P = np.concatenate([p["expression"], p["identity"], p["pose"]], 1)
         return P @ A + 0.05 * rng.normal(size=(len(P), 24))
-    r2, _ = metrics.probe_r2(embed(tr), tr, embed(te), te, alpha=1.0)
+    r2, _, _ = metrics.probe_r2(embed(tr), tr, embed(te), te, alpha=1.0)
     assert all(v > 0.95 for v in r2.values()), r2
 
 
 def test_probe_low_r2_on_noise_and_on_missing_factors():
     rng = np.random.default_rng(0)
     tr, te = _params(400, rng), _params(200, rng)
-    r2, _ = metrics.probe_r2(rng.normal(size=(400, 24)), tr, rng.normal(size=(200, 24)), te, alpha=1.0)
+    r2, _, _ = metrics.probe_r2(rng.normal(size=(400, 24)), tr, rng.normal(size=(200, 24)), te, alpha=1.0)
     assert all(v < 0.1 for v in r2.values()), r2
     # a vector holding only expression: high for expression, low for identity and pose
     A = rng.normal(size=(5, 24))
-    r2, _ = metrics.probe_r2(tr["expression"] @ A, tr, te["expression"] @ A, te, alpha=1.0)
+    r2, _, _ = metrics.probe_r2(tr["expression"] @ A, tr, te["expression"] @ A, te, alpha=1.0)
     assert r2["expression"] > 0.95 and r2["identity"] < 0.1 and r2["pose"] < 0.1, r2
+
+
+def test_probe_per_dimension_r2_finds_the_one_parameter_carried():
+    # e holds only the first expression parameter (mouth_open): that one is read, the other four are not,
+    # and the overall expression R^2 is their mean (about 1/5)
+    rng = np.random.default_rng(1)
+    tr, te = _params(400, rng), _params(200, rng)
+    A = rng.normal(size=(1, 24))
+    r2, _, dims = metrics.probe_r2(tr["expression"][:, :1] @ A, tr, te["expression"][:, :1] @ A, te, alpha=1.0)
+    assert len(dims["expression"]) == 5 and dims["expression"][0] > 0.95, dims
+    assert all(v < 0.1 for v in dims["expression"][1:]), dims
+    assert abs(r2["expression"] - np.mean(dims["expression"])) < 1e-9
 
 
 def test_r2_score_hand_values():
@@ -304,7 +319,7 @@ def test_probe_alpha_by_grouped_cross_validation():
     assert overfit < -0.1 and alpha >= 1e3 and -0.05 < chosen < 0.05, (overfit, alpha, chosen)
     # clean linear signal: CV keeps the penalty small and the default probe (alpha=None) reads it out
     A = rng.normal(size=(3, 50))
-    r2, alphas = metrics.probe_r2(Y_noise @ A, {"expression": Y_noise}, Y_test @ A, {"expression": Y_test},
+    r2, alphas, _ = metrics.probe_r2(Y_noise @ A, {"expression": Y_noise}, Y_test @ A, {"expression": Y_test},
                                   groups=groups)
     assert alphas["expression"] <= 1.0 and r2["expression"] > 0.99, (r2, alphas)
 
@@ -348,3 +363,27 @@ def test_identity_leak_figure(monkeypatch):
     with pytest.raises(ValueError, match="at least 3 videos"):
         metrics.evaluate_leak(videos, model, max_videos=2)
 
+
+
+class _BrightnessDetector(torch.nn.Module):
+    """A stand-in detector whose features are the image's mean brightness everywhere (uniform heatmaps)."""
+    def forward(self, x):
+        B = x.shape[0]
+        return dict(features=x.mean((1, 2, 3))[:, None, None, None].expand(B, 19, 16, 16),
+                    heatmaps=torch.full((B, 10, 10, 10), 0.01), keypoints=torch.zeros(B, 10, 2))
+
+
+def test_readout_ceiling_reads_what_the_detector_shows_and_nothing_else(monkeypatch):
+    """Held-out R^2 per expression parameter of the supervised Eq. (8)-(10) readout: frames whose brightness
+    IS mouth_open give mouth_open ~1 and the other four ~0; a detector showing nothing gives ~0 for all."""
+    model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
+    model.kp_detector = _BrightnessDetector()
+    monkeypatch.setattr(metrics.data, "render_frames", lambda ident, poses, exprs, size: (
+        torch.full((1, 3, size, size), exprs[0].mouth_open), None))
+    r2 = metrics.readout_ceiling(model, frames=300, steps=150, test_frames=200, progress=False)
+    assert list(r2) == [f.name for f in dataclasses.fields(data.Expression)]
+    assert r2["mouth_open"] > 0.9 and all(v < 0.15 for k, v in r2.items() if k != "mouth_open"), r2
+    monkeypatch.setattr(metrics.data, "render_frames", lambda ident, poses, exprs, size: (
+        torch.full((1, 3, size, size), 0.5), None))
+    r2 = metrics.readout_ceiling(model, frames=300, steps=150, test_frames=200, progress=False)
+    assert all(v < 0.15 for v in r2.values()), r2
