@@ -20,6 +20,7 @@ class ExpressionConfig:
     expr_dim: int = 256                # |e|; ablations 128, 64
     kernel: int = 7                    # X_C, no padding: same size as the detector's heatmaps
     hidden: tuple = (640, 1280, 640)   # X_M hidden widths
+    init: str = "torch"                # "torch" (the release's default init) or "kaiming" (He; see FSRTConfig)
 
     @classmethod
     def tiny(cls) -> "ExpressionConfig":
@@ -39,6 +40,15 @@ class ExpressionNet(nn.Module):
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
         self.mlp = nn.Sequential(*layers)
+        if cfg.init == "kaiming":   # He init, zero biases: keeps the input's share of e at every ReLU layer
+            linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+            for m in [self.conv, *linears[:-1]]:
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            nn.init.kaiming_normal_(linears[-1].weight, nonlinearity="linear")
+            nn.init.zeros_(linears[-1].bias)
+        elif cfg.init != "torch":
+            raise ValueError(f"expression init must be 'kaiming' or 'torch', got {cfg.init!r}")
 
     def forward(self, features, heatmaps):
         """features [B,C,h+6,w+6] (detector feature map), heatmaps [B,K,h,w] -> e [B, expr_dim]."""

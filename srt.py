@@ -73,6 +73,7 @@ class FSRTConfig:
     render_hidden: tuple = (1536, 1536, 1536, 1536)
     small_decoder: bool = False          # halves heads and decoder MLP; render MLP (r0, r0 / 2)
     cnn_init: str = "kaiming"            # patch-CNN init: "kaiming" (He, ReLU gain) or "torch" (the release's default)
+    expr_init: str = "torch"             # expression net init (X_C, X_M), the same two choices
     chunk: int = 8192                    # pixels decoded at once (per frame)
     kp: KPConfig = field(default_factory=KPConfig)
     expression: ExpressionConfig = field(default_factory=ExpressionConfig)
@@ -82,7 +83,7 @@ class FSRTConfig:
         self.render_hidden = tuple(self.render_hidden)
         self.kp = replace(self.kp, num_kp=self.num_kp)
         self.expression = replace(self.expression, expr_dim=self.expr_dim, num_kp=self.num_kp,
-                                  in_channels=self.kp.block_expansion + self.kp.num_channels)
+                                  in_channels=self.kp.block_expansion + self.kp.num_channels, init=self.expr_init)
 
     # derived sizes: Eq. (5) 2 coords x O_pix x (sin, cos) = 64; Eq. (4) n_K x 2 x O_key x 2 = 160 (0 if n_K = 0)
     pix_dim = property(lambda self: 2 * 2 * self.pix_octaves)
@@ -421,7 +422,9 @@ def health(model, images):
       latent_cos  mean cosine between the set-latents of two different images (1: the encoder ignores its input);
       attn_entropy, attn_uniform  mean entropy (nats) of the first decoder block's attention, and log T (uniform);
       attn_own    mean attention weight on the token whose 8x8 patch holds the pixel (1/T when uniform);
-      self_psnr   PSNR (dB) of the reconstruction with driving = source.
+      self_psnr   PSNR (dB) of the reconstruction with driving = source;
+      expr_spread std of the expression vectors e across the images / their rms (~0: e is one constant vector
+                  for every face, so the decoder can take no expression from it; NaN for |e| = 0).
     Returns a dict of floats (active as a list, one per conv)."""
     was_training = model.training
     model.eval()
@@ -457,9 +460,11 @@ def health(model, images):
     attn_own = float(att.gather(-1, own.view(1, 1, -1, 1).expand(B, att.shape[1], -1, 1)).mean())
     rgb = model.render(z, kp, e, size=(H, W)).clamp(0, 1)
     self_psnr = float(losses.psnr(rgb, images).mean())
+    expr_spread = float((e.std(0).pow(2).mean() / e.pow(2).mean().clamp_min(1e-12)).sqrt()) if e.shape[1] \
+        else float("nan")
     model.train(was_training)
     return dict(active=active, spread=spread, latent_cos=latent_cos, attn_entropy=entropy,
-                attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr)
+                attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr, expr_spread=expr_spread)
 
 
 def collapsed(h):
@@ -785,7 +790,8 @@ def save_release(model, checkpoint, kp_detector):
     """Write a paper-preset model in the release's format: checkpoint = {"encoder", "decoder",
     "expression_encoder": state dicts} (the authors' demo.py loads it), kp_detector = the detector's state
     dict. Exact inverse of load_release (keys in the release's order)."""
-    cfg, plain = model.cfg, dict(chunk=FSRTConfig.chunk, cnn_init=FSRTConfig.cnn_init)   # no effect on the function
+    cfg, plain = model.cfg, dict(chunk=FSRTConfig.chunk, cnn_init=FSRTConfig.cnn_init,
+                                     expr_init=FSRTConfig.expr_init)   # no effect on the function
     if replace(cfg, **plain) != FSRTConfig.paper(small_decoder=cfg.small_decoder):
         raise ValueError("save_release writes the release's vox256 layout, which has the paper preset's sizes "
                          f"(FSRTConfig.paper()); this model has image_size {cfg.image_size}, width {cfg.width}, "

@@ -85,6 +85,8 @@ def get_args(argv=None):
     p.add_argument("--pix-octaves", type=int, default=None, help="octaves of the pixel encoding (Eq. 5)")
     p.add_argument("--cnn-init", default=None, choices=("kaiming", "torch"),
                    help="patch-CNN initialisation (srt.PatchCNN); 'torch' is the release's default init")
+    p.add_argument("--expr-init", default=None, choices=("kaiming", "torch"),
+                   help="expression-network initialisation (expression.ExpressionNet); 'torch' is the release's")
     p.add_argument("--motion", type=float, default=1.0, help="built-in data: pose/expression range scale")
     p.add_argument("--motion-start", type=float, default=None, help="built-in data: motion range at step 0 "
                    "(curriculum, default: --motion)")
@@ -162,7 +164,7 @@ def loss_weights(text):
 
 def model_config(args):
     over = dict(image_size=args.image_size, use_keypoints=not args.no_keypoints, small_decoder=args.small_decoder)
-    for k in ("expr_dim", "pix_octaves", "cnn_init"):
+    for k in ("expr_dim", "pix_octaves", "cnn_init", "expr_init"):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
     return getattr(srt.FSRTConfig, args.preset)(**over)
@@ -697,7 +699,8 @@ def run_phase(args, rank, world, device):
                    **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": srt.collapsed(h)})
             bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: "
                       f"active channels {min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, "
-                      f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f})")
+                      f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), "
+                      f"spread of e across faces {h['expr_spread']:.3f}")
             if srt.collapsed(h):
                 bar.write(f"step {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, "
                           f"or set-latents equal across tokens/images): the decoder renders from the driving "

@@ -318,3 +318,21 @@ def test_health_attention_figures_by_hand():
     assert h["attn_entropy"] == pytest.approx(math.log(16), abs=1e-5)
     assert h["attn_own"] == pytest.approx(1 / 16, abs=1e-6)
     assert m.training is False
+
+
+def test_health_expression_spread_sees_a_constant_e():
+    """expr_spread: 0 when X_M's last layer emits its bias alone (e the same vector for every face: the
+    collapse issue 11 measured); at init, He init (expr_init="kaiming") lets the images move e ~10x more
+    than torch's default init (measured 0.032 vs 0.0027), where the biases outweigh the input."""
+    from srt import health
+    images = torch.rand(4, 3, 32, 32)
+    spread = {}
+    for init in ("torch", "kaiming"):
+        torch.manual_seed(0)
+        m = FSRT(FSRTConfig.tiny(image_size=32, expr_init=init)).eval()
+        spread[init] = health(m, images)["expr_spread"]
+    assert spread["kaiming"] > 0.01 and spread["kaiming"] > 5 * spread["torch"], spread
+    with torch.no_grad():
+        m.expression.mlp[-1].weight.zero_()
+        m.expression.mlp[-1].bias.fill_(0.3)
+    assert health(m, images)["expr_spread"] == pytest.approx(0.0, abs=1e-6)
