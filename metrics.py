@@ -417,7 +417,7 @@ def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch
     return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}, np.array(groups)
 
 
-def readout_ceiling(model, frames=3000, steps=1500, batch=64, seed=0, test_frames=600, progress=True):
+def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_frames=1000, progress=True):
     """What Eq. (8)-(10) CAN read from this detector: a fresh expression network (the model's configuration)
     and a linear head trained, supervised, to regress the true expression parameters from the frozen
     detector's output on rendered frames of random identities, poses and expressions at the model's size.

@@ -73,7 +73,7 @@ class FSRTConfig:
     render_hidden: tuple = (1536, 1536, 1536, 1536)
     small_decoder: bool = False          # halves heads and decoder MLP; render MLP (r0, r0 / 2)
     cnn_init: str = "kaiming"            # patch-CNN init: "kaiming" (He, ReLU gain) or "torch" (the release's default)
-    expr_init: str = "torch"             # expression net init (X_C, X_M), the same two choices
+    expr_init: str = "kaiming"           # expression net init (X_C, X_M), the same two choices
     chunk: int = 8192                    # pixels decoded at once (per frame)
     kp: KPConfig = field(default_factory=KPConfig)
     expression: ExpressionConfig = field(default_factory=ExpressionConfig)

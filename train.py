@@ -439,8 +439,16 @@ def save(path, model, opt, step, iteration, args, disc=None, dopt=None):
     srt.save_checkpoint(path, ckpt)
 
 
+def _weights_config(d):
+    """A config dict without the fields that do not shape the weights (initialisation, decoding chunk)."""
+    d = {k: v for k, v in d.items() if k not in ("cnn_init", "expr_init", "chunk")}
+    if isinstance(d.get("expression"), dict):
+        d["expression"] = {k: v for k, v in d["expression"].items() if k != "init"}
+    return d
+
+
 def check_config(ckpt, cfg, path):
-    old, new = ckpt["config"], cfg.to_dict()
+    old, new = _weights_config(ckpt["config"]), _weights_config(cfg.to_dict())
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ValueError(f"{path} was trained with a different model ({', '.join(diff)} differ): pass the same "

@@ -426,3 +426,15 @@ def test_bf16_mixed_precision_step_matches_fp32():
     _, _, _, skipped = train.train_step(model, opt, params, b, args, 1, 1, list(range(4)), 1, "cpu")
     assert not skipped and all(p.dtype == torch.float32 for p in params)
     assert any(not torch.equal(p, q) for p, q in zip(params, before))
+
+
+def test_resume_ignores_init_only_config_fields_but_not_sizes():
+    """A run resumes across a change of initialisation default (an older checkpoint's config has no
+    expr_init; cnn_init differs): the weights' shapes are what must match, and a different size still fails."""
+    cfg = srt.FSRTConfig.tiny(image_size=32)
+    old = cfg.to_dict()
+    old.pop("expr_init"), old["expression"].pop("init")
+    old["cnn_init"] = "torch"
+    train.check_config({"config": old}, cfg, "phase1.pt")
+    with pytest.raises(ValueError, match="image_size"):
+        train.check_config({"config": old}, srt.FSRTConfig.tiny(image_size=64), "phase1.pt")
