@@ -30,7 +30,11 @@ Built-in data only (its ground truth is known; details in evaluate_cross and pro
     pose moved by B's pose change since B's frame 0 (relative_pose) with B's expression as-is.
   * disentanglement probe: a ridge map from e (model.keypoints_and_expression) to the expression, identity
     and pose parameters, fitted on train-split frames, R^2 on test-split frames (held-out identities). A
-    well-disentangled e gives high expression R^2 and low identity and pose R^2.
+    well-disentangled e gives high expression R^2 and low identity and pose R^2; the expression R^2 is the
+    mean over its five parameters, each printed too.
+  * identity leak (evaluate_leak): A driven by B and by C performing B's exact motion; PSNR between the two.
+  * --readout-ceiling STEPS (readout_ceiling): Eq. (8)-(10) trained supervised on the frozen detector, the
+    most the probe could find at this image size.
 """
 import argparse
 import dataclasses
