@@ -32,7 +32,7 @@ import torch
 
 import losses
 import srt
-from reenact import pick_precision
+from reenact import _autocast, pick_precision
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx_ne_convert")   # native bf16 arithmetic on x86
 
@@ -146,16 +146,16 @@ def bench_data(args, rows):
 
 def bench_train_step(args, device, rows):
     """Each variant runs in a fresh process so that its peak memory is its own."""
-    for subsample in (False, True):
+    for subsample, bf16 in ((False, False), (True, False), (True, True)):
+        name = ("gradient pixel sub-sampling" if subsample else "gradient on every pixel") + (", bf16" if bf16 else "")
         cmd = [sys.executable, __file__, "--_train-step", "1" if subsample else "0", "--preset", args.preset,
-               "--train-size", str(args.train_size), "--batch", str(args.batch)]
+               "--train-size", str(args.train_size), "--batch", str(args.batch)] + (["--_bf16"] if bf16 else [])
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
-            rows.append((f"train step ({'sub-sampled' if subsample else 'full grad'})", "FAILED", out.stderr.strip().splitlines()[-1:]))
+            rows.append((f"train step ({name})", "FAILED", out.stderr.strip().splitlines()[-1:]))
             continue
         r = json.loads(out.stdout.strip().splitlines()[-1])
-        rows.append((f"train step phase II {args.preset} {args.train_size}^2 bs {args.batch} "
-                     f"({'gradient pixel sub-sampling' if subsample else 'gradient on every pixel'})",
+        rows.append((f"train step phase II {args.preset} {args.train_size}^2 bs {args.batch} ({name})",
                      f"{r['time'] * 1000:.0f} ms/step", f"peak memory {r['peak_mb']:.0f} MB ({r['mem_kind']})"))
 
 
@@ -172,15 +172,16 @@ def _train_step_child(args):
     src = torch.rand(B, 1, 3, S, S, device=device)
     drv = torch.rand(B, 3, S, S, device=device)
 
-    def step():
-        kp_s, e_s = model.keypoints_and_expression(src[:, 0])
-        kp_d, e_d = model.keypoints_and_expression(drv)
-        latents = model.encode(src, kp_s[:, None], e_s[:, None])
-        if args._train_step == 1:
-            pred = train.render_subsampled(model, latents, kp_d, e_d, (S, S), (0, 1))
-        else:
-            pred = model.render(latents, kp_d, e_d, (S, S))
-        loss = (pred - drv).pow(2).mean() + perc(pred, drv)
+    def step():   # the forward under bf16 autocast with --_bf16, as train.py --precision bf16
+        with _autocast(device, args._bf16):
+            kp_s, e_s = model.keypoints_and_expression(src[:, 0])
+            kp_d, e_d = model.keypoints_and_expression(drv)
+            latents = model.encode(src, kp_s[:, None], e_s[:, None])
+            if args._train_step == 1:
+                pred = train.render_subsampled(model, latents, kp_d, e_d, (S, S), (0, 1)).float()
+            else:
+                pred = model.render(latents, kp_d, e_d, (S, S)).float()
+            loss = (pred - drv).pow(2).mean() + perc(pred, drv)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -281,6 +282,7 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--skip", nargs="*", default=[], choices=["decode", "data", "train", "plan"])
     p.add_argument("--_train-step", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--_bf16", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     big = args.full or torch.cuda.is_available()
     args.preset = args.preset or ("paper" if big else "tiny")
