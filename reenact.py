@@ -5,7 +5,7 @@ Face reenactment with a trained FSRT model (paper Sec. 3.4): source image(s) + d
     python reenact.py --checkpoint CKPT --source S.mp4 --source-frames 0 -1 --driving D.mp4 --out R.gif
     python reenact.py --checkpoint CKPT --source A.png --driving D.mp4 --relative --find-best-frame --out R.mp4
     python reenact.py --checkpoint vox256.pt --kp-detector kp_detector.pt --source A.png --driving D.mp4 --out R.mp4
-    python reenact.py                                  # built-in demo (checkpoints/builtin_tiny.pt)
+    python reenact.py                                  # built-in demo (checkpoints/builtin_64.pt)
     torchrun --nproc_per_node 2 reenact.py ...         # frames split across processes, rank 0 writes
 
 Motion transfer (Sec. 3.4, following FOMM [38]):
@@ -56,7 +56,7 @@ import srt
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")
-BUILTIN_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "builtin_tiny.pt")
+BUILTIN_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "builtin_64.pt")
 
 
 # -----------------------------------------------------------------------------
