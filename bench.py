@@ -32,7 +32,7 @@ import torch
 
 import losses
 import srt
-from reenact import _autocast, pick_precision
+from reenact import bf16_autocast, pick_precision
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx_ne_convert")   # native bf16 arithmetic on x86
 
@@ -173,7 +173,7 @@ def _train_step_child(args):
     drv = torch.rand(B, 3, S, S, device=device)
 
     def step():   # the forward under bf16 autocast with --_bf16, as train.py --precision bf16
-        with _autocast(device, args._bf16):
+        with bf16_autocast(device, args._bf16):
             kp_s, e_s = model.keypoints_and_expression(src[:, 0])
             kp_d, e_d = model.keypoints_and_expression(drv)
             latents = model.encode(src, kp_s[:, None], e_s[:, None])

@@ -12,6 +12,21 @@ import torch
 import torch.nn as nn
 
 
+def init_layers(init, relu_layers, last, what="init"):
+    """init "kaiming": He init (not in the paper) of a stack of layers each followed by a ReLU (std
+    sqrt(2 / fan_in)) and its final linear layer (std sqrt(1 / fan_in)), biases 0, so the input's share of the
+    output keeps its scale through the stack; "torch": torch's default init (the release's) is left as it is.
+    Used by the expression net (X_C, X_M) and srt.PatchCNN."""
+    if init not in ("kaiming", "torch"):
+        raise ValueError(f"{what} must be 'kaiming' or 'torch', got {init!r}")
+    if init == "torch":
+        return
+    for m, gain in [(m, "relu") for m in relu_layers] + [(last, "linear")]:
+        nn.init.kaiming_normal_(m.weight, nonlinearity=gain)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 @dataclass
 class ExpressionConfig:
     in_channels: int = 35              # KPDetector.feature_channels
@@ -40,15 +55,8 @@ class ExpressionNet(nn.Module):
         for i, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
             layers += [nn.Linear(a, b)] + ([nn.ReLU()] if i < len(widths) - 2 else [])
         self.mlp = nn.Sequential(*layers)
-        if cfg.init == "kaiming":   # He init, zero biases: keeps the input's share of e at every ReLU layer
-            linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
-            for m in [self.conv, *linears[:-1]]:
-                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            nn.init.kaiming_normal_(linears[-1].weight, nonlinearity="linear")
-            nn.init.zeros_(linears[-1].bias)
-        elif cfg.init != "torch":
-            raise ValueError(f"expression init must be 'kaiming' or 'torch', got {cfg.init!r}")
+        linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
+        init_layers(cfg.init, [self.conv, *linears[:-1]], linears[-1], "the expression net's init")
 
     def forward(self, features, heatmaps):
         """features [B,C,h+6,w+6] (detector feature map), heatmaps [B,K,h,w] -> e [B, expr_dim]."""

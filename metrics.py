@@ -421,6 +421,9 @@ def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch
     return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}, np.array(groups)
 
 
+EXPRESSION_PARAMS = [f.name for f in dataclasses.fields(data.Expression)]   # mouth_open, smile, blink_l/_r, brow
+
+
 def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_frames=1000, progress=True):
     """What Eq. (8)-(10) CAN read from this detector: a fresh expression network (the model's configuration)
     and a linear head trained, supervised, to regress the true expression parameters from the frozen
@@ -428,8 +431,10 @@ def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_fram
     -> {parameter: held-out R^2}. An upper bound for the probe of e: where it is low, the detector's features
     (and so e) cannot show that part of the expression at this resolution, however FSRT is trained."""
     from expression import ExpressionNet
+    if model.expression.cfg.expr_dim == 0:
+        return {k: math.nan for k in EXPRESSION_PARAMS}
     torch.manual_seed(seed)
-    size, names = model.cfg.image_size, [f.name for f in dataclasses.fields(data.Expression)]
+    size, names = model.cfg.image_size, EXPRESSION_PARAMS
 
     def detect(n, rng):                     # frozen detector on n rendered frames -> (features, heatmaps, E)
         feats, heats, E = [], [], []
@@ -445,8 +450,6 @@ def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_fram
     F, H, E = detect(frames, np.random.default_rng([seed, 1]))
     F_te, H_te, E_te = detect(test_frames, np.random.default_rng([seed, 2]))
     mu, sd = E.mean(0), E.std(0).clamp_min(1e-6)
-    if model.expression.cfg.expr_dim == 0:
-        return {k: math.nan for k in names}
     net = ExpressionNet(model.expression.cfg)
     head = torch.nn.Linear(net.cfg.expr_dim, len(names))
     opt = torch.optim.Adam([*net.parameters(), *head.parameters()], lr=1e-3)
@@ -552,7 +555,7 @@ def run(args) -> dict:
         X_tr, Y_tr, g_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)
         X_te, Y_te, g_te = probe_features(model, videos, args.max_videos, args.probe_stride, device)
         r2, alphas, r2_dims = probe_r2(X_tr, Y_tr, X_te, Y_te, args.probe_alpha, g_tr)
-        expr_r2 = dict(zip((f.name for f in dataclasses.fields(data.Expression)), r2_dims["expression"]))
+        expr_r2 = dict(zip(EXPRESSION_PARAMS, r2_dims["expression"]))
         out["probe"] = {"r2": r2, "alpha": alphas, "expression_r2": expr_r2,
                         "train_frames": len(X_tr), "test_frames": len(X_te),
                         "train_identities": len(set(g_tr.tolist())), "test_identities": len(set(g_te.tolist()))}
@@ -593,7 +596,7 @@ def main(argv=None) -> int:
     p.add_argument("--probe-stride", type=int, default=5, help="probe uses every N-th frame")
     p.add_argument("--readout-ceiling", type=int, default=0, metavar="STEPS",
                    help="also train Eq. (8)-(10) supervised on the frozen detector for STEPS steps: the most the "
-                        "probe of e could read at this image size (built-in data; ~5 min at 64x64 on 2 cores)")
+                        "probe of e could read at this image size (built-in data; renders 11,000 faces first)")
     p.add_argument("--probe-alpha", type=float, default=None,
                    help="ridge penalty (default: chosen by cross-validation over training identities)")
     p.add_argument("--chunk", type=int, default=None, help="pixels decoded per chunk")

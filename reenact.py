@@ -173,7 +173,7 @@ def pick_precision(precision, device):
     return ("bf16" if speedup >= 1.1 else "fp32"), f"auto: bf16 matmul {speedup:.2f}x the speed of fp32 here"
 
 
-def _autocast(device, bf16):
+def bf16_autocast(device, bf16):
     if not bf16:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
@@ -208,7 +208,7 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
     was_training = model.training
     model.eval()
     try:
-        with _autocast(device, bf16):
+        with bf16_autocast(device, bf16):
             # sources: encoded once per source set (Eq. (6)); keys/values of the decoder's cross-attention once
             kp_src, expr_src = model.keypoints_and_expression(sources.to(device))      # (N, K, 2), (N, E)
             set_latents = model.encode(sources.to(device)[None], kp_src[None], expr_src[None])  # (1, N*T', D)
@@ -224,7 +224,7 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
         for t0 in range(0, len(idx), max(1, batch)):
             sel = idx[t0:t0 + max(1, batch)]
             drv = driving[torch.as_tensor(sel, device=driving.device)].to(device)     # (b, 3, S, S)
-            with _autocast(device, bf16):
+            with bf16_autocast(device, bf16):
                 kp_drv, expr_drv = model.keypoints_and_expression(drv)                 # (b, K, 2), (b, E)
                 kp_drv = kp_drv.float()
                 if relative:  # expression stays the driving frame's own (Sec. 3.4)
@@ -295,7 +295,7 @@ class Driving:
         if self.frames is not None:
             yield from data.to_uint8(self.frames[start:])
             return
-        image = os.path.splitext(self.path)[1].lower() in IMAGE_EXTS and not os.path.isdir(self.path)
+        image = check_input(self.path) == "image"
         yield from itertools.islice(iter([data.read_image(self.path)]) if image else data.iter_frames(self.path),
                                     start, self.n)
 

@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import losses
-from expression import ExpressionConfig, ExpressionNet
+from expression import ExpressionConfig, ExpressionNet, init_layers
 from keypoints import KPConfig, KPDetector, load_kp_state, pixel_grid
 
 # -----------------------------------------------------------------------------
@@ -118,6 +118,9 @@ class FSRTConfig:
     def to_dict(self):
         return asdict(self)
 
+    # fields that do not shape the weights: how they are initialised and how many pixels are decoded at once
+    NOT_WEIGHTS = ("cnn_init", "expr_init", "chunk")
+
     @classmethod
     def from_dict(cls, d):
         """Inverse of to_dict; unknown keys (e.g. from a newer version) are dropped with a warning."""
@@ -128,6 +131,15 @@ class FSRTConfig:
             return klass(**{k: build(nested[k], v) if k in nested and klass is cls else
                             tuple(v) if isinstance(v, list) else v for k, v in dd.items() if k in known})
         return build(cls, d)
+
+
+def weights_config(d):
+    """A config dict (FSRTConfig.to_dict(), or a checkpoint's) without the fields in FSRTConfig.NOT_WEIGHTS (and
+    the expression net's init): two configs equal under it give weights of the same names and shapes."""
+    d = {k: v for k, v in d.items() if k not in FSRTConfig.NOT_WEIGHTS}
+    if isinstance(d.get("expression"), dict):
+        d["expression"] = {k: v for k, v in d["expression"].items() if k != "init"}
+    return d
 
 # -----------------------------------------------------------------------------
 # transformer block (pre-LN, SRT style: q/k/v without bias, output projection with bias, GELU MLP)
@@ -192,13 +204,7 @@ class PatchCNN(nn.Module):
             c_in = c_out
         self.convs = nn.ModuleList(convs)
         self.proj = nn.Conv2d(c_in, width, 1)
-        if init == "kaiming":
-            for conv in self.convs:
-                nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.kaiming_normal_(self.proj.weight, nonlinearity="linear")
-            nn.init.zeros_(self.proj.bias)
-        elif init != "torch":
-            raise ValueError(f"cnn_init must be 'kaiming' or 'torch', got {init!r}")
+        init_layers(init, self.convs, self.proj, "cnn_init")                # He init (see above) or torch's
 
     def first_conv(self, rgb, pix_code, const):
         """Decomposed first conv. rgb [B,3,H,W], pix_code [n_pix,H,W] (no batch), const [B,Cc] -> [B,C1,H,W]."""
@@ -790,9 +796,9 @@ def save_release(model, checkpoint, kp_detector):
     """Write a paper-preset model in the release's format: checkpoint = {"encoder", "decoder",
     "expression_encoder": state dicts} (the authors' demo.py loads it), kp_detector = the detector's state
     dict. Exact inverse of load_release (keys in the release's order)."""
-    cfg, plain = model.cfg, dict(chunk=FSRTConfig.chunk, cnn_init=FSRTConfig.cnn_init,
-                                     expr_init=FSRTConfig.expr_init)   # no effect on the function
-    if replace(cfg, **plain) != FSRTConfig.paper(small_decoder=cfg.small_decoder):
+    cfg = model.cfg
+    paper = FSRTConfig.paper(small_decoder=cfg.small_decoder)
+    if weights_config(cfg.to_dict()) != weights_config(paper.to_dict()):   # init and chunk do not matter
         raise ValueError("save_release writes the release's vox256 layout, which has the paper preset's sizes "
                          f"(FSRTConfig.paper()); this model has image_size {cfg.image_size}, width {cfg.width}, "
                          f"expr_dim {cfg.expr_dim}, ...: it cannot be stored in that format")

@@ -439,16 +439,8 @@ def save(path, model, opt, step, iteration, args, disc=None, dopt=None):
     srt.save_checkpoint(path, ckpt)
 
 
-def _weights_config(d):
-    """A config dict without the fields that do not shape the weights (initialisation, decoding chunk)."""
-    d = {k: v for k, v in d.items() if k not in ("cnn_init", "expr_init", "chunk")}
-    if isinstance(d.get("expression"), dict):
-        d["expression"] = {k: v for k, v in d["expression"].items() if k != "init"}
-    return d
-
-
 def check_config(ckpt, cfg, path):
-    old, new = _weights_config(ckpt["config"]), _weights_config(cfg.to_dict())
+    old, new = srt.weights_config(ckpt["config"]), srt.weights_config(cfg.to_dict())   # sizes only
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ValueError(f"{path} was trained with a different model ({', '.join(diff)} differ): pass the same "
@@ -582,7 +574,7 @@ def train_step(model, opt, params, b, args, step, iteration, gidx, world, device
     set_lr(opt, lr_at(args, iteration))
     if disc is not None:
         disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
-    with reenact._autocast(torch.device(device), args.bf16):
+    with reenact.bf16_autocast(torch.device(device), args.bf16):
         if args.phase == 0:
             loss, _, _ = kp_loss(model, b, args)
             terms, pred, kp = {}, None, None

@@ -413,7 +413,7 @@ def test_bf16_mixed_precision_step_matches_fp32():
     for bf16 in (False, True):
         args.bf16 = bf16
         model.zero_grad(set_to_none=True)
-        with reenact._autocast(torch.device("cpu"), bf16):
+        with reenact.bf16_autocast(torch.device("cpu"), bf16):
             loss, _, pred, _ = train.generator_losses(model, b, args, 0, list(range(4)), 1)
         assert loss.dtype == torch.float32 and pred.dtype == torch.float32
         loss.backward()
