@@ -467,7 +467,7 @@ def health(model, images):
     rgb = model.render(z, kp, e, size=(H, W)).clamp(0, 1)
     self_psnr = float(losses.psnr(rgb, images).mean())
     expr_spread = float((e.std(0).pow(2).mean() / e.pow(2).mean().clamp_min(1e-12)).sqrt()) if e.shape[1] \
-        else float("nan")
+        and e.shape[0] > 1 else float("nan")   # one face (or |e| = 0) has no spread
     model.train(was_training)
     return dict(active=active, spread=spread, latent_cos=latent_cos, attn_entropy=entropy,
                 attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr, expr_spread=expr_spread)

@@ -438,3 +438,24 @@ def test_resume_ignores_init_only_config_fields_but_not_sizes():
     train.check_config({"config": old}, cfg, "phase1.pt")
     with pytest.raises(ValueError, match="image_size"):
         train.check_config({"config": old}, srt.FSRTConfig.tiny(image_size=64), "phase1.pt")
+
+
+def test_tiny_preset_is_64_with_auto_precision_and_double_keeps_fp32():
+    args = train.resolve(train.get_args(["--phase", "1", "--preset", "tiny"]))
+    assert (args.image_size, args.precision, args.bf16) == (64, "auto", False)   # 'auto' is decided in main
+    assert train.resolve(train.get_args(["--preset", "tiny", "--double"])).precision == "fp32"
+    assert train.resolve(train.get_args(["--preset", "paper"])).precision == "fp32"
+    assert train.resolve(train.get_args(["--preset", "tiny", "--precision", "bf16"])).bf16
+
+
+def test_logged_held_out_psnr_is_metrics_py_self_reenactment_figure():
+    import data
+    import metrics
+    torch.manual_seed(0)
+    model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
+    videos = [data.VideoSet(size=32, frames=35)[i] for i in range(2)]   # protocol: driving frames 10, 20, 30
+    ours, copy = train.evaluate(model, videos)
+    ref = metrics.evaluate_self(videos, model, progress=False)
+    assert ours == pytest.approx(ref["model"]["psnr"], abs=1e-4)
+    assert copy == pytest.approx(ref["baseline"]["psnr"], abs=1e-4)
+    assert abs(ours - copy) > 0.1   # a random model is not the copy baseline
