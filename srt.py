@@ -104,8 +104,8 @@ class FSRTConfig:
 
     @classmethod
     def tiny(cls, **overrides):
-        """Same architecture (and Eq. 3-7 sizes: query 64 + 160 + 32) for small images on a CPU (64x64 here;
-        train.py's tiny preset uses it at 32x32): 1.1 M parameters
+        """Same architecture (and Eq. 3-7 sizes: query 64 + 160 + 32) for small images on a CPU (64x64, as
+        train.py's tiny preset): 1.1 M parameters
         in encoder + decoder, 2.2 M with detector and expression net; a training step (batch 16, 1 source,
         1024 pixels) is ~70 GFLOP forward + backward, 2/3 of it in the decoder."""
         d = dict(image_size=64, expr_dim=32, cnn_channels=((16, 32), (32, 64), (64, 128)), width=128,

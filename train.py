@@ -25,6 +25,7 @@ of (seed, step, global sample index), never of the rank, so a run on W processes
 the same global batch, and a resumed run follows an uninterrupted one.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -84,6 +85,8 @@ def get_args(argv=None):
     p.add_argument("--no-keypoints", action="store_true", help="ablation: n_K = 0 (no keypoint conditioning)")
     p.add_argument("--no-jitter", action="store_true", help="ablation: no colour jitter (A1 = A2 = A3, Sec. 3.2)")
     p.add_argument("--no-omega", action="store_true", help="ablation: no Omega crop before the expression net")
+    p.add_argument("--kp-scale", type=float, default=None, help="the detector's input scale (paper 0.25 at "
+                   "256x256, tiny 0.5): 1 lets it, and so the expression network, see the full image")
     p.add_argument("--pix-octaves", type=int, default=None, help="octaves of the pixel encoding (Eq. 5)")
     p.add_argument("--cnn-init", default=None, choices=("kaiming", "torch"),
                    help="patch-CNN initialisation (srt.PatchCNN); 'torch' is the release's default init")
@@ -171,7 +174,10 @@ def model_config(args):
     for k in ("expr_dim", "pix_octaves", "cnn_init", "expr_init"):
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
-    return getattr(srt.FSRTConfig, args.preset)(**over)
+    make = getattr(srt.FSRTConfig, args.preset)
+    if args.kp_scale is not None:   # the detector's input scale (KPConfig.scale_factor)
+        over["kp"] = dataclasses.replace(make().kp, scale_factor=args.kp_scale)
+    return make(**over)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Tests of train.py: gradient pixel sub-sampling, DDP = one process, resume = uninterrupted, skipped
 non-finite steps, clear errors, and a tiny model that really learns."""
+import dataclasses
 import json
 import os
 import signal
@@ -446,6 +447,8 @@ def test_tiny_preset_is_64_with_auto_precision_and_double_keeps_fp32():
     assert train.resolve(train.get_args(["--preset", "tiny", "--double"])).precision == "fp32"
     assert train.resolve(train.get_args(["--preset", "paper"])).precision == "fp32"
     assert train.resolve(train.get_args(["--preset", "tiny", "--precision", "bf16"])).bf16
+    kp = train.model_config(train.resolve(train.get_args(["--preset", "tiny", "--kp-scale", "1"]))).kp
+    assert kp == dataclasses.replace(srt.FSRTConfig.tiny().kp, scale_factor=1.0)   # the rest: tiny's detector
 
 
 def test_logged_held_out_psnr_is_metrics_py_self_reenactment_figure():
