@@ -408,7 +408,7 @@ def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=No
 
 def discriminate(disc, image, kp):
     """The keypoint-aware discriminator; images below its smallest input (the 4x4 unpadded convs need ~40
-    pixels: the tiny preset's 32x32) are upsampled bilinearly to that size first (not in the paper)."""
+    pixels: e.g. 32x32 with --image-size 32) are upsampled bilinearly to that size first (not in the paper)."""
     if min(image.shape[-2:]) < disc.min_size:
         image = torch.nn.functional.interpolate(image, size=(disc.min_size, disc.min_size), mode="bilinear",
                                                 align_corners=False)
