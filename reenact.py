@@ -192,7 +192,7 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
     Returns [T', 3, S, S] float32 on driving's device, CLAMPED to [0, 1] (render itself is not clamped;
     every user of this function wants displayable frames).
     """
-    device = next(model.parameters()).device
+    device, dtype = next(model.parameters()).device, next(model.parameters()).dtype   # inputs follow the model
     S = model.cfg.image_size
     if sources.dim() == 3:
         sources = sources[None]
@@ -210,20 +210,20 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
     try:
         with bf16_autocast(device, bf16):
             # sources: encoded once per source set (Eq. (6)); keys/values of the decoder's cross-attention once
-            kp_src, expr_src = model.keypoints_and_expression(sources.to(device))      # (N, K, 2), (N, E)
-            set_latents = model.encode(sources.to(device)[None], kp_src[None], expr_src[None])  # (1, N*T', D)
+            kp_src, expr_src = model.keypoints_and_expression(sources.to(device, dtype))      # (N, K, 2), (N, E)
+            set_latents = model.encode(sources.to(device, dtype)[None], kp_src[None], expr_src[None])  # (1, N*T', D)
             kv = model.latent_kv(set_latents)
             if relative:
                 if not -T <= initial_frame < T:
                     raise ValueError(f"initial frame {initial_frame} is outside the driving video ({T} frames)")
                 i0 = initial_frame % T
-                kp_init = model.keypoints_and_expression(driving[i0:i0 + 1].to(device))[0].float()  # (1, K, 2)
+                kp_init = model.keypoints_and_expression(driving[i0:i0 + 1].to(device, dtype))[0].float()  # (1, K, 2)
                 kp_source = (kp_src[:1] if kp_source is None else kp_source).float().to(device)
 
         bar = tqdm(total=len(idx), unit="frame", disable=not progress, dynamic_ncols=True)
         for t0 in range(0, len(idx), max(1, batch)):
             sel = idx[t0:t0 + max(1, batch)]
-            drv = driving[torch.as_tensor(sel, device=driving.device)].to(device)     # (b, 3, S, S)
+            drv = driving[torch.as_tensor(sel, device=driving.device)].to(device, dtype)    # (b, 3, S, S)
             with bf16_autocast(device, bf16):
                 kp_drv, expr_drv = model.keypoints_and_expression(drv)                 # (b, K, 2), (b, E)
                 kp_drv = kp_drv.float()

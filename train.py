@@ -141,11 +141,14 @@ def resolve(args):
                              **{k: ">= 0" for k in ("steps", "disc_warmup", "motion", "motion_start", "motion_ramp",
                                                     "seed", "eval_videos", "workers")},
                              "expr_dim": ">= 0 (0 = no expression vector)",
-                             "lr": "> 0", "warmup": ">= 0 (0 = no warm-up)", "max_minutes": "> 0",
+                             "lr": "> 0", "kp_scale": "> 0 (and at most 1)", "warmup": ">= 0 (0 = no warm-up)", "max_minutes": "> 0",
                              **{k: ">= 0 (0 = never)" for k in ("log_every", "sample_every", "ckpt_every")}})
     for k in ("log_every", "sample_every", "ckpt_every"):
         setattr(args, k, getattr(args, k) or NEVER)
     args.weights = loss_weights(args.loss_weights)
+    if args.kp_scale is not None and args.kp_scale > 1:
+        raise ValueError(f"--kp-scale {args.kp_scale}: must be > 0 (and at most 1): the detector sees the image "
+                         f"at most at its own size")
     if args.pixels > args.image_size ** 2:
         raise ValueError(f"--pixels {args.pixels} exceeds the {args.image_size}x{args.image_size} image")
     return args
@@ -470,25 +473,15 @@ def lr_at(args, iteration):
 # ----------------------------------------------------------------------------------------------------------
 # what a person sees: held-out PSNR, sample grids, curves
 
-@torch.no_grad()
 def evaluate(model, videos):
-    """Self-reenactment on held-out videos by metrics.py's Sec. 4.1 protocol (source = frame 0, driving = every
-    10th frame at least 10 away), so the logged curve is the figure metrics.py reports on these videos.
-    Returns (model PSNR, copy-the-source PSNR), both mean over frames, then over videos, in dB."""
-    ours, copy = [], []
-    model.eval()
-    for v in videos:
-        p = next(model.parameters())
-        f = v["frames"].to(p.device, p.dtype)                                          # (T, 3, S, S)
-        src, drv = metrics.protocol_frames(len(f))
-        if not drv:   # a video too short for the protocol (metrics.py skips it too)
-            continue
-        pred = reenact.reenact(model, f[src], f[drv], batch=len(drv))                # the per-frame loop of Sec. 3.4
-        ours.append(float(losses.psnr(pred.clamp(0, 1), f[drv]).mean()))
-        copy.append(float(losses.psnr(f[src], f[drv]).mean()))
-    if not ours:
+    """Self-reenactment on held-out videos: metrics.py's Sec. 4.1 protocol (metrics.evaluate_self), so the logged
+    curve is the figure metrics.py reports on these videos. -> (model PSNR, copy-the-source PSNR) in dB; nan
+    when no video is long enough for the protocol (training goes on)."""
+    videos = [v for v in videos if metrics.protocol_frames(len(v["frames"]))[1]]   # long enough to score
+    if not videos:
         return math.nan, math.nan
-    return float(np.mean(ours)), float(np.mean(copy))      # the caller puts the model back in train mode
+    r = metrics.evaluate_self(videos, model, device=next(model.parameters()).device, progress=False)
+    return r["model"]["psnr"], r["baseline"]["psnr"]
 
 
 @torch.no_grad()

@@ -226,7 +226,7 @@ def test_metrics_skips_an_unreadable_test_video_and_counts_it(ckpt, tmp_path, ca
                                           ("--batch-size", "0"), ("--pixels", "0"), ("--seed", "-3"),
                                           ("--motion", "-1"), ("--max-minutes", "0"), ("--eval-videos", "-1"),
                                           ("--workers", "-2"), ("--num-src", "0"), ("--disc-warmup", "-1"),
-                                          ("--expr-dim", "-1")])
+                                          ("--expr-dim", "-1"), ("--kp-scale", "0"), ("--kp-scale", "2")])
 def test_train_refuses_out_of_range_numbers(tmp_path, capsys, option, value):
     assert train.main(["--phase", "0", "--steps", "1", "--out", str(tmp_path / "run"), *FAST, option, value]) == 2
     line = one_line(capsys.readouterr().err, "must be")

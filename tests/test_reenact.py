@@ -308,3 +308,14 @@ def test_cli_two_processes_match_one(tiny_ckpt, tmp_path):
     one, _ = data.read_video(str(tmp_path / "one"))
     assert two.shape == one.shape == (3, 64, 64, 3)
     assert np.abs(two.astype(int) - one.astype(int)).max() <= 1
+
+
+def test_reenact_casts_inputs_to_the_model_dtype():
+    """A float64 model (train.py --double) takes float32 frames: reenact casts them to the model's dtype."""
+    model = _tiny_model().double()
+    S = model.cfg.image_size
+    g = torch.Generator().manual_seed(0)
+    src, drv = torch.rand(1, 3, S, S, generator=g), torch.rand(2, 3, S, S, generator=g)
+    out = reenact.reenact(model, src, drv)
+    ref = reenact.reenact(model, src.double(), drv.double())
+    assert out.dtype == torch.float32 and torch.equal(out, ref)
