@@ -3,6 +3,12 @@
 It recycles the keypoint detector's last feature map F_{I,K} and its heatmaps H_I: a learned 7x7 convolution
 X_C gives n_f features per keypoint, each keypoint's features are pooled under its heatmap (Eq. 8),
 concatenated (Eq. 9) and mapped by a 4-layer MLP X_M to the latent expression vector e_I (Eq. 10).
+One departure from a literal implementation, exact (same function, same parameters, fewer FLOPs): X_C is
+linear, so Eq. (8) pools the k x k input patches under each heatmap first and applies X_C's weights once per
+keypoint afterwards (`pooled_patches`), instead of convolving n_K n_f channels at every position of which
+Eq. (8) keeps a weighted sum. Measured on the tiny preset with the detector at full 64x64 input (`train.py
+--kp-scale 1`, batch 64): 63 ms instead of 758 ms forward + backward; `forward_naive` is the literal version
+(the release's), kept as the reference for the tests.
 Sizes (the release's; README, "The authors' release"): 35-channel 64x64 features -> 10 x 32 channels at
 58x58 -> 320 -> 640 -> 1280 -> 640 -> 256; 2.56 M parameters.
 """
@@ -10,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 def init_layers(init, relu_layers, last, what="init"):
@@ -58,14 +65,38 @@ class ExpressionNet(nn.Module):
         linears = [m for m in self.mlp if isinstance(m, nn.Linear)]
         init_layers(cfg.init, [self.conv, *linears[:-1]], linears[-1], "the expression net's init")
 
+    def _check(self, features, heatmaps):
+        k, K = self.cfg.kernel, self.cfg.num_kp
+        conv_out = tuple(n - k + 1 for n in features.shape[2:])
+        if conv_out != tuple(heatmaps.shape[2:]) or heatmaps.shape[1] != K:
+            raise ValueError(f"expression net: conv output {conv_out} and heatmaps {tuple(heatmaps.shape[1:])} do "
+                             f"not match (expected {K} heatmaps of the conv's size)")
+
     def forward(self, features, heatmaps):
-        """features [B,C,h+6,w+6] (detector feature map), heatmaps [B,K,h,w] -> e [B, expr_dim]."""
+        """features [B,C,h+k-1,w+k-1] (detector feature map), heatmaps [B,K,h,w] -> e [B, expr_dim]."""
+        self._check(features, heatmaps)
+        B, K, n_f, k = features.shape[0], self.cfg.num_kp, self.cfg.n_f, self.cfg.kernel
+        P = pooled_patches(features, heatmaps)                                 # (B, K, C, k, k)
+        W = self.conv.weight.view(K, n_f, -1, k, k).to(P.dtype)                # X_C's filters of keypoint k
+        f_kp = torch.einsum("bkcij,kfcij->bkf", P, W)                          # Eq. (8): sum_p H(p) (W * F)(p)
+        f_kp = f_kp + self.conv.bias.view(K, n_f) * heatmaps.sum((2, 3))[..., None]   # + b sum_p H(p)
+        f_all = f_kp.reshape(B, K * n_f)                                       # Eq. (9): concatenate over keypoints
+        return self.mlp(f_all)                                                 # Eq. (10): e = X_M(f)
+
+    def forward_naive(self, features, heatmaps):
+        """Reference for forward (as the release): X_C at every position, then Eq. (8)-(10)."""
+        self._check(features, heatmaps)
         B, K, n_f = features.shape[0], self.cfg.num_kp, self.cfg.n_f
-        f = self.conv(features)                                    # (B, K*n_f, h, w)
-        if f.shape[2:] != heatmaps.shape[2:] or heatmaps.shape[1] != K:
-            raise ValueError(f"expression net: conv output {tuple(f.shape[2:])} and heatmaps "
-                             f"{tuple(heatmaps.shape[1:])} do not match (expected {K} heatmaps of the conv's size)")
-        f = f.view(B, K, n_f, *f.shape[2:])                       # (B, K, n_f, h, w)
-        f_kp = torch.einsum("bkhw,bkfhw->bkf", heatmaps, f)        # Eq. (8): heatmap-weighted sum over space
-        f_all = f_kp.reshape(B, K * n_f)                           # Eq. (9): concatenate over keypoints
-        return self.mlp(f_all)                                     # Eq. (10): e = X_M(f)
+        f = self.conv(features).view(B, K, n_f, *heatmaps.shape[2:])           # (B, K, n_f, h, w)
+        f_kp = torch.einsum("bkhw,bkfhw->bkf", heatmaps, f)                    # Eq. (8)
+        return self.mlp(f_kp.reshape(B, K * n_f))                              # Eq. (9), (10)
+
+
+def pooled_patches(features, heatmaps):
+    """P[b, k, c, i, j] = sum_{y,x} H[b,k,y,x] F[b,c,y+i,x+j]: the k x k input patches of F averaged under each
+    heatmap, for every image b. features [B,C,h+k-1,w+k-1], heatmaps [B,K,h,w] -> [B,K,C,k,k].
+    One grouped convolution: the channels of F are its batch, the images its groups, the heatmaps its filters."""
+    B, C = features.shape[:2]
+    K, h, w = heatmaps.shape[1:]
+    P = F.conv2d(features.transpose(0, 1), heatmaps.reshape(B * K, 1, h, w).to(features.dtype), groups=B)
+    return P.view(C, B, K, *P.shape[2:]).permute(1, 2, 0, 3, 4)                # (C, B*K, k, k) -> (B, K, C, k, k)

@@ -74,3 +74,21 @@ def test_mismatched_heatmaps_raise():
     net = ExpressionNet(ExpressionConfig.tiny())
     with pytest.raises(ValueError, match="heatmaps"):
         net(torch.randn(1, 19, 32, 32), torch.rand(1, 10, 32, 32))
+
+
+def test_pooled_patches_equal_the_literal_conv_then_eq8_with_gradients():
+    """forward (heatmap-pooled patches, X_C applied once per keypoint) is forward_naive (the release's conv at
+    every position, then Eq. 8): same e and same gradients for the weights, features and heatmaps."""
+    torch.manual_seed(0)
+    net = ExpressionNet(ExpressionConfig(in_channels=5, num_kp=3, n_f=4, expr_dim=6, hidden=(8, 8, 8))).double()
+    feat = torch.randn(2, 5, 13, 11, dtype=torch.float64, requires_grad=True)
+    hm = torch.rand(2, 3, 7, 5, dtype=torch.float64, requires_grad=True)     # not normalised: the bias term counts
+    grads = []
+    for fn in (net.forward, net.forward_naive):
+        net.zero_grad()
+        feat.grad = hm.grad = None
+        e = fn(feat, hm)
+        (e * torch.arange(12, dtype=torch.float64).view(2, 6)).sum().backward()
+        grads.append([e.detach(), feat.grad, hm.grad] + [p.grad.clone() for p in net.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

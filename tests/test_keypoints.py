@@ -225,3 +225,10 @@ def test_one_pixel_centre_convention_and_one_gaussian_downsampling():
     x = torch.rand(2, 3, 64, 64)
     det = keypoints.AntiAliasInterpolation2d(3, 0.25)
     assert torch.equal(keypoints.antialias_downsample(x, 0.25), det(x)) and keypoints.antialias_downsample(x, 1) is x
+
+
+def test_upsample2x_is_nearest_interpolation():
+    import torch.nn.functional as F
+    from keypoints import upsample2x
+    x = torch.randn(2, 3, 5, 4)
+    assert torch.equal(upsample2x(x), F.interpolate(x, scale_factor=2))
