@@ -46,7 +46,7 @@ class ExpressionConfig:
 
     @classmethod
     def tiny(cls) -> "ExpressionConfig":
-        """Matches KPConfig.tiny(): 19-channel 32x32 features, 26x26 heatmaps."""
+        """Matches KPConfig.tiny(): 19-channel features (64x64 at 64x64 images), heatmaps 6 pixels smaller."""
         return cls(in_channels=19, n_f=16, expr_dim=32, hidden=(128, 256, 128))
 
 

@@ -30,8 +30,10 @@ class KPConfig:
 
     @classmethod
     def tiny(cls) -> "KPConfig":
-        """For 64x64 images on CPU: 64 -> 32 input, 19-channel 32x32 features, 26x26 heatmaps."""
-        return cls(block_expansion=16, num_blocks=4, max_features=256, scale_factor=0.5)
+        """For 64x64 images on CPU: the detector sees the whole 64x64 image (as the paper's sees 256x256 quartered
+        to 64x64; at half that, blinks and brows were not readable: README), 19-channel 64x64 features, 58x58
+        heatmaps. `train.py --kp-scale 0.5` halves its input (the preset before 2026-11-30)."""
+        return cls(block_expansion=16, num_blocks=4, max_features=256, scale_factor=1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,11 +263,13 @@ def load_kp_state(obj, detector: KPDetector, where: str, expected: str = KP_FILE
 # ----------------------------------------------------------------------------------------------------------
 # external 68-point landmarks (iBUG layout, pixels, (x, y))
 
-# Phase 0 regresses the 10 detector keypoints onto these 68-point landmarks: jaw line (0, 4, 8, 12, 16), nose
-# bridge top, tip and base (27, 30, 33), outer eye corners (36, 45). They are rigid, spread over the whole face
-# and barely move with expression, so together they capture head pose (position, scale, yaw/pitch/roll) and
-# leave the expression to the expression network.
-KP_LANDMARKS = (0, 4, 8, 12, 16, 27, 30, 33, 36, 45)
+# Phase 0 regresses the 10 detector keypoints onto these 68-point landmarks: the two ends of the jaw line at the
+# temples (0, 16), nose bridge top and tip (27, 30), nostril wings (31, 35), outer and inner eye corners (36, 39,
+# 42, 45). None of them moves with expression, so together they capture head pose (position, scale, yaw/pitch/
+# roll) and leave the expression to the expression network. (The set before 2026-11-30 had the jaw line
+# 0, 4, 8, 12, 16 and nose base 33 instead of 39, 42, 31, 35: the chin drops when the mouth opens, so mouth
+# opening reached the decoder through k_D and e was left with nothing to carry; README.)
+KP_LANDMARKS = (0, 16, 27, 30, 31, 35, 36, 39, 42, 45)
 
 
 def largest_face_index(boxes) -> int | None:

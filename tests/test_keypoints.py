@@ -61,7 +61,7 @@ def test_paper_parameter_count():
 
 
 @pytest.mark.parametrize("cfg,size,feat,hm", [(KPConfig(), 256, (35, 64, 64), (58, 58)),
-                                              (KPConfig.tiny(), 64, (19, 32, 32), (26, 26))])
+                                              (KPConfig.tiny(), 64, (19, 64, 64), (58, 58))])
 def test_output_shapes_and_heatmaps(cfg, size, feat, hm):
     det = KPDetector(cfg).eval()
     with torch.no_grad():
@@ -81,7 +81,7 @@ def test_constant_logits_give_centre_keypoint():
         det.kp.weight.zero_()
         det.kp.bias.zero_()
         out = det(torch.rand(1, 3, 64, 64))
-    torch.testing.assert_close(out["heatmaps"], torch.full_like(out["heatmaps"], 1 / 26 ** 2))
+    torch.testing.assert_close(out["heatmaps"], torch.full_like(out["heatmaps"], 1 / 58 ** 2))
     torch.testing.assert_close(out["keypoints"], torch.zeros(1, 10, 2), atol=1e-5, rtol=0)
 
 

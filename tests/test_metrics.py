@@ -380,10 +380,10 @@ def test_readout_ceiling_reads_what_the_detector_shows_and_nothing_else(monkeypa
     model.kp_detector = _BrightnessDetector()
     monkeypatch.setattr(metrics.data, "render_frames", lambda ident, poses, exprs, size: (
         torch.full((1, 3, size, size), exprs[0].mouth_open), None))
-    r2 = metrics.readout_ceiling(model, frames=300, steps=150, test_frames=200, progress=False)
+    r2 = metrics.readout_ceiling(model, frames=300, steps=400, test_frames=200, progress=False)
     assert list(r2) == [f.name for f in dataclasses.fields(data.Expression)]
     assert r2["mouth_open"] > 0.9 and all(v < 0.15 for k, v in r2.items() if k != "mouth_open"), r2
     monkeypatch.setattr(metrics.data, "render_frames", lambda ident, poses, exprs, size: (
         torch.full((1, 3, size, size), 0.5), None))
-    r2 = metrics.readout_ceiling(model, frames=300, steps=150, test_frames=200, progress=False)
+    r2 = metrics.readout_ceiling(model, frames=300, steps=400, test_frames=200, progress=False)
     assert all(v < 0.15 for v in r2.values()), r2

@@ -441,14 +441,15 @@ def test_resume_ignores_init_only_config_fields_but_not_sizes():
         train.check_config({"config": old}, srt.FSRTConfig.tiny(image_size=64), "phase1.pt")
 
 
-def test_tiny_preset_is_64_with_auto_precision_and_double_keeps_fp32():
+def test_tiny_preset_is_64_with_full_size_detector_auto_precision_and_double_keeps_fp32():
     args = train.resolve(train.get_args(["--phase", "1", "--preset", "tiny"]))
     assert (args.image_size, args.precision, args.bf16) == (64, "auto", False)   # 'auto' is decided in main
     assert train.resolve(train.get_args(["--preset", "tiny", "--double"])).precision == "fp32"
     assert train.resolve(train.get_args(["--preset", "paper"])).precision == "fp32"
     assert train.resolve(train.get_args(["--preset", "tiny", "--precision", "bf16"])).bf16
-    kp = train.model_config(train.resolve(train.get_args(["--preset", "tiny", "--kp-scale", "1"]))).kp
-    assert kp == dataclasses.replace(srt.FSRTConfig.tiny().kp, scale_factor=1.0)   # the rest: tiny's detector
+    assert train.model_config(args).kp.scale_factor == 1.0      # the detector sees the whole 64x64 image
+    kp = train.model_config(train.resolve(train.get_args(["--preset", "tiny", "--kp-scale", "0.5"]))).kp
+    assert kp == dataclasses.replace(srt.FSRTConfig.tiny().kp, scale_factor=0.5)   # the rest: tiny's detector
 
 
 def test_logged_held_out_psnr_is_metrics_py_self_reenactment_figure():
