@@ -49,8 +49,9 @@ import srt
 from keypoints import KP_LANDMARKS, load_kp_detector, to_normalized, to_pixels
 
 # training values per preset; a tuple is one value per phase (0, I, II, III); paper = the release's (README).
-# tiny is the CPU recipe measured on the built-in faces (see the README): 64x64 images (at 32x32 the detector
-# sees 16x16 and no expression is readable; 32x32 stayed under +1.5 dB over copying after 60 minutes), bf16
+# tiny is the CPU recipe measured on the built-in faces (see the README): 64x64 images, the detector on the whole
+# image (srt.FSRTConfig.tiny; at 32x32 the detector saw 16x16 and no expression was readable; 32x32 stayed under
+# +1.5 dB over copying after 60 minutes), bf16
 # autocast where this machine's bf16 matmul is faster ('auto'); 256 pixels per driving frame; the detector
 # (phase 0) at lr 1e-3, FSRT at 3e-4 after a short warm-up (with the He-initialised patch CNN, 3e-4 keeps more
 # first-conv channels alive than 1e-3 and is 0.8-1 dB ahead on held-out faces from step 1500 to 2500; README).
@@ -86,7 +87,7 @@ def get_args(argv=None):
     p.add_argument("--no-jitter", action="store_true", help="ablation: no colour jitter (A1 = A2 = A3, Sec. 3.2)")
     p.add_argument("--no-omega", action="store_true", help="ablation: no Omega crop before the expression net")
     p.add_argument("--kp-scale", type=float, default=None, help="the detector's input scale (paper 0.25 at "
-                   "256x256, tiny 0.5): 1 lets it, and so the expression network, see the full image")
+                   "256x256: it sees 64x64; tiny 1: the whole 64x64 image; 0.5 the tiny preset before 2026-11-30)")
     p.add_argument("--pix-octaves", type=int, default=None, help="octaves of the pixel encoding (Eq. 5)")
     p.add_argument("--cnn-init", default=None, choices=("kaiming", "torch"),
                    help="patch-CNN initialisation (srt.PatchCNN); 'torch' is the release's default init")
