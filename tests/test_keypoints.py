@@ -228,7 +228,5 @@ def test_one_pixel_centre_convention_and_one_gaussian_downsampling():
 
 
 def test_upsample2x_is_nearest_interpolation():
-    import torch.nn.functional as F
-    from keypoints import upsample2x
     x = torch.randn(2, 3, 5, 4)
-    assert torch.equal(upsample2x(x), F.interpolate(x, scale_factor=2))
+    assert torch.equal(keypoints.upsample2x(x), torch.nn.functional.interpolate(x, scale_factor=2))
