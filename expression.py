@@ -74,14 +74,29 @@ class ExpressionNet(nn.Module):
 
     def forward(self, features, heatmaps):
         """features [B,C,h+k-1,w+k-1] (detector feature map), heatmaps [B,K,h,w] -> e [B, expr_dim]."""
+        return self.mlp(self.keypoint_features(features, heatmaps))           # Eq. (10): e = X_M(f)
+
+    def keypoint_features(self, features, heatmaps):
+        """Eq. (8)-(9): the concatenated per-keypoint features f [B, K*n_f] that X_M maps to e."""
         self._check(features, heatmaps)
         B, K, n_f, k = features.shape[0], self.cfg.num_kp, self.cfg.n_f, self.cfg.kernel
         P = pooled_patches(features, heatmaps)                                 # (B, K, C, k, k)
         W = self.conv.weight.view(K, n_f, -1, k, k).to(P.dtype)                # X_C's filters of keypoint k
         f_kp = torch.einsum("bkcij,kfcij->bkf", P, W)                          # Eq. (8): sum_p H(p) (W * F)(p)
         f_kp = f_kp + self.conv.bias.view(K, n_f) * heatmaps.sum((2, 3))[..., None]   # + b sum_p H(p)
-        f_all = f_kp.reshape(B, K * n_f)                                       # Eq. (9): concatenate over keypoints
-        return self.mlp(f_all)                                                 # Eq. (10): e = X_M(f)
+        return f_kp.reshape(B, K * n_f)                                        # Eq. (9): concatenate over keypoints
+
+    @torch.no_grad()
+    def active_units(self, features, heatmaps):
+        """Per hidden layer of X_M, the fraction of its ReLU units that are positive for at least one image of
+        the batch. A unit at 0 for every input passes no gradient again: when the first layer's units are all
+        dead, e is one constant vector (a training diagnostic, not in the paper). -> list of floats."""
+        x, active = self.keypoint_features(features, heatmaps), []
+        for layer in self.mlp:
+            x = layer(x)
+            if isinstance(layer, nn.ReLU):
+                active.append(float((x > 0).any(0).float().mean()))
+        return active
 
     def forward_naive(self, features, heatmaps):
         """Reference for forward (as the release): X_C at every position, then Eq. (8)-(10)."""

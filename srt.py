@@ -430,12 +430,16 @@ def health(model, images):
       attn_own    mean attention weight on the token whose 8x8 patch holds the pixel (1/T when uniform);
       self_psnr   PSNR (dB) of the reconstruction with driving = source;
       expr_spread std of the expression vectors e across the images / their rms (~0: e is one constant vector
-                  for every face, so the decoder can take no expression from it; NaN for |e| = 0).
+                  for every face, so the decoder can take no expression from it; NaN for |e| = 0);
+      expr_active fraction of each hidden layer's ReLU units of the expression MLP X_M that are positive for
+                  some image (ExpressionNet.active_units; [] for |e| = 0): the same dying-ReLU failure in X.
     Returns a dict of floats (active as a list, one per conv)."""
     was_training = model.training
     model.eval()
     B, _, H, W = images.shape
-    kp, e = model.keypoints_and_expression(images)
+    det = model.detect(images)
+    kp, e = det["keypoints"], model.expression_of(det)
+    expr_active = model.expression.active_units(det["features"], det["heatmaps"]) if e.shape[1] else []
     grid = pixel_grid(H, W, images.device)                                        # (HW, 2)
     code = model.gamma_pix(grid).to(images.dtype)                                 # (HW, 64), Eq. (5)
     frame_code = model.frame_code(kp, e)                                          # (B, 160 + E)
@@ -470,13 +474,24 @@ def health(model, images):
         and e.shape[0] > 1 else float("nan")   # one face (or |e| = 0) has no spread
     model.train(was_training)
     return dict(active=active, spread=spread, latent_cos=latent_cos, attn_entropy=entropy,
-                attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr, expr_spread=expr_spread)
+                attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr, expr_spread=expr_spread,
+                expr_active=expr_active)
 
 
 def collapsed(h):
     """The dead-encoder verdict on a `health` dict: a patch-CNN conv without any active channel, or set-latents
     that no longer vary across tokens or images (the decoder then renders from the driving conditioning alone)."""
     return min(h["active"]) == 0 or h["spread"] < 1e-3 or h["latent_cos"] > 0.999
+
+
+EXPR_SPREAD_MIN = 0.01   # health's expr_spread below this: e counts as one vector (issue 11's 60-minute run: 0.32
+                         # at init, 0.0096 at step 9,000; its 17,580-step demo, X_M's first layer 96 % dead: 0.002)
+
+
+def expression_collapsed(h):
+    """The same verdict for the expression network on a `health` dict: e (nearly) one constant vector for every
+    face, or a hidden layer of X_M without any active unit; False for |e| = 0."""
+    return bool(h["expr_active"]) and (min(h["expr_active"]) == 0 or h["expr_spread"] < EXPR_SPREAD_MIN)
 
 
 # -----------------------------------------------------------------------------

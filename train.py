@@ -705,15 +705,21 @@ def run_phase(args, rank, world, device):
             ours, copy = evaluate(model, videos)
             h = srt.health(model, torch.stack([v["frames"][0] for v in videos]).to(device, args.dtype))
             write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60,
-                   **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": srt.collapsed(h)})
+                   **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": srt.collapsed(h),
+                   "expression_collapsed": srt.expression_collapsed(h)})
             bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: "
                       f"active channels {min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, "
                       f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), "
-                      f"spread of e across faces {h['expr_spread']:.3f}")
+                      f"spread of e across faces {h['expr_spread']:.3f}, active units of X_M "
+                      f"{min(h['expr_active'], default=math.nan):.0%} (least of its layers)")
             if srt.collapsed(h):
                 bar.write(f"step {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, "
                           f"or set-latents equal across tokens/images): the decoder renders from the driving "
                           f"frame alone. Lower --lr, keep --cnn-init kaiming, or restart from an earlier checkpoint")
+            if srt.expression_collapsed(h):
+                bar.write(f"step {step}: WARNING the expression vector has collapsed (e the same for every face, or "
+                          f"an X_M layer with no active unit): the decoder can take no expression from the driving "
+                          f"frame (README, 'Why e was a constant vector')")
         model.train()
         if b is not None:
             sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args)

@@ -92,3 +92,23 @@ def test_pooled_patches_equal_the_literal_conv_then_eq8_with_gradients():
         grads.append([e.detach(), feat.grad, hm.grad] + [p.grad.clone() for p in net.parameters()])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_active_units_counts_units_positive_for_some_image():
+    """ExpressionNet.active_units by hand: X_M's first layer set so that unit 0 is positive for image 0 only,
+    unit 1 for no image, unit 2 for both; the later layers' fractions come from the same pass as forward."""
+    cfg = ExpressionConfig(in_channels=2, num_kp=1, n_f=1, expr_dim=2, kernel=3, hidden=(3, 4, 5))
+    net = ExpressionNet(cfg)
+    feat = torch.stack([torch.ones(2, 5, 5), -torch.ones(2, 5, 5)])        # image 0: +1, image 1: -1
+    hm = torch.full((2, 1, 3, 3), 1 / 9)
+    with torch.no_grad():
+        net.conv.weight.fill_(1 / 18), net.conv.bias.zero_()                 # f = +1 / -1 per image
+        net.mlp[0].weight.copy_(torch.tensor([[1.0], [1.0], [0.0]])), net.mlp[0].bias.copy_(torch.tensor([0, -2, 1]))
+    f = net.keypoint_features(feat, hm)
+    assert torch.allclose(f.flatten(), torch.tensor([1.0, -1.0]))
+    active = net.active_units(feat, hm)
+    assert len(active) == 3 and active[0] == pytest.approx(2 / 3)
+    h = torch.relu(net.mlp[0](f))
+    h2 = torch.relu(net.mlp[2](h))
+    assert active[1] == pytest.approx(float((h2 > 0).any(0).float().mean()))
+    assert torch.equal(net(feat, hm), net.mlp(f))

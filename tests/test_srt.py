@@ -336,3 +336,21 @@ def test_health_expression_spread_sees_a_constant_e():
         m.expression.mlp[-1].weight.zero_()
         m.expression.mlp[-1].bias.fill_(0.3)
     assert health(m, images)["expr_spread"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_health_sees_a_dead_expression_net():
+    """expr_active (ExpressionNet.active_units) and the expression_collapsed verdict: a first X_M layer pushed
+    below zero for every input (the dying-ReLU failure issue 11 found in the trained demo: 4 % of its units left)
+    leaves e the last layers' bias alone; a fresh net is alive."""
+    from srt import expression_collapsed, health
+    torch.manual_seed(0)
+    images = torch.rand(4, 3, 32, 32)
+    m = FSRT(FSRTConfig.tiny(image_size=32)).eval()
+    h = health(m, images)
+    assert len(h["expr_active"]) == 3 and min(h["expr_active"]) > 0.3 and not expression_collapsed(h), h
+    with torch.no_grad():
+        m.expression.mlp[0].bias.fill_(-1e4)
+    dead = health(m, images)
+    assert dead["expr_active"][0] == 0 and dead["expr_spread"] < 1e-6 and expression_collapsed(dead), dead
+    no_e = health(FSRT(FSRTConfig.tiny(image_size=32, expr_dim=0)).eval(), images)
+    assert no_e["expr_active"] == [] and not expression_collapsed(no_e)

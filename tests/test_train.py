@@ -204,6 +204,7 @@ def test_phase0_and_phase1_write_log_samples_curves_and_checkpoint(tmp_path, pha
     assert {"mse", "aug", "aug_d", "cov", "var", "loss", "lr"} <= set(recs[1])
     evals = [r for r in recs if "eval_psnr" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(r["eval_copy_psnr"] > 10 for r in evals)
+    assert len(evals[0]["health_expr_active"]) == 3 and evals[0]["expression_collapsed"] is False   # X_M's layers
     assert (out / "samples" / "phase1_0000002.png").exists() and (out / "curves_phase1.png").exists()
 
 
