@@ -109,7 +109,8 @@ class ExpressionNet(nn.Module):
 
 def pooled_patches(features, heatmaps):
     """P[b, k, c, i, j] = sum_{y,x} H[b,k,y,x] F[b,c,y+i,x+j]: the k x k input patches of F summed with each
-    heatmap as weights (a weighted mean, as heatmaps sum to 1), for every image b. features [B,C,h+k-1,w+k-1], heatmaps [B,K,h,w] -> [B,K,C,k,k].
+    heatmap as weights (a weighted mean, as heatmaps sum to 1), for every image b.
+    features [B,C,h+k-1,w+k-1], heatmaps [B,K,h,w] -> [B,K,C,k,k].
     One grouped convolution: the channels of F are its batch, the images its groups, the heatmaps its filters."""
     B, C = features.shape[:2]
     K, h, w = heatmaps.shape[1:]
