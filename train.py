@@ -704,14 +704,16 @@ def run_phase(args, rank, world, device):
         else:
             ours, copy = evaluate(model, videos)
             h = srt.health(model, torch.stack([v["frames"][0] for v in videos]).to(device, args.dtype))
+            ex = metrics.evaluate_expression(model, 8, device=device) if args.data is None else {"mean": math.nan}
             write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60,
                    **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": srt.collapsed(h),
-                   "expression_collapsed": srt.expression_collapsed(h)})
+                   "expression_collapsed": srt.expression_collapsed(h), "eval_expression": ex})
             bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: "
                       f"active channels {min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, "
                       f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), "
                       f"spread of e across faces {h['expr_spread']:.3f}, active units of X_M "
-                      f"{min(h['expr_active'], default=math.nan):.0%} (least of its layers)")
+                      f"{min(h['expr_active'], default=math.nan):.0%} (least of its layers); the output follows "
+                      f"{ex['mean']:.0%} of a change of the driver's expression (metrics.evaluate_expression)")
             if srt.collapsed(h):
                 bar.write(f"step {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, "
                           f"or set-latents equal across tokens/images): the decoder renders from the driving "

@@ -280,7 +280,8 @@ def test_main_end_to_end(tiny_checkpoint, tmp_path, capsys, monkeypatch):
             "--probe-stride", "10", "--out", str(out)]
     assert metrics.main(args) == 0
     r = json.loads(out.read_text())
-    assert {"checkpoint", "data", "num_src", "image_size", "self", "akd", "cross", "probe"} <= set(r)
+    assert {"checkpoint", "data", "num_src", "image_size", "self", "akd", "cross", "probe", "expression"} <= set(r)
+    assert set(r["expression"]) == {*metrics.EXPRESSION_TESTS, "mean", "identities"}
     for row in (r["self"]["model"], r["self"]["baseline"], *(r["cross"][k] for k in ("absolute", "relative",
                                                                                      "baseline"))):
         assert {"ssim", "psnr", "l1", "frames"} <= set(row) and row["frames"] > 0
@@ -362,6 +363,41 @@ def test_identity_leak_figure(monkeypatch):
     assert blind["drivers"] == r["drivers"] < 25                           # B and C really are two people
     with pytest.raises(ValueError, match="at least 3 videos"):
         metrics.evaluate_leak(videos, model, max_videos=2)
+
+
+# ---------------------------------------------------------------- expression transfer (built-in data)
+
+def test_expression_response_is_the_projection_on_the_true_change():
+    t0, t = torch.zeros(3), torch.tensor([1.0, 2.0, 0.0])                 # the true change: (1, 2, 0)
+    o0 = torch.full((3,), 0.5)
+    assert metrics.expression_response(o0 + t, o0, t, t0) == 1.0          # the whole change, any offset
+    assert metrics.expression_response(o0, o0, t, t0) == 0.0              # no change
+    # (0.5, 1, 5): half the change along (1, 2, 0); the change where the truth is still does not count
+    assert metrics.expression_response(o0 + torch.tensor([0.5, 1.0, 5.0]), o0, t, t0) == pytest.approx(0.5)
+    assert metrics.expression_response(o0 - t, o0, t, t0) == -1.0         # the opposite change
+    assert math.isnan(metrics.expression_response(o0, o0, t0, t0))
+
+
+def test_expression_transfer_of_a_perfect_and_a_blind_model(monkeypatch):
+    torch.manual_seed(0)
+    model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
+    calls, render = [], data.render_frames
+    monkeypatch.setattr(data, "render_frames", lambda *a: calls.append(a) or render(*a))
+    # a model whose output is the driving frame itself: the whole change, for every test
+    monkeypatch.setattr(metrics, "reenact", lambda model, src, drv, **kw: drv.clone())
+    perfect = metrics.evaluate_expression(model, identities=2)
+    assert perfect["identities"] == 2 and all(perfect[k] == pytest.approx(1.0) for k in (*metrics.EXPRESSION_TESTS,
+                                                                                          "mean"))
+    # the drivers: the source's identity and pose, neutral first, then one expression per test
+    identity, poses, exprs, size = calls[0]
+    assert size == 32 and identity == data.builtin_identity("test", 0)[2] and len(set(poses)) == 1
+    assert exprs == [data.Expression(), *metrics.EXPRESSION_TESTS.values()]
+    monkeypatch.undo()
+    # a decoder blind to the driving conditioning renders the same for every driver: no response at all
+    with torch.no_grad():
+        model.decoder.query_mlp[0].weight[:, model.cfg.pix_dim:] = 0
+    blind = metrics.evaluate_expression(model, identities=2)
+    assert all(blind[k] == 0.0 for k in (*metrics.EXPRESSION_TESTS, "mean")), blind
 
 
 

@@ -2,6 +2,7 @@
 non-finite steps, clear errors, and a tiny model that really learns."""
 import dataclasses
 import json
+import math
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 import losses
+import metrics
 import reenact
 import srt
 import train
@@ -205,6 +207,8 @@ def test_phase0_and_phase1_write_log_samples_curves_and_checkpoint(tmp_path, pha
     evals = [r for r in recs if "eval_psnr" in r]
     assert [r["step"] for r in evals] == [0, 2] and all(r["eval_copy_psnr"] > 10 for r in evals)
     assert len(evals[0]["health_expr_active"]) == 3 and evals[0]["expression_collapsed"] is False   # X_M's layers
+    ex = evals[-1]["eval_expression"]                     # built-in data: does the output follow the expression?
+    assert set(ex) == {*metrics.EXPRESSION_TESTS, "mean", "identities"} and math.isfinite(ex["mean"])
     assert (out / "samples" / "phase1_0000002.png").exists() and (out / "curves_phase1.png").exists()
 
 
