@@ -505,17 +505,17 @@ def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_fram
 # ----------------------------------------------------------------------------------------------------------
 # command line
 
-def _fmt(v, digits, lead_zero=False):
+def format_number(v, digits, lead_zero=False):
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
-    s = f"{v:.{digits}f}"
+    s = f"{round(v, digits) + 0.0:.{digits}f}"                       # + 0.0: no "-0.00"
     return s if lead_zero or not s.startswith("0.") else s[1:]      # Table 1 writes .7576
 
 
 def format_row(name, num_src, row):
     akd = row.get("akd") if row else None
-    return (f"{name:<26}{num_src:>5}  {_fmt(row['ssim'], 4):>6}  {_fmt(row['psnr'], 2):>6}  "
-            f"{_fmt(row['l1'], 4):>6}  {_fmt(akd, 2):>5}")
+    return (f"{name:<26}{num_src:>5}  {format_number(row['ssim'], 4):>6}  {format_number(row['psnr'], 2):>6}  "
+            f"{format_number(row['l1'], 4):>6}  {format_number(akd, 2):>5}")
 
 
 def _jsonable(x):
@@ -593,7 +593,7 @@ def run(args) -> dict:
         out["expression"] = ex = evaluate_expression(model, device=device, chunk=args.chunk, bf16=bf16)
         print(f"\nexpression transfer: a neutral face driven by itself with one expression, share of the true "
               f"change the output makes (1 = all, 0 = none; {ex['identities']} identities): "
-              + "   ".join(f"{k} {_fmt(ex[k], 2, lead_zero=True)}" for k in (*EXPRESSION_TESTS, "mean")))
+              + "   ".join(f"{k} {format_number(ex[k], 2, lead_zero=True)}" for k in (*EXPRESSION_TESTS, "mean")))
     if builtin and not args.no_probe:
         train = data.VideoSet(root=None, split="train", size=size)
         X_tr, Y_tr, g_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)
@@ -605,14 +605,14 @@ def run(args) -> dict:
                         "train_identities": len(set(g_tr.tolist())), "test_identities": len(set(g_te.tolist()))}
         print(f"\ndisentanglement probe: ridge map from e to the true parameters, R^2 on held-out identities "
               f"({len(X_tr)} train / {len(X_te)} test frames; want expression high, identity and pose low)")
-        print("  " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in r2.items()))
-        print("  expression, per parameter: " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in
+        print("  " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in r2.items()))
+        print("  expression, per parameter: " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in
                                                          expr_r2.items()))
     if builtin and args.readout_ceiling:
         out["readout_ceiling"] = ceil = readout_ceiling(model, steps=args.readout_ceiling)
         print(f"\nreadout ceiling: Eq. (8)-(10) trained supervised on this detector ({args.readout_ceiling} steps), "
               f"R^2 per expression parameter (what e could carry at {model.cfg.image_size}x{model.cfg.image_size})")
-        print("  " + "   ".join(f"{k} {_fmt(v, 3, lead_zero=True)}" for k, v in ceil.items()))
+        print("  " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in ceil.items()))
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

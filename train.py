@@ -712,8 +712,8 @@ def run_phase(args, rank, world, device):
                       f"active channels {min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, "
                       f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), "
                       f"spread of e across faces {h['expr_spread']:.3f}, active units of X_M "
-                      f"{min(h['expr_active'], default=math.nan):.0%} (least of its layers); the output follows "
-                      f"{ex['mean']:.0%} of a change of the driver's expression (metrics.evaluate_expression)")
+                      f"{min(h['expr_active'], default=math.nan):.0%} (least of its layers); expression transfer "
+                      f"{metrics.format_number(ex['mean'], 2, lead_zero=True)} (1 = follows the driver's expression)")
             if srt.collapsed(h):
                 bar.write(f"step {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, "
                           f"or set-latents equal across tokens/images): the decoder renders from the driving "
