@@ -704,7 +704,7 @@ def run_phase(args, rank, world, device):
         else:
             ours, copy = evaluate(model, videos)
             h = srt.health(model, torch.stack([v["frames"][0] for v in videos]).to(device, args.dtype))
-            ex = metrics.evaluate_expression(model, 8, device=device) if args.data is None else {"mean": math.nan}
+            ex = metrics.evaluate_expression(model, 8, device=device) if args.data is None else None   # built-in only
             write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60,
                    **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": srt.collapsed(h),
                    "expression_collapsed": srt.expression_collapsed(h), "eval_expression": ex})
@@ -713,7 +713,7 @@ def run_phase(args, rank, world, device):
                       f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), "
                       f"spread of e across faces {h['expr_spread']:.3f}, active units of X_M "
                       f"{min(h['expr_active'], default=math.nan):.0%} (least of its layers); expression transfer "
-                      f"{metrics.format_number(ex['mean'], 2, lead_zero=True)} (1 = follows the driver's expression)")
+                      f"{metrics.format_number(ex and ex['mean'], 2, lead_zero=True)} (1 = follows the driver's expression)")
             if srt.collapsed(h):
                 bar.write(f"step {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, "
                           f"or set-latents equal across tokens/images): the decoder renders from the driving "
