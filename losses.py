@@ -10,10 +10,9 @@ Read top to bottom:
   4. the keypoint-aware discriminator of phase III with the LSGAN losses and feature matching.
 
 Everything is plain torch (torchvision is not a dependency): VGG19 is written here with the same
-parameter names, so torchvision's `vgg19-dcbb9e9d.pth` loads into it.
+parameter names, so torchvision's `vgg19-dcbb9e9d.pth` loads into it (weights.load_vgg19).
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -157,17 +156,10 @@ def objective(reg, mse, perceptual=None, adv=None, fm=None, weights=None):
 # ----------------------------------------------------------------------------------------------
 # 3. Perceptual loss: VGG19 (torchvision names), L1 on relu1_1..relu5_1
 
-VGG19_FILE = "vgg19-dcbb9e9d.pth"
-VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"
 # torchvision's VGG19 `features` ("E" config): numbers are 3x3 conv widths (each followed by ReLU), M = max pool
 _VGG19_CFG = [64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512, 512, 512, 512, "M",
               512, 512, 512, 512, "M"]
 _VGG19_SLICES = [(0, 2), (2, 7), (7, 12), (12, 21), (21, 30)]  # -> relu1_1, relu2_1, relu3_1, relu4_1, relu5_1
-
-
-def vgg19_weights_path():
-    """Where torchvision (and this file) keep the VGG19 weights: <torch hub dir>/checkpoints/."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", VGG19_FILE)
 
 
 class VGG19(nn.Module):
@@ -215,54 +207,14 @@ class VGG19(nn.Module):
         return out
 
 
-def _load(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:   # a text file, a truncated download, a pickle with code in it: one clear line
-        from srt import load_reason
-        raise ValueError(f"{path} is not a readable torch checkpoint ({load_reason(err)}); expected torchvision's "
-                         f"{VGG19_FILE} ({VGG19_URL})") from None
-
-
-def load_vgg19(weights_path=None, random_weights=False):
-    """A frozen VGG19 with torchvision's ImageNet weights.
-
-    weights_path: a `vgg19-dcbb9e9d.pth` file; None -> torch hub cache (<hub dir>/checkpoints/), downloaded
-    there with torch.hub when missing and online.  random_weights=True: no file, random weights (tests,
-    CPU demos only -- the loss is then not a perceptual loss).  Never falls back silently."""
-    vgg = VGG19()
-    if random_weights:
-        return vgg
-    if weights_path is not None:
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"VGG19 weights not found at {weights_path}: download {VGG19_URL} "
-                                    f"and pass its path, or leave the path out to use {vgg19_weights_path()}")
-        sd = _load(weights_path)
-    elif os.path.isfile(vgg19_weights_path()):
-        sd = _load(vgg19_weights_path())
-    else:
-        try:
-            sd = torch.hub.load_state_dict_from_url(VGG19_URL, map_location="cpu", progress=False)
-        except Exception as err:  # offline, proxy, ...
-            raise FileNotFoundError(
-                f"VGG19 weights {VGG19_FILE} are missing and could not be downloaded ({type(err).__name__}: "
-                f"{err}). Download {VGG19_URL} and put it at {vgg19_weights_path()} (or pass its path), "
-                f"or ask explicitly for random VGG weights (random_weights=True) for tests") from None
-    try:
-        vgg.load_torchvision(sd)
-    except RuntimeError as err:
-        raise RuntimeError(f"{weights_path or vgg19_weights_path()} is not torchvision's VGG19 state dict: {err}") from None
-    return vgg
-
-
 class PerceptualLoss(nn.Module):
     """L_P (phase II on): sum over the VGG layers relu1_1..relu5_1 of mean |VGG(pred) - VGG(target).detach()|,
     at the full resolution only, as the release (its `scales: [1]`; FOMM sums an image pyramid 1..1/8 too,
     1.85x the value: pass scales=(1, 0.5, 0.25, 0.125) for that). Unweighted: `objective` applies lambda_P."""
 
-    def __init__(self, weights_path=None, random_weights=False, scales=(1,)):
+    def __init__(self, vgg, scales=(1,)):
         super().__init__()
-        self.vgg = load_vgg19(weights_path, random_weights)
+        self.vgg = vgg                                   # a VGG19 (weights.load_vgg19 reads torchvision's file)
         self.scales = tuple(scales)
 
     def train(self, mode=True):  # the VGG stays frozen and deterministic

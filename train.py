@@ -30,9 +30,9 @@ import json
 import math
 import os
 import random
-import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,12 +41,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
+import cli
 import data
 import losses
 import metrics
-import reenact
 import srt
-from keypoints import KP_LANDMARKS, load_kp_detector, to_normalized, to_pixels
+import weights
+from keypoints import KP_LANDMARKS, pixel_grid, to_normalized, to_pixels
 
 # training values per preset; a tuple is one value per phase (0, I, II, III); paper = the release's (README).
 # tiny is the CPU recipe measured on the built-in faces (see the README): 64x64 images, the detector on the whole
@@ -108,25 +109,28 @@ def get_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "auto"),
                    help="bf16: mixed precision (bfloat16 autocast of the forward pass, fp32 weights, Adam and "
-                        "losses); auto: bf16 where its matmul is faster here (reenact.pick_precision)")
+                        "losses); auto: bf16 where its matmul is faster here (cli.pick_precision)")
     p.add_argument("--double", action="store_true", help="float64 everywhere (exactness checks in the tests)")
     return p.parse_args(argv)
 
 
-def resolve(args):
-    """Fill the preset's values into the options left unset and check the options."""
-    reenact.check_device(args.device)
+def resolve(options, phase=None, own_steps=True):
+    """The parsed options for `phase` (default --phase), checked, with the preset's values filled into those left
+    unset (a new Namespace; `options` is not changed). Per-phase preset values (steps, tiny's lr) are taken for
+    that phase; --steps applies only with own_steps (the phase the command names)."""
+    args = argparse.Namespace(**vars(options))
+    cli.check_device(args.device)
+    args.phase = args.phase if phase is None else phase
+    if not own_steps:
+        args.steps = None
     cuda = torch.cuda.is_available() and (args.device is None or args.device.startswith("cuda"))
     args.preset = ("paper" if cuda else "tiny") if args.preset == "auto" else args.preset
-    args.lr_from_preset = args.lr is None
     if args.double and args.precision is None:
         args.precision = "fp32"   # float64 exactness checks: the preset's bf16 does not apply
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v[args.phase] if isinstance(v, tuple) else v)   # steps (and tiny's lr) per phase
     args.out = args.out or os.path.join("runs", args.preset)
-    args.dtype = torch.float64 if args.double else torch.float32
-    args.bf16 = args.precision == "bf16"   # 'auto' is decided in main, once the device is known
     args.motion_start = args.motion if args.motion_start is None else args.motion_start
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data!r} is not a folder: give a VoxCeleb root prepared as the "
@@ -137,16 +141,18 @@ def resolve(args):
     if args.vgg_weights not in (None, "random") and not os.path.isfile(args.vgg_weights):
         raise FileNotFoundError(f"--vgg-weights {args.vgg_weights!r}: no such file (download torchvision's "
                                 f"vgg19-dcbb9e9d.pth)")
-    data.check_numbers(args, {**{k: ">= 1" for k in ("batch_size", "pixels", "image_size", "num_src", "pix_octaves",
-                                                    "identities")},
-                             **{k: ">= 0" for k in ("steps", "disc_warmup", "motion", "motion_start", "motion_ramp",
-                                                    "seed", "eval_videos", "workers")},
-                             "expr_dim": ">= 0 (0 = no expression vector)",
-                             "lr": "> 0", "kp_scale": "> 0 (and at most 1)", "warmup": ">= 0 (0 = no warm-up)", "max_minutes": "> 0",
-                             **{k: ">= 0 (0 = never)" for k in ("log_every", "sample_every", "ckpt_every")}})
+    cli.check_numbers(args, {**{k: ">= 1" for k in ("batch_size", "pixels", "image_size", "num_src", "pix_octaves",
+                                                   "identities")},
+                            **{k: ">= 0" for k in ("steps", "disc_warmup", "motion", "motion_start", "motion_ramp",
+                                                   "seed", "eval_videos", "workers")},
+                            "expr_dim": ">= 0 (0 = no expression vector)", "lr": "> 0", "kp_scale": "> 0 (and at "
+                            "most 1)", "warmup": ">= 0 (0 = no warm-up)", "max_minutes": "> 0",
+                            **{k: ">= 0 (0 = never)" for k in ("log_every", "sample_every", "ckpt_every")}})
     for k in ("log_every", "sample_every", "ckpt_every"):
         setattr(args, k, getattr(args, k) or NEVER)
-    args.weights = loss_weights(args.loss_weights)
+    loss_weights(args.loss_weights)                    # checked now; Context holds the instance
+    if args.double and args.precision != "fp32":
+        raise ValueError("--double and --precision bf16/auto exclude each other")
     if args.kp_scale is not None and args.kp_scale > 1:
         raise ValueError(f"--kp-scale {args.kp_scale}: must be > 0 (and at most 1): the detector sees the image "
                          f"at most at its own size")
@@ -184,23 +190,45 @@ def model_config(args):
     return make(**over)
 
 
+@dataclass(frozen=True)
+class Context:
+    """What is fixed while a phase trains: its options, this process's place (rank of world, device), the
+    numbers' types (float64 with --double; bf16 autocast of the forward pass), the loss weights (the one
+    LossWeights instance) and the command's deadline (--max-minutes counts from the start of the command)."""
+    args: argparse.Namespace
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    weights: losses.LossWeights = dataclasses.field(default_factory=losses.LossWeights)
+    deadline: float = math.inf
+
+    @property
+    def gidx(self):
+        """Positions of this rank's samples in the global batch."""
+        local = self.args.batch_size // self.world
+        return list(range(self.rank * local, (self.rank + 1) * local))
+
+    def out_of_time(self):
+        return time.time() > self.deadline
+
+    def log(self, *line):
+        if self.rank == 0:
+            print(*line)
+
+
+def context(args, rank=0, world=1, device="cpu"):
+    """The Context of resolved options on this process; 'auto' precision is decided here (cli.pick_precision)."""
+    device = torch.device(device)
+    bf16 = cli.pick_precision(args.precision, device)[0] == "bf16"
+    deadline = time.time() + 60 * args.max_minutes if args.max_minutes else math.inf
+    return Context(args, rank, world, device, torch.float64 if args.double else torch.float32, bf16,
+                   loss_weights(args.loss_weights), deadline)
+
+
 # ----------------------------------------------------------------------------------------------------------
-# distributed helpers (torchrun sets RANK, WORLD_SIZE, LOCAL_RANK; without them: one process)
-
-def setup_distributed(args):
-    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    if args.device:
-        device = torch.device(args.device)
-    else:
-        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
-    return rank, world, device
-
+# distributed helpers: torchrun's processes (cli.setup_processes) each train a slice of the global batch
 
 class GatherWithGrad(torch.autograd.Function):
     """all_gather along dim 0 whose backward sums the gradient of every rank and returns this rank's slice.
@@ -325,7 +353,7 @@ def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offset
     if H % 2 or W % 2:
         raise ValueError(f"phase II's pixel sub-sampling needs an even image size, got {H}x{W}")
     off = torch.as_tensor(offsets, device=set_latents.device).view(-1, 2)            # (B, 2)
-    grid = srt.pixel_grid(H, W, device=set_latents.device)                           # (H*W, 2)
+    grid = pixel_grid(H, W, device=set_latents.device)                           # (H*W, 2)
     ys, xs = torch.arange(H, device=grid.device), torch.arange(W, device=grid.device)
     mask = (ys[None, :, None] % 2 == off[:, 1, None, None]) & (xs[None, None] % 2 == off[:, 0, None, None])
     order = torch.argsort((~mask).flatten(1).byte(), dim=1, stable=True)             # (B, H*W): grad pixels first
@@ -372,23 +400,23 @@ def encode_batch(model, b, rngs, a2=False):
     return set_latents, kp_driving, expr_driving, (e_src_a1, e_src_a2, e["drv_a"], e["drv_omega"])
 
 
-def generator_losses(model, b, args, step, gidx, world, perceptual=None, disc=None):
+def generator_losses(model, b, ctx, step, gidx, perceptual=None, disc=None):
     """Loss of phases I-III for this rank's batch (a mean over it; the global loss is the mean over ranks).
     gidx: positions of this rank's samples in the global batch. Returns (loss, dict of float terms,
     prediction (B,P,3) in phase I or the full image (B,3,H,W) later, kp_driving)."""
+    args, W = ctx.args, ctx.weights
     rngs = [sample_rng(args.seed, step, i) for i in gidx]
     a2 = bool(torch.rand(1, generator=step_rng(args.seed, step)) < 0.5)   # A1/A2 for Eq. (12), per batch
     set_latents, kp_driving, expr_driving, es = encode_batch(model, b, rngs, a2)
-    W = args.weights
     # L_reg (Eq. 16) couples the samples (Cov/Var over E, Eq. 13-15; batch means of L_aug): computed on the
     # global batch, gathered with gradient, identically on every rank
-    reg, terms = losses.l_reg(*(gather(e.float(), world) for e in es), W)   # fp32 under bf16 autocast
+    reg, terms = losses.l_reg(*(gather(e.float(), ctx.world) for e in es), W)   # fp32 under bf16 autocast
     terms = {k: v.item() for k, v in terms.items()}
     target = b["drv"]                                                                  # (B, 3, H, W)
     B, _, H, Wd = target.shape
     if args.phase == 1:   # Eq. (17) on --pixels pixels per driving frame, sampled without replacement
         idx = torch.stack([torch.randperm(H * Wd, generator=g)[:args.pixels] for g in rngs]).to(target.device)
-        pixels = srt.pixel_grid(H, Wd, device=target.device)[idx]                        # (B, P, 2)
+        pixels = pixel_grid(H, Wd, device=target.device)[idx]                        # (B, P, 2)
         pred = model.decode(set_latents, pixels, kp_driving, expr_driving).float()       # (B, P, 3)
         gt = torch.gather(target.flatten(2), 2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)
         mse = losses.l_mse(pred, gt)
@@ -430,7 +458,7 @@ def kp_loss(model, b, args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# checkpoints (one file per phase, srt.save_checkpoint's format; everything loads with weights_only=True)
+# checkpoints (one file per phase, weights.save_checkpoint's format; everything loads with weights_only=True)
 
 def rng_state():
     np_state = np.random.get_state()
@@ -444,17 +472,37 @@ def set_rng_state(s):
     random.setstate((3, tuple(s["python"]), None))
 
 
-def save(path, model, opt, step, iteration, args, disc=None, dopt=None):
-    ckpt = {"format": "fsrt", "config": model.cfg.to_dict(), "model": model.state_dict(), "step": step,
-            "iteration": iteration, "phase": args.phase, "optimizer": opt.state_dict(), "rng": rng_state(),
-            "args": {k: v for k, v in vars(args).items() if k not in ("weights", "dtype")}}
-    if disc is not None:
-        ckpt.update(disc=disc.state_dict(), disc_optimizer=dopt.state_dict())
-    srt.save_checkpoint(path, ckpt)
+def save(run, ctx):
+    """The phase's checkpoint (weights.save_checkpoint: atomic; everything loads with weights_only=True), written
+    by rank 0; the other ranks wait for it."""
+    if ctx.rank == 0:
+        args = ctx.args
+        ckpt = {"config": run.model.cfg.to_dict(), "model": run.model.state_dict(), "step": run.step,
+                "iteration": run.iteration, "phase": args.phase, "optimizer": run.opt.state_dict(),
+                "rng": rng_state(), "args": vars(args)}
+        if run.disc is not None:
+            ckpt.update(disc=run.disc.state_dict(), disc_optimizer=run.dopt.state_dict())
+        weights.save_checkpoint(run.path, ckpt)
+    if ctx.world > 1:
+        dist.barrier()
+
+
+def load_phase(path, cfg, phase, log=print):
+    """A project checkpoint for this model (check_config); phase: the phase it must hold (None: any). A resumed
+    phase-III file needs the discriminator's state."""
+    ck = weights.load_checkpoint(path)
+    check_config(ck, cfg, path)
+    if phase is not None and ck.get("phase", phase) != phase:
+        raise ValueError(f"{path} holds a phase-{ck.get('phase')} checkpoint, not phase {phase}: pass the right "
+                         f"--out or --phase, or move the file")
+    if phase == 3 and not {"disc", "disc_optimizer"} <= set(ck):
+        raise ValueError(f"{path} has no discriminator state, so it is not a phase-III checkpoint: move it away "
+                         f"and start phase 3 from phase2.pt")
+    return ck
 
 
 def check_config(ckpt, cfg, path):
-    old, new = srt.weights_config(ckpt["config"]), srt.weights_config(cfg.to_dict())   # sizes only
+    old, new = weights.weights_config(ckpt["config"]), weights.weights_config(cfg.to_dict())   # sizes only
     diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
     if diff:
         raise ValueError(f"{path} was trained with a different model ({', '.join(diff)} differ): pass the same "
@@ -462,7 +510,7 @@ def check_config(ckpt, cfg, path):
 
 
 def unfinished(path):
-    ck = srt.load_checkpoint(path)
+    ck = weights.load_checkpoint(path)
     return ck["step"] < ck["args"]["steps"]
 
 
@@ -481,7 +529,7 @@ def evaluate(model, videos):
     videos = [v for v in videos if metrics.protocol_frames(len(v["frames"]))[1]]   # long enough to score
     if not videos:
         return math.nan, math.nan
-    r = metrics.evaluate_self(videos, model, device=next(model.parameters()).device, progress=False)
+    r = metrics.evaluate_self(videos, model, progress=False)
     return r["model"]["psnr"], r["baseline"]["psnr"]
 
 
@@ -556,235 +604,6 @@ def draw_curves(out, phase):
     plot_curves(os.path.join(out, f"curves_phase{phase}.png"), [r for r in recs if r.get("phase") == phase], phase)
 
 
-# ----------------------------------------------------------------------------------------------------------
-# one update of each network
-
-def set_lr(opt, lr):
-    for group in opt.param_groups:
-        group["lr"] = lr
-
-
-def apply_gradients(loss, opt, params, world, device):
-    """backward + gradient all-reduce + Adam step, unless the loss or a gradient is non-finite on any rank
-    (then nothing is written: weights and Adam's moments stay as they were). Returns whether it skipped."""
-    opt.zero_grad(set_to_none=True)
-    skipped = all_agree(not bool(torch.isfinite(loss)), world, device)
-    if not skipped:
-        loss.backward()
-        skipped = not average_gradients(params, world)
-    if not skipped:
-        opt.step()
-    return skipped
-
-
-def train_step(model, opt, params, b, args, step, iteration, gidx, world, device, perceptual=None, disc=None):
-    """One update of the detector (phase 0) or of FSRT (phases I-III) on this rank's batch b.
-    Returns (dict of float loss terms incl. "loss", prediction, kp_driving, skipped)."""
-    set_lr(opt, lr_at(args, iteration))
-    if disc is not None:
-        disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
-    with reenact.bf16_autocast(torch.device(device), args.bf16):
-        if args.phase == 0:
-            loss, _, _ = kp_loss(model, b, args)
-            terms, pred, kp = {}, None, None
-        else:
-            loss, terms, pred, kp = generator_losses(model, b, args, step, gidx, world, perceptual, disc)
-    terms["loss"] = loss.item()
-    return terms, pred, kp, apply_gradients(loss, opt, params, world, device)
-
-
-def disc_step(disc, dopt, b, pred, kp, args, iteration, world, device):
-    """One update of the phase-III discriminator on the real driving frames and the detached prediction.
-    Returns (its loss lambda_A * LSGAN, as the release, skipped)."""
-    set_lr(dopt, lr_at(args, iteration))
-    disc.requires_grad_(True)
-    real_scores, _ = discriminate(disc, b["drv"], kp)
-    fake_scores, _ = discriminate(disc, pred.detach(), kp)
-    d_loss = args.weights.adv * losses.d_loss(real_scores, fake_scores)
-    return d_loss.item(), apply_gradients(d_loss, dopt, list(disc.parameters()), world, device)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# one phase
-
-def build(args, device, rank):
-    """Model, optimiser(s) and start position of this phase: resume its own checkpoint, or start from --init /
-    the previous phase's checkpoint / --kp-checkpoint."""
-    cfg, path = model_config(args), os.path.join(args.out, f"phase{args.phase}.pt")
-    torch.manual_seed(args.seed)
-    model = srt.FSRT(cfg).to(device, args.dtype)
-    dcfg = (losses.DiscConfig.tiny if args.preset == "tiny" else losses.DiscConfig)(num_kp=cfg.num_kp)
-    disc = losses.Discriminator(dcfg).to(device, args.dtype) if args.phase == 3 else None
-    if args.phase == 0:
-        params = list(model.kp_detector.parameters())
-    else:
-        model.freeze_detector()   # eval mode (kept across train()), no gradient, not in the optimiser
-        params = [p for n, p in model.named_parameters() if not n.startswith("kp_detector.")]
-    opt = torch.optim.Adam(params, lr=args.lr)
-    dopt = torch.optim.Adam(disc.parameters(), lr=args.lr) if disc is not None else None
-    step = iteration = 0
-    if os.path.exists(path):                                            # resume this phase
-        ck = srt.load_checkpoint(path)
-        check_config(ck, cfg, path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(ck["disc"])
-            dopt.load_state_dict(ck["disc_optimizer"])
-        step, iteration = ck["step"], ck["iteration"]
-        set_rng_state(ck["rng"])
-    elif args.init:
-        ck = srt.load_checkpoint(args.init)
-        check_config(ck, cfg, args.init)
-        model.load_state_dict(ck["model"])
-    elif args.phase >= 1:
-        prev = os.path.join(args.out, f"phase{args.phase - 1}.pt")
-        if os.path.exists(prev) and args.phase == 1:   # phase 0 trained the detector alone: take just it
-            load_kp_detector(prev, model.kp_detector)
-        elif os.path.exists(prev):
-            ck = srt.load_checkpoint(prev)
-            check_config(ck, cfg, prev)
-            model.load_state_dict(ck["model"])
-            if args.phase >= 2:   # phases I-III are one run of the release: optimiser and schedule continue
-                opt.load_state_dict(ck["optimizer"])
-                iteration = ck["iteration"]
-        elif not (args.phase == 1 and args.kp_checkpoint):
-            raise FileNotFoundError(
-                f"{prev} not found: run `python train.py --phase {args.phase - 1} --out {args.out}` first "
-                f"(with the same model options), or pass --init PATH")
-    if args.kp_checkpoint and args.phase >= 1 and not os.path.exists(path):
-        load_kp_detector(args.kp_checkpoint, model.kp_detector)
-    if dist.is_initialized():   # identical start on every rank (already true by seeding; cheap insurance)
-        for t in list(model.state_dict().values()) + (list(disc.state_dict().values()) if disc else []):
-            dist.broadcast(t, 0)
-    return model, opt, disc, dopt, params, step, iteration, path
-
-
-def run_phase(args, rank, world, device):
-    """Train one phase to args.steps. Returns True when stopped by a signal."""
-    model, opt, disc, dopt, params, step, iteration, path = build(args, device, rank)
-    if step >= args.steps:
-        if rank == 0:
-            print(f"phase {args.phase} already trained to step {step} ({path}); raise --steps to continue")
-        return False
-    builtin = dict(num_identities=args.identities) if args.data is None else {}
-    ds = data.FaceDataset(root=args.data, split="train", size=args.image_size, num_src=args.num_src,
-                          augment=True, seed=args.seed, jitter=not args.no_jitter, omega=not args.no_omega,
-                          **builtin)
-    local_bs = args.batch_size // world
-    motion = lambda t: args.motion_start + (args.motion - args.motion_start) * min(1.0, t / max(args.motion_ramp, 1))
-    loader = torch.utils.data.DataLoader(Curriculum(ds), num_workers=args.workers, batch_sampler=StepSampler(
-        len(ds), args.batch_size, rank, world, args.seed, step, args.steps, motion),   # workers leave Ctrl-C to us
-        worker_init_fn=lambda _: signal.signal(signal.SIGINT, signal.SIG_IGN))
-    perceptual = None
-    if args.phase >= 2:
-        torch.manual_seed(args.seed + 1)   # an untrained VGG ('random', tests only) is the same after a resume
-        perceptual = losses.PerceptualLoss(weights_path=None if args.vgg_weights == "random" else args.vgg_weights,
-                                           random_weights=args.vgg_weights == "random")
-        perceptual = perceptual.to(device, args.dtype)
-    videos = []
-    if rank == 0:
-        test = data.VideoSet(root=args.data, split="test", size=args.image_size) if args.eval_videos else []
-        videos = [test[i] for i in range(min(args.eval_videos, len(test)))]
-        os.makedirs(args.out, exist_ok=True)
-        log = open(os.path.join(args.out, "log.jsonl"), "a")
-        print(f"phase {args.phase}: {'resuming at' if step else 'starting'} step {step} of {args.steps}, "
-              f"{sum(p.numel() for p in params) / 1e6:.2f} M trained parameters, {world} process(es) on "
-              f"{device}, run folder {args.out}")
-
-    def write(rec):
-        log.write(json.dumps({"phase": args.phase, "step": step, **rec}) + "\n")
-        log.flush()
-
-    def eval_and_sample(b=None):
-        if not videos:
-            pass
-        elif args.phase == 0:
-            write({"eval_kp_err_px": evaluate_kp(model, videos), "minutes": (time.time() - t_start) / 60})
-        else:
-            ours, copy = evaluate(model, videos)
-            h = srt.health(model, torch.stack([v["frames"][0] for v in videos]).to(device, args.dtype))
-            ex = metrics.evaluate_expression(model, 8, device=device) if args.data is None else None   # built-in only
-            write({"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": (time.time() - t_start) / 60,
-                   **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": srt.collapsed(h),
-                   "expression_collapsed": srt.expression_collapsed(h), "eval_expression": ex})
-            bar.write(f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: "
-                      f"active channels {min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, "
-                      f"attention on the own patch {h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), "
-                      f"spread of e across faces {h['expr_spread']:.3f}, active units of X_M "
-                      f"{min(h['expr_active'], default=math.nan):.0%} (least of its layers); expression transfer "
-                      f"{metrics.format_number(ex and ex['mean'], 2, lead_zero=True)} (1 = follows the driver's expression)")
-            if srt.collapsed(h):
-                bar.write(f"step {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, "
-                          f"or set-latents equal across tokens/images): the decoder renders from the driving "
-                          f"frame alone. Lower --lr, keep --cnn-init kaiming, or restart from an earlier checkpoint")
-            if srt.expression_collapsed(h):
-                bar.write(f"step {step}: WARNING the expression vector has collapsed (e the same for every face, or "
-                          f"an X_M layer with no active unit): the decoder can take no expression from the driving "
-                          f"frame (README, 'Why e was a constant vector')")
-        model.train()
-        if b is not None:
-            sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args)
-
-    from tqdm import tqdm
-    bar = tqdm(total=args.steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc=f"phase {args.phase}")
-    t_start = t_log = time.time()
-    if rank == 0 and step == 0:
-        eval_and_sample()
-    model.train()
-    gidx = list(range(rank * local_bs, (rank + 1) * local_bs))
-    acc, n_acc = {}, 0
-    for b in loader:
-        b = {k: v.to(device, args.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
-        iteration += 1
-        terms, pred, kp, skipped = train_step(model, opt, params, b, args, step, iteration, gidx, world, device,
-                                              perceptual, disc)
-        if disc is not None:
-            terms["disc"], d_skipped = disc_step(disc, dopt, b, pred, kp, args, iteration, world, device)
-            skipped = skipped or d_skipped
-        step += 1
-        bar.update(1)
-        if skipped:   # never written into the weights (Adam's moments untouched too)
-            if rank == 0:
-                write({"skipped": "non-finite loss or gradient", **{k: v for k, v in terms.items()}})
-                bar.write(f"step {step}: non-finite loss or gradient, step skipped")
-        else:
-            for k, v in terms.items():
-                acc[k] = acc.get(k, 0.0) + v
-            n_acc += 1
-        if step % args.log_every == 0 or step == args.steps:
-            vals = torch.tensor([acc.get(k, 0.0) for k in sorted(acc)] + [n_acc], dtype=torch.float64)
-            if world > 1:
-                dist.all_reduce(vals)
-            if rank == 0 and vals[-1] > 0:
-                rec = {k: float(v / vals[-1]) for k, v in zip(sorted(acc), vals[:-1])}
-                rate = min(args.log_every, step) / max(time.time() - t_log, 1e-9)
-                write({**rec, "lr": lr_at(args, iteration), "steps_per_s": rate, "iteration": iteration})
-                bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items()})
-            acc, n_acc, t_log = {}, 0, time.time()
-        if rank == 0 and (step % args.sample_every == 0 or step == args.steps):
-            eval_and_sample(b)
-            draw_curves(args.out, args.phase)
-        out_of_time = args.max_minutes is not None and time.time() - t_start > 60 * args.max_minutes
-        stop = all_agree(reenact.STOP or out_of_time, world, device)
-        if step % args.ckpt_every == 0 or step == args.steps or stop:
-            if rank == 0:
-                save(path, model, opt, step, iteration, args, disc, dopt)
-            if world > 1:
-                dist.barrier()
-        if stop:
-            if rank == 0:
-                bar.close()
-                print(f"stopped at step {step}; checkpoint {path} written: rerun the same command to resume")
-            return True
-    bar.close()
-    if rank == 0:
-        draw_curves(args.out, args.phase)
-        print(f"phase {args.phase} done: {path}")
-    return False
-
-
-@torch.no_grad()
 def sample_grid(path, model, b, args, rows=4):
     """Phase 0: frames with landmarks (green) and keypoints (red); later: sources | driving (the Omega crop the
     expression net saw) | prediction | ground truth, one sample per row."""
@@ -805,12 +624,321 @@ def sample_grid(path, model, b, args, rows=4):
     save_grid(path, [[*sub["src"][i], sub["drv_omega"][i], pred[i], sub["drv"][i]] for i in range(n)])
 
 
+class Monitor:
+    """What a person sees of a phase (rank 0; the other ranks only join the averages): the progress bar, the
+    log (log.jsonl: losses and speed every --log-every steps, held-out figures every --sample-every), sample
+    grids and curves. A long run of skipped steps (non-finite loss or gradient) ends the phase with one line."""
+    MAX_SKIPPED = 20
+
+    def __init__(self, ctx, run):
+        from tqdm import tqdm
+        self.ctx, self.args = ctx, ctx.args
+        self.acc, self.n_acc, self.skipped_in_a_row, self.videos, self.file = {}, 0, 0, [], None
+        if ctx.rank == 0:
+            args = self.args
+            test = data.VideoSet(root=args.data, split="test", size=args.image_size) if args.eval_videos else []
+            self.videos = [test[i] for i in range(min(args.eval_videos, len(test)))]
+            os.makedirs(args.out, exist_ok=True)
+            self.file = open(os.path.join(args.out, "log.jsonl"), "a")
+            ctx.log(f"phase {args.phase}: {'resuming at' if run.step else 'starting'} step {run.step} of "
+                    f"{args.steps}, {sum(p.numel() for p in run.params) / 1e6:.2f} M trained parameters, "
+                    f"{ctx.world} process(es) on {ctx.device}, run folder {args.out}")
+        self.bar = tqdm(total=self.args.steps, initial=run.step, disable=ctx.rank != 0, dynamic_ncols=True,
+                        desc=f"phase {self.args.phase}")
+        self.t_start = self.t_log = time.time()
+
+    def write(self, step, rec):
+        """One line of log.jsonl; NaN and infinity become null (strict JSON)."""
+        self.file.write(json.dumps(metrics.jsonable({"phase": self.args.phase, "step": step, **rec})) + "\n")
+        self.file.flush()
+
+    def record(self, step, terms, skipped):
+        self.bar.update(1)
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        if skipped:   # never written into the weights (Adam's moments untouched too)
+            if self.ctx.rank == 0:
+                self.write(step, {"skipped": "non-finite loss or gradient", **terms})
+                self.bar.write(f"step {step}: non-finite loss or gradient, step skipped")
+            if self.skipped_in_a_row >= self.MAX_SKIPPED:
+                raise RuntimeError(f"{self.skipped_in_a_row} steps in a row had a non-finite loss or gradient "
+                                   f"(last at step {step}): the data holds non-finite values (images or landmark "
+                                   f"files) or --lr is too high; the last checkpoint is kept")
+            return
+        for k, v in terms.items():
+            self.acc[k] = self.acc.get(k, 0.0) + v
+        self.n_acc += 1
+
+    def log(self, run):
+        """The mean of each loss term since the last log line, over every rank."""
+        acc, world = self.acc, self.ctx.world
+        vals = torch.tensor([acc.get(k, 0.0) for k in sorted(acc)] + [self.n_acc], dtype=torch.float64)
+        if world > 1:
+            dist.all_reduce(vals)
+        if self.ctx.rank == 0 and vals[-1] > 0:
+            rec = {k: float(v / vals[-1]) for k, v in zip(sorted(acc), vals[:-1])}
+            rate = min(self.args.log_every, run.step) / max(time.time() - self.t_log, 1e-9)
+            self.write(run.step, {**rec, "lr": lr_at(self.args, run.iteration), "steps_per_s": rate,
+                                  "iteration": run.iteration})
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items()})
+        self.acc, self.n_acc, self.t_log = {}, 0, time.time()
+
+    def evaluate_and_sample(self, run, b=None):
+        """Held-out figures (log.jsonl and one line), then a sample grid of batch b and the curves (rank 0)."""
+        if self.ctx.rank != 0:
+            return
+        model, args, step = run.model, self.args, run.step
+        minutes = (time.time() - self.t_start) / 60
+        if self.videos and args.phase == 0:
+            self.write(step, {"eval_kp_err_px": evaluate_kp(model, self.videos), "minutes": minutes})
+        elif self.videos:
+            ours, copy = evaluate(model, self.videos)
+            h = metrics.health(model, torch.stack([v["frames"][0] for v in self.videos]).to(self.ctx.device,
+                                                                                            self.ctx.dtype))
+            ex = metrics.evaluate_expression(model, 8) if args.data is None else None   # built-in data only
+            self.write(step, {"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": minutes,
+                              **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": metrics.collapsed(h),
+                              "expression_collapsed": metrics.expression_collapsed(h), "eval_expression": ex})
+            self.bar.write(eval_line(step, ours, copy, h, ex))
+        model.train()
+        if b is not None:
+            sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args)
+            draw_curves(args.out, args.phase)
+
+    def close(self):
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
+            draw_curves(self.args.out, self.args.phase)
+
+
+def eval_line(step, ours, copy, h, ex):
+    """The held-out evaluation in words, with a warning line when the encoder or e has collapsed."""
+    line = (f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: active channels "
+            f"{min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, attention on the own patch "
+            f"{h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), spread of e across faces "
+            f"{h['expr_spread']:.3f}, active units of X_M {min(h['expr_active'], default=math.nan):.0%} (least of its "
+            f"layers); expression transfer {metrics.format_number(ex and ex['mean'], 2, lead_zero=True)} (1 = follows "
+            f"the driver's expression)")
+    if metrics.collapsed(h):
+        line += (f"\nstep {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, or "
+                 f"set-latents equal across tokens/images): the decoder renders from the driving frame alone. Lower "
+                 f"--lr, keep --cnn-init kaiming, or restart from an earlier checkpoint")
+    if metrics.expression_collapsed(h):
+        line += (f"\nstep {step}: WARNING the expression vector has collapsed (e the same for every face, or an X_M "
+                 f"layer with no active unit): the decoder can take no expression from the driving frame "
+                 f"(RESULTS.md, 'Why e was a constant vector')")
+    return line
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one update of each network
+
+def set_lr(opt, lr):
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def apply_gradients(loss, opt, params, ctx):
+    """backward + gradient all-reduce + Adam step, unless the loss or a gradient is non-finite on any rank
+    (then nothing is written: weights and Adam's moments stay as they were). Returns whether it skipped."""
+    opt.zero_grad(set_to_none=True)
+    skipped = all_agree(not bool(torch.isfinite(loss)), ctx.world, ctx.device)
+    if not skipped:
+        loss.backward()
+        skipped = not average_gradients(params, ctx.world)
+    if not skipped:
+        opt.step()
+    return skipped
+
+
+def train_step(run, b, ctx, perceptual=None):
+    """One update of the detector (phase 0) or of FSRT (phases I-III) on this rank's batch b.
+    Returns (dict of float loss terms incl. "loss", prediction, kp_driving, skipped)."""
+    set_lr(run.opt, lr_at(ctx.args, run.iteration))
+    if run.disc is not None:
+        run.disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
+    with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
+        if ctx.args.phase == 0:
+            loss, _, _ = kp_loss(run.model, b, ctx.args)
+            terms, pred, kp = {}, None, None
+        else:
+            loss, terms, pred, kp = generator_losses(run.model, b, ctx, run.step, ctx.gidx, perceptual, run.disc)
+    terms["loss"] = loss.item()
+    return terms, pred, kp, apply_gradients(loss, run.opt, run.params, ctx)
+
+
+def disc_step(run, b, pred, kp, ctx):
+    """One update of the phase-III discriminator on the real driving frames and the detached prediction.
+    Returns (its loss lambda_A * LSGAN, as the release, skipped)."""
+    disc = run.disc
+    set_lr(run.dopt, lr_at(ctx.args, run.iteration))
+    disc.requires_grad_(True)
+    real_scores, _ = discriminate(disc, b["drv"], kp)
+    fake_scores, _ = discriminate(disc, pred.detach(), kp)
+    d_loss = ctx.weights.adv * losses.d_loss(real_scores, fake_scores)
+    return d_loss.item(), apply_gradients(d_loss, run.dopt, list(disc.parameters()), ctx)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# one phase: its state, where it starts, the loop
+
+@dataclass
+class Run:
+    """What one phase trains and where it is: the model (and phase III's discriminator), their optimisers, the
+    trained parameters, the step (updates done) and iteration (the schedule's count, continued across phases
+    I-III), and the phase's checkpoint file."""
+    model: srt.FSRT
+    opt: torch.optim.Optimizer
+    params: list
+    path: str
+    disc: losses.Discriminator = None
+    dopt: torch.optim.Optimizer = None
+    step: int = 0
+    iteration: int = 0
+
+
+def build(ctx):
+    """Model, optimiser(s) and start position of this phase: resume its own checkpoint, or start from --init /
+    the previous phase's checkpoint / --kp-checkpoint."""
+    args, device = ctx.args, ctx.device
+    cfg = model_config(args)
+    torch.manual_seed(args.seed)
+    model = srt.FSRT(cfg).to(device, ctx.dtype)
+    dcfg = (losses.DiscConfig.tiny if args.preset == "tiny" else losses.DiscConfig)(num_kp=cfg.num_kp)
+    disc = losses.Discriminator(dcfg).to(device, ctx.dtype) if args.phase == 3 else None
+    if args.phase == 0:
+        params = list(model.kp_detector.parameters())
+    else:
+        model.freeze_detector()   # eval mode (kept across train()), no gradient, not in the optimiser
+        params = [p for n, p in model.named_parameters() if not n.startswith("kp_detector.")]
+    run = Run(model, torch.optim.Adam(params, lr=args.lr), params, os.path.join(args.out, f"phase{args.phase}.pt"),
+              disc, torch.optim.Adam(disc.parameters(), lr=args.lr) if disc is not None else None)
+    restore(run, ctx)
+    if dist.is_initialized():   # identical start on every rank (already true by seeding; cheap insurance)
+        for t in list(model.state_dict().values()) + (list(disc.state_dict().values()) if disc else []):
+            dist.broadcast(t, 0)
+    return run
+
+
+def restore(run, ctx):
+    """Load the state this phase starts from (see build); refuse a checkpoint of another phase or model."""
+    args, cfg = ctx.args, run.model.cfg
+    if os.path.exists(run.path):                                        # resume this phase
+        ck = load_phase(run.path, cfg, args.phase, ctx.log)
+        run.model.load_state_dict(ck["model"])
+        run.opt.load_state_dict(ck["optimizer"])
+        if run.disc is not None:
+            run.disc.load_state_dict(ck["disc"])
+            run.dopt.load_state_dict(ck["disc_optimizer"])
+        run.step, run.iteration = ck["step"], ck["iteration"]
+        set_rng_state(ck["rng"])
+        old = ck.get("args", {})
+        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {old[k]})"
+                   for k in ("batch_size", "num_src", "pixels", "seed") if k in old and old[k] != getattr(args, k)]
+        if changed:
+            ctx.log(f"notice: resuming {run.path} with {', '.join(changed)}: the data order and the loss change "
+                    f"from step {run.step} on")
+    elif args.init:
+        ck = load_phase(args.init, cfg, None, ctx.log)
+        if args.phase >= 2 and ck.get("phase") == 0:
+            raise ValueError(f"--init {args.init} is a phase-0 checkpoint (only its keypoint detector is trained): "
+                             f"start phase {args.phase} from a phase-1 (or later) checkpoint")
+        run.model.load_state_dict(ck["model"])
+    elif args.phase >= 1:
+        prev = os.path.join(args.out, f"phase{args.phase - 1}.pt")
+        if os.path.exists(prev) and args.phase == 1:   # phase 0 trained the detector alone: take just it
+            weights.load_kp_detector(prev, run.model.kp_detector)
+        elif os.path.exists(prev):
+            ck = load_phase(prev, cfg, args.phase - 1, ctx.log)
+            if ck["step"] < ck.get("args", {}).get("steps", 0):
+                ctx.log(f"notice: {prev} stopped at step {ck['step']} of {ck['args']['steps']}; phase {args.phase} "
+                        f"starts from it (rerun `--phase {args.phase - 1}` first to finish it)")
+            run.model.load_state_dict(ck["model"])
+            if args.phase >= 2:   # phases I-III are one run of the release: optimiser and schedule continue
+                run.opt.load_state_dict(ck["optimizer"])
+                run.iteration = ck["iteration"]
+        elif not (args.phase == 1 and args.kp_checkpoint):
+            raise FileNotFoundError(
+                f"{prev} not found: run `python train.py --phase {args.phase - 1} --out {args.out}` first "
+                f"(with the same model options), or pass --init PATH")
+    if args.kp_checkpoint and args.phase >= 1 and not os.path.exists(run.path):
+        weights.load_kp_detector(args.kp_checkpoint, run.model.kp_detector)
+
+
+def run_phase(ctx, stop):
+    """Train one phase to --steps: the loop of named steps. Returns True when stopped by a signal or the clock."""
+    args = ctx.args
+    perceptual = make_perceptual(ctx) if args.phase >= 2 else None   # its weights file first: fail before work
+    run = build(ctx)
+    if run.step >= args.steps:
+        ctx.log(f"phase {args.phase} already trained to step {run.step} ({run.path}); raise --steps to continue")
+        return False
+    loader = make_loader(ctx, run.step)
+    monitor = Monitor(ctx, run)
+    if run.step == 0:
+        monitor.evaluate_and_sample(run)
+    run.model.train()
+    for b in loader:
+        b = {k: v.to(ctx.device, ctx.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
+        run.iteration += 1
+        terms, pred, kp, skipped = train_step(run, b, ctx, perceptual)              # the model's update
+        if run.disc is not None:                                                      # phase III's discriminator
+            terms["disc"], d_skipped = disc_step(run, b, pred, kp, ctx)
+            skipped = skipped or d_skipped
+        run.step += 1
+        monitor.record(run.step, terms, skipped)                                      # log: losses and speed
+        if due(run.step, args.log_every, args.steps):
+            monitor.log(run)
+        if due(run.step, args.sample_every, args.steps):                              # held-out figures, pictures
+            monitor.evaluate_and_sample(run, b)
+        stopping = all_agree(bool(stop) or ctx.out_of_time(), ctx.world, ctx.device)
+        if due(run.step, args.ckpt_every, args.steps) or stopping:                    # checkpoint
+            save(run, ctx)
+        if stopping:                                                                  # Ctrl-C, SIGTERM, --max-minutes
+            monitor.close()
+            ctx.log(f"stopped at step {run.step}; checkpoint {run.path} written: rerun the same command to resume")
+            return True
+    monitor.close()
+    ctx.log(f"phase {args.phase} done: {run.path}")
+    return False
+
+
+def due(step, every, last):
+    """Whether something done every `every` steps (and at the last step) is due after `step`."""
+    return step % every == 0 or step == last
+
+
+def make_loader(ctx, start):
+    """The phase's data from step `start` on: FaceDataset samples in the order of StepSampler (this rank's slice of
+    every global batch), with the motion curriculum; workers leave SIGINT/SIGTERM to the main process."""
+    args = ctx.args
+    ds = data.FaceDataset(root=args.data, split="train", size=args.image_size, num_src=args.num_src,
+                          augment=data.Augment(jitter=not args.no_jitter, omega=not args.no_omega), seed=args.seed,
+                          builtin=data.BuiltinVideos(identities=args.identities))
+    motion = lambda t: args.motion_start + (args.motion - args.motion_start) * min(1.0, t / max(args.motion_ramp, 1))
+    sampler = StepSampler(len(ds), args.batch_size, ctx.rank, ctx.world, args.seed, start, args.steps, motion)
+    return torch.utils.data.DataLoader(Curriculum(ds), num_workers=args.workers, batch_sampler=sampler,
+                                       worker_init_fn=cli.StopSignals.ignore)
+
+
+def make_perceptual(ctx):
+    """L_P's VGG19 (phases II, III): torchvision's weights (--vgg-weights or the torch hub cache), or 'random'."""
+    args = ctx.args
+    torch.manual_seed(args.seed + 1)   # an untrained VGG ('random', tests only) is the same after a resume
+    vgg = weights.load_vgg19(None if args.vgg_weights == "random" else args.vgg_weights,
+                             random_weights=args.vgg_weights == "random")
+    return losses.PerceptualLoss(vgg).to(ctx.device, ctx.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the command
+
 def memory_floor(args, world=1):
     """A lower bound of one step's memory per process in bytes: the batch's images (3 n_src + 4 per sample,
     data.FaceDataset) and, from phase I on, the decoder's query features and render-MLP units of every decoded
     pixel, kept for the backward pass. A batch above it cannot fit: it is refused before it swells memory."""
     cfg, B = model_config(args), args.batch_size // world
-    size = torch.empty((), dtype=args.dtype).element_size()
+    size = torch.empty((), dtype=torch.float64 if args.double else torch.float32).element_size()
     floor = B * (3 * args.num_src + 4) * 3 * args.image_size ** 2 * size
     if args.phase >= 1:
         pixels = args.pixels if args.phase == 1 else args.image_size ** 2
@@ -818,62 +946,72 @@ def memory_floor(args, world=1):
     return floor
 
 
+def phases_to_run(args, log):
+    """[--phase], or [0, 1] for `--phase 1` alone when no trained keypoint detector exists yet."""
+    p0 = os.path.join(args.out, "phase0.pt")
+    if (args.phase == 1 and not args.kp_checkpoint and not args.init
+            and not os.path.exists(os.path.join(args.out, "phase1.pt"))
+            and (not os.path.exists(p0) or unfinished(p0))):
+        log(f"no trained keypoint detector yet ({p0}, --kp-checkpoint): running phase 0 first")
+        return [0, 1]
+    return [args.phase]
+
+
+def start(argv):
+    """Options, processes and the run folder -> (the parsed options, Context, RunLock or None)."""
+    options = get_args(argv)
+    args = resolve(options)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} (global) must be divisible by the {world} processes")
+    rank, world, device = cli.setup_processes(args.device)
+    ctx = context(args, rank, world, device)
+    if rank == 0 and args.precision != "fp32":
+        print(f"precision: {'bf16' if ctx.bf16 else 'fp32'} ({cli.pick_precision(args.precision, device)[1]})")
+    need, free = memory_floor(args, world), cli.available_memory(device)
+    if free is not None and need > free:
+        raise ValueError(f"--batch-size {args.batch_size} cannot fit: one step needs at least {need / 2 ** 30:.1f} "
+                         f"GB on {device} (the batch's images and decoder activations), {free / 2 ** 30:.1f} GB "
+                         f"are free; use a smaller --batch-size or --pixels")
+    lock = None
+    if rank == 0:   # one writer per run folder; then no other writer's temporary file can be alive
+        if not os.path.isfile(args.out):
+            cli.check_writable(args.out, folder=True)
+        lock = cli.RunLock(args.out)
+        cli.remove_stale_temp(args.out)
+    return options, ctx, lock
+
+
 def main(argv=None):
     lock = None
     try:
-        args = resolve(get_args(argv))
-        rank, world, device = setup_distributed(args)
-        if args.double and args.precision != "fp32":
-            raise ValueError("--double and --precision bf16/auto exclude each other")
-        precision, why = reenact.pick_precision(args.precision, device)
-        args.bf16 = precision == "bf16"
-        if rank == 0 and args.precision != "fp32":
-            print(f"precision: {precision} ({why})")
-        need, free = memory_floor(args, world), reenact.available_memory(device)
-        if free is not None and need > free:
-            raise ValueError(f"--batch-size {args.batch_size} cannot fit: one step needs at least {need / 2 ** 30:.1f} "
-                             f"GB on {device} (the batch's images and decoder activations), {free / 2 ** 30:.1f} GB "
-                             f"are free; use a smaller --batch-size or --pixels")
-        if rank == 0:   # one writer per run folder; then no other writer's temporary file can be alive
-            if not os.path.isfile(args.out):
-                reenact.check_writable(args.out, folder=True)
-            lock = srt.RunLock(args.out)
-            srt.remove_stale_temp(args.out)
-    except reenact.EXPECTED as e:
-        return reenact.fail(e)
-
-    reenact.on_stop_signals("stopping after the step in flight and writing a checkpoint (exit code 130, or 143 for "
-                        "SIGTERM); rerun the same command to resume. Ctrl-C again quits at once, keeping the "
-                        "last checkpoint written")
+        options, ctx, lock = start(argv)
+    except cli.EXPECTED as e:
+        if int(os.environ.get("RANK", "0")) != 0:   # torchrun: the first process says it once
+            return 2
+        return cli.fail(e)
+    stop = cli.StopSignals("stopping after the step in flight and writing a checkpoint (exit code 130, or 143 for "
+                           "SIGTERM); rerun the same command to resume. Ctrl-C again quits at once, keeping the "
+                           "last checkpoint written")
     stopped = False
     try:
-        phases, p0 = [args.phase], os.path.join(args.out, "phase0.pt")
-        if (args.phase == 1 and not args.kp_checkpoint and not args.init
-                and not os.path.exists(os.path.join(args.out, "phase1.pt"))
-                and (not os.path.exists(p0) or unfinished(p0))):
-            phases = [0, 1]   # `python train.py --phase 1` alone: train (or finish training) the detector first
-            if rank == 0:
-                print(f"no trained keypoint detector yet ({p0}, --kp-checkpoint): running phase 0 first")
-        steps = args.steps
-        for ph in phases:
-            args.phase = ph
-            args.steps = steps if ph == phases[-1] else PRESETS[args.preset]["steps"][ph]
-            if args.lr_from_preset and isinstance(PRESETS[args.preset]["lr"], tuple):
-                args.lr = PRESETS[args.preset]["lr"][ph]
-            stopped = run_phase(args, rank, world, device)
+        phases = phases_to_run(ctx.args, ctx.log)
+        for ph in phases:   # --steps and --lr as given apply to --phase; an earlier phase runs its preset's
+            ctx = dataclasses.replace(ctx, args=resolve(options, ph, own_steps=ph == phases[-1]))
+            stopped = run_phase(ctx, stop)
             if stopped:
                 break
-    except reenact.EXPECTED as e:
+    except cli.EXPECTED as e:
         if os.environ.get("FSRT_DEBUG"):   # FSRT_DEBUG=1 shows the traceback
             raise
-        return reenact.fail(e)
+        return cli.fail(e) if ctx.rank == 0 else 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
         if lock is not None:
             lock.release()
     # stopped by a signal: 130 (SIGINT) / 143 (SIGTERM), so scripts can tell it from a finished run
-    return reenact.exit_code_of(reenact.STOP) if stopped and reenact.STOP else 0
+    return stop.exit_code() if stopped and stop else 0
 
 
 if __name__ == "__main__":

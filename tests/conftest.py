@@ -20,3 +20,20 @@ def _seed():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random small model at 32x32 saved as a phase-I checkpoint, and a phase-0 one of the same model (the
+    command-line tests' model: what it renders does not matter, only that it runs)."""
+    import srt
+    import weights
+    torch.manual_seed(0)
+    cfg = srt.FSRTConfig.tiny(image_size=32, width=32, enc_blocks=1, enc_heads=2, enc_head_dim=16, enc_mlp=64,
+                              dec_heads=2, dec_head_dim=16, dec_mlp=32, render_hidden=(32, 32),
+                              cnn_channels=((8, 16), (16, 32), (32, 32)))
+    d = tmp_path_factory.mktemp("ckpt")
+    for phase in (0, 1):
+        weights.save_checkpoint(str(d / f"phase{phase}.pt"), {"config": cfg.to_dict(), "model": srt.FSRT(cfg).state_dict(),
+                                                             "step": 0, "phase": phase})
+    return str(d / "phase1.pt")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import data
-from data import Expression, Identity, Pose, render_face
+from builtin_faces import Expression, Identity, Pose, render_face
+import builtin_faces as faces
 
 GREEN, BLUE = (0.0, 0.9, 0.1), (0.1, 0.2, 0.95)
 IDENT = Identity(skin=(0.85, 0.65, 0.5), lip=GREEN, eye_colour=BLUE, hair=(0.1, 0.05, 0.02),
@@ -23,7 +24,7 @@ def near(img, xy, colour, tol=0.12):
 
 def test_render_deterministic_shapes_and_range():
     rng = np.random.default_rng(3)
-    args = data.sample_identity(rng), data.sample_pose(rng), data.sample_expression(rng)
+    args = faces.sample_identity(rng), faces.sample_pose(rng), faces.sample_expression(rng)
     (a, la), (b, lb) = render_face(*args, size=64), render_face(*args, size=64)
     assert a.shape == (64, 64, 3) and a.dtype == np.float32 and la.shape == (68, 2) and la.dtype == np.float32
     assert np.array_equal(a, b) and np.array_equal(la, lb)
@@ -72,8 +73,8 @@ def test_expression_change_keeps_background():
 
 def test_cross_identity_keeps_colours():
     rng = np.random.default_rng(11)
-    A = dataclasses.replace(data.sample_identity(rng), skin=(0.95, 0.8, 0.7), hair_style=0)
-    B = dataclasses.replace(data.sample_identity(rng), skin=(0.35, 0.22, 0.15))
+    A = dataclasses.replace(faces.sample_identity(rng), skin=(0.95, 0.8, 0.7), hair_style=0)
+    B = dataclasses.replace(faces.sample_identity(rng), skin=(0.35, 0.22, 0.15))
     pose_b, expr_b = Pose(yaw=-15.0, pitch=8.0, tx=-0.05), Expression(mouth_open=0.5, smile=0.4)
     cross, lm = render_face(A, pose_b, expr_b, size=64)
     _, lm_b = render_face(B, pose_b, expr_b, size=64)
@@ -102,7 +103,7 @@ def test_flip_permutation_and_mirror_rendering():
 def test_omega_never_cuts_into_the_face_box():
     rng, S = np.random.default_rng(0), 64
     for _ in range(200):
-        _, lm = render_face(IDENT, data.sample_pose(rng, 1.5), data.sample_expression(rng), S)
+        _, lm = render_face(IDENT, faces.sample_pose(rng, 1.5), faces.sample_expression(rng), S)
         x0, y0, x1, y1 = data.omega_box(lm, S, rng)
         (lx0, ly0), (lx1, ly1) = lm.min(0), lm.max(0)
         h = ly1 - ly0
@@ -134,7 +135,7 @@ def test_out_of_frame_crop_keeps_sources_and_maps_the_frame_into_encodable_range
     corners = np.array([[-1.0, -1.0], [1.0, 1.0]])
     reach = []
     for _ in range(50):
-        lms = np.stack([render_face(IDENT, data.sample_pose(rng, 1.3), Expression(), S)[1] for _ in range(3)])
+        lms = np.stack([render_face(IDENT, faces.sample_pose(rng, 1.3), Expression(), S)[1] for _ in range(3)])
         x0, y0, x1, y1 = box = data.out_of_frame_box(lms[:2], S, rng)
         assert 0 <= x0 < x1 <= S and 0 <= y0 < y1 <= S
         crop = data.box_to_crop(box, S)
@@ -165,7 +166,7 @@ def test_keypoint_frames_are_a2_before_the_crop_and_omega_crops_the_uncropped_a3
     """As the release: keypoints come from the A2-jittered uncropped frames (src_full, drv_full); Omega cuts
     the uncropped A3 driving frame, bounded by the uncropped frame's landmarks."""
     S = 64
-    ds = data.FaceDataset(num_src=2, size=S, seed=4, flip_p=0.0, crop_p=1.0)
+    ds = data.FaceDataset(num_src=2, size=S, seed=4, augment=data.Augment(flip_p=0.0, crop_p=1.0))
     for i in range(3):
         s = ds[i]
         box = tuple(int(round(v)) for v in (s["crop"].numpy() + 1) * S / 2)
@@ -173,7 +174,7 @@ def test_keypoint_frames_are_a2_before_the_crop_and_omega_crops_the_uncropped_a3
         assert torch.allclose(data.crop_resize(s["drv_full"][None], box, S)[0], s["drv_a2"], atol=1e-6)
         assert torch.allclose(data.crop_resize(s["src_full"], box, S), s["src_a2"], atol=1e-6)
         assert not torch.allclose(s["src_full"], s["src"])  # A2 colours, not A1
-    plain = data.FaceDataset(num_src=1, size=S, seed=4, flip_p=0.0, crop_p=0.0)[0]
+    plain = data.FaceDataset(num_src=1, size=S, seed=4, augment=data.Augment(flip_p=0.0, crop_p=0.0))[0]
     assert torch.equal(plain["src_full"], plain["src_a2"]) and torch.equal(plain["drv_full"], plain["drv_a2"])
     seen = []
     monkeypatch.setattr(data, "jitter_params", lambda rng: dict(b=1.0, c=1.0, s=1.0, h=0.0, order=[0, 1, 2, 3]))
@@ -188,10 +189,11 @@ def test_jitter_and_omega_ablations_switch_off_only_their_own_step():
     """--no-jitter: A1 = A2 = A3 = the plain colours; --no-omega: the expression net sees the whole A3 frame.
     The crop and every other draw stay those of the full recipe (same seed, same index)."""
     kw = dict(num_src=2, size=64, seed=5, crop_p=0.5)
-    plain = data.FaceDataset(augment=False, flip_p=0.0, **kw)
-    full, nojit = data.FaceDataset(flip_p=0.0, **kw), data.FaceDataset(flip_p=0.0, jitter=False, **kw)
-    noom, neither = data.FaceDataset(flip_p=0.0, omega=False, **kw), \
-        data.FaceDataset(flip_p=0.0, jitter=False, omega=False, **kw)
+    plain = data.FaceDataset(augment=False, **kw)
+    full = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0))
+    nojit = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, jitter=False))
+    noom, neither = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, omega=False)), \
+        data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, jitter=False, omega=False))
     for i in range(4):
         a, b, c, d, p = full[i], nojit[i], noom[i], neither[i], plain[i]
         assert torch.equal(a["crop"], b["crop"]) and torch.equal(a["crop"], c["crop"])
@@ -224,7 +226,7 @@ def test_a1_a2_jitter_shared_by_sources_and_driving_frame():
     """The decoder target drv (A1) has the sources' A1 colours: where the raw source and driving frames agree
     (the static background), src and drv agree too (up to the per-image contrast mean), and so do src_a2 and
     drv_a2."""
-    ds = data.FaceDataset(num_src=1, crop_p=0.0, flip_p=0.0, seed=2)
+    ds = data.FaceDataset(num_src=1, seed=2, augment=data.Augment(crop_p=0.0, flip_p=0.0))
     for i in range(6):
         s, raw = ds[i], ds.sample_frames(i)["frames"]
         same = (raw[0] == raw[1]).all(0)
@@ -255,10 +257,10 @@ def test_facedataset_builtin_keys_and_augmentation():
     assert torch.equal(s["src"], s["src_a2"]) and torch.equal(s["drv"], s["drv_omega"]) and torch.equal(s["drv"], s["drv_full"])
     assert s["crop"].tolist() == [-1, -1, 1, 1]
     raw = plain.sample_frames(3)                              # landmarks are those of the rendered frames
-    seed, _, ident = data.builtin_identity("train", 3)
-    poses, exprs = data.builtin_motion(seed, int(raw["video"][-2:]), plain.frames, at=raw["frame_idx"])
+    seed, _, ident = faces.builtin_identity("train", 3)
+    poses, exprs = faces.builtin_motion(seed, int(raw["video"][-2:]), plain.frames, at=raw["frame_idx"])
     np.testing.assert_allclose(s["drv_lm"].numpy(), render_face(ident, poses[-1], exprs[-1], 64)[1])
-    flipped = data.FaceDataset(num_src=2, flip_p=1.0, crop_p=0.0)
+    flipped = data.FaceDataset(num_src=2, augment=data.Augment(flip_p=1.0, crop_p=0.0))
     s, raw = flipped[5], flipped.sample_frames(5)           # same rng stream: same frames, then the flip
     mirror = (s["drv_full"] - raw["frames"][N].flip(-1)).abs().mean()
     assert mirror < 0.5 * (s["drv_full"] - raw["frames"][N]).abs().mean()   # mirrored (and A2-jittered)
@@ -288,9 +290,9 @@ def test_loader_reads_exports_and_samples_by_identity(exports, fmt):
         raw = ds.sample_frames(i)
         assert raw["identity"] == ds.identities[i % 3] and data.identity_of(raw["video"]) == raw["identity"]
         seen.add(raw["video"])
-        seed, _, ident = data.builtin_identity("train", int(raw["identity"][2:]) - 10001)
+        seed, _, ident = faces.builtin_identity("train", int(raw["identity"][2:]) - 10001)
         v = 0 if "#000001#" in raw["video"] else 1
-        poses, exprs = data.builtin_motion(seed, v, 8, at=raw["frame_idx"])
+        poses, exprs = faces.builtin_motion(seed, v, 8, at=raw["frame_idx"])
         truth = [render_face(ident, p, e, 64) for p, e in zip(poses, exprs)]
         gt = torch.from_numpy(np.stack([np.round(t[0] * 255) / 255 for t in truth])).permute(0, 3, 1, 2)
         gt48 = torch.nn.functional.interpolate(gt, size=(48, 48), mode="bilinear", antialias=True)

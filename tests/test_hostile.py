@@ -17,6 +17,8 @@ import metrics
 import reenact
 import srt
 import train
+import cli
+import weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -29,20 +31,6 @@ def one_line(err, needle=""):
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     assert needle in lines[0], (needle, lines[0])
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random small model at 32x32 saved as a phase-I checkpoint, and a phase-0 one of the same model."""
-    torch.manual_seed(0)
-    cfg = srt.FSRTConfig.tiny(image_size=32, width=32, enc_blocks=1, enc_heads=2, enc_head_dim=16, enc_mlp=64,
-                              dec_heads=2, dec_head_dim=16, dec_mlp=32, render_hidden=(32, 32),
-                              cnn_channels=((8, 16), (16, 32), (32, 32)))
-    d = tmp_path_factory.mktemp("ckpt")
-    for phase in (0, 1):
-        srt.save_checkpoint(str(d / f"phase{phase}.pt"), {"config": cfg.to_dict(), "model": srt.FSRT(cfg).state_dict(),
-                                                          "step": 0, "phase": phase})
-    return str(d / "phase1.pt")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +122,7 @@ def test_first_sigterm_stops_cleanly_with_143_and_a_second_signal_quits_at_once(
 # ---------------------------------------------------------------- 3. one writer per run folder; 5. stale temp files
 
 def test_a_second_writer_is_refused_and_a_dead_writers_lock_is_taken_over(run0, capsys):
-    lock = srt.RunLock(str(run0))                        # another "process" holds the folder
+    lock = cli.RunLock(str(run0))                        # another "process" holds the folder
     try:
         assert train.main(["--phase", "0", "--steps", "2", "--out", str(run0), *FAST]) == 2
         line = one_line(capsys.readouterr().err, "is in use by process")
@@ -172,8 +160,12 @@ def test_reenact_decodes_only_max_frames_and_renders_in_chunks(ckpt, tmp_path, m
     monkeypatch.setattr(data, "iter_frames", counting)
     monkeypatch.setattr(data, "read_frames", counting_read)
     assert reenact.main(["--checkpoint", ckpt, "--source", png, "--driving", mp4, "--max-frames", "5",
-                         "--out", str(tmp_path / "five.mp4"), "--no-progress"]) == 0
+                         "--out", str(tmp_path / "five.mp4"), "--no-progress", "--crop", "none"]) == 0
     assert decoded[0] <= 10                              # counted, then rendered: 5 + 5, not the 40
+    decoded[0] = 0
+    assert reenact.main(["--checkpoint", ckpt, "--source", png, "--driving", mp4, "--max-frames", "5",
+                         "--out", str(tmp_path / "five.mp4"), "--no-progress"]) == 0
+    assert decoded[0] <= 15                              # --crop auto looks for the face too: 5 + 5 + 5
     assert len(data.read_video(str(tmp_path / "five.mp4"))[0]) == 5
     monkeypatch.setattr(reenact, "reenact", lambda m, s, d, **k: calls.append(len(d)) or render(m, s, d, **k))
     monkeypatch.setattr(reenact.Driving, "CHUNK", 8)
@@ -340,8 +332,8 @@ def test_loaders_never_suggest_weights_only_false(ckpt, tmp_path, capsys):
     evil = tmp_path / "evil.pt"
     torch.save({"format": "fsrt", "config": {}, "model": {}, "x": _Evil()}, evil)
     errors = []
-    for load in (srt.load_checkpoint, lambda p: keypoints.load_kp_detector(p, keypoints.KPDetector()),
-                 lambda p: losses.load_vgg19(p)):
+    for load in (weights.load_checkpoint, lambda p: weights.load_kp_detector(p, keypoints.KPDetector()),
+                 lambda p: weights.load_vgg19(p)):
         with pytest.raises((ValueError, RuntimeError)) as e:
             load(str(evil))
         errors.append(str(e.value))
@@ -356,10 +348,10 @@ def test_a_full_disk_says_so(tmp_path, monkeypatch):
         f.write(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
     monkeypatch.setattr(srt.torch, "save", full)
-    monkeypatch.setattr(srt.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
+    monkeypatch.setattr(weights.shutil, "disk_usage", lambda p: type("U", (), {"free": 0})())
     with pytest.raises(OSError) as e:
-        srt.save_checkpoint(str(tmp_path / "c.pt"), {"model": {"w": torch.zeros(10)}})
-    line = reenact.error_line(e.value)
+        weights.save_checkpoint(str(tmp_path / "c.pt"), {"model": {"w": torch.zeros(10)}})
+    line = cli.error_line(e.value)
     assert line.startswith("the disk is full: cannot write") and "c.pt" in line
     assert os.listdir(tmp_path) == []                                # no temporary file left
 

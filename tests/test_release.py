@@ -1,4 +1,4 @@
-"""srt.load_release / save_release against the authors' release (andrerochow/fsrt, commit b895383).
+"""weights.load_release / save_release against the authors' release (andrerochow/fsrt, commit b895383).
 
 Nothing is downloaded: the release's files are rebuilt in a temporary folder from
 tests/fixtures/official_fsrt/manifest.json and its fill formula (see that folder's README), loaded through
@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import reenact
 import srt
+import cli
+import weights
 
 FIX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "official_fsrt")
 TOL = dict(rtol=1e-4, atol=1e-4)     # float32: different summation orders over up to 4,347 terms
@@ -79,7 +81,7 @@ def release_inputs(golden):
 @pytest.fixture(scope="module")
 def full(files, golden):
     """The full-decoder model loaded from the rebuilt files, its detector/expression outputs and set-latents."""
-    model = srt.load_release(files["full"], files["det"])
+    model = weights.load_release(files["full"], files["det"])
     source, driving, pixels = release_inputs(golden)
     with torch.no_grad():
         det = model.detect(torch.cat((source, driving)))
@@ -113,7 +115,7 @@ def test_set_latents_match_the_release(full, golden, n):
 def test_rgb_matches_the_release(files, full, golden, decoder):
     """Decoder output at the 512 query pixels, driven by driving frame 0, for one and two sources; the
     small-decoder file shares the full one's encoder, so its set-latents are the full model's."""
-    model = full["model"] if decoder == "full" else srt.load_release(files["small"], files["det"])
+    model = full["model"] if decoder == "full" else weights.load_release(files["small"], files["det"])
     assert model.cfg.small_decoder == (decoder == "small") and not model.training and model.detector_frozen
     kp_d, e_d = full["det"]["keypoints"][2:3], full["expr"][2:3]
     for n, z in full["latents"].items():
@@ -135,15 +137,15 @@ def test_release_columns_is_the_feature_permutation():
         return torch.cat((torch.sin(x).flatten(1), torch.cos(x).flatten(1)), 1)
     theirs = torch.cat((release_pe(kp.flatten(1), 4), release_pe(px, 16), e), 1)
     ours = torch.cat((model.gamma_pix(px), model.frame_code(kp, e)), 1)
-    cols = srt.release_columns(model.cfg)
+    cols = weights.release_columns(model.cfg)
     assert sorted(cols.tolist()) == list(range(480))
     torch.testing.assert_close(theirs[:, cols], ours, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("decoder", ["full", "small"])
 def test_save_release_round_trip_is_exact(files, full, tmp_path, decoder):
-    model = full["model"] if decoder == "full" else srt.load_release(files["small"], files["det"])
-    srt.save_release(model, tmp_path / "out.pt", tmp_path / "kp.pt")
+    model = full["model"] if decoder == "full" else weights.load_release(files["small"], files["det"])
+    weights.save_release(model, tmp_path / "out.pt", tmp_path / "kp.pt")
     ck = torch.load(tmp_path / "out.pt", weights_only=True)
     det = torch.load(tmp_path / "kp.pt", weights_only=True)
     assert list(ck) == ["encoder", "decoder", "expression_encoder"]
@@ -158,7 +160,7 @@ def test_save_release_round_trip_is_exact(files, full, tmp_path, decoder):
 
 def test_save_release_refuses_other_sizes(tmp_path):
     with pytest.raises(ValueError, match="paper preset"):
-        srt.save_release(srt.FSRT(srt.FSRTConfig.tiny()), tmp_path / "a.pt", tmp_path / "b.pt")
+        weights.save_release(srt.FSRT(srt.FSRTConfig.tiny()), tmp_path / "a.pt", tmp_path / "b.pt")
 
 
 # ---------------------------------------------------------------- wrong files: one clear line each
@@ -177,7 +179,7 @@ def test_wrong_files_give_one_clear_error_line(files, tmp_path, capsys):
     torch.save({"generator": {}, "discriminator": {}, "kp_detector": files["state"]["kp_detector"], "epoch": 1},
                fomm)
     project = d / "phase1.pt"
-    srt.save_checkpoint(project, {"config": srt.FSRTConfig.tiny().to_dict(),
+    weights.save_checkpoint(project, {"config": srt.FSRTConfig.tiny().to_dict(),
                                   "model": srt.FSRT(srt.FSRTConfig.tiny()).state_dict(), "step": 0, "phase": 1})
     truncated = d / "vox256_cut.pt"
     with open(files["full"], "rb") as f:
@@ -205,7 +207,7 @@ def test_loading_stays_weights_only(tmp_path):
     path = tmp_path / "vox256.pt"
     torch.save({"encoder": {}, "decoder": {}, "expression_encoder": {}, "args": argparse.Namespace(a=1)}, path)
     with pytest.raises(RuntimeError, match=r"cannot read .*vox256.pt as a torch checkpoint \(UnpicklingError"):
-        srt.load_release(path, path)
+        weights.load_release(path, path)
 
 
 def test_metrics_takes_the_release_files_too(files, capsys):
@@ -218,12 +220,12 @@ def test_metrics_takes_the_release_files_too(files, capsys):
 # ---------------------------------------------------------------- command line and precision
 
 def test_precision_auto_follows_the_probe(monkeypatch):
-    monkeypatch.setattr(reenact, "bf16_speedup", lambda device: 2.9)
-    assert reenact.pick_precision("auto", "cpu")[0] == "bf16"
-    assert reenact.pick_precision("fp32", "cpu")[0] == "fp32"
-    monkeypatch.setattr(reenact, "bf16_speedup", lambda device: 0.25)      # a CPU without native bf16
-    assert reenact.pick_precision("auto", "cpu") == ("fp32", "auto: bf16 matmul 0.25x the speed of fp32 here")
-    assert reenact.pick_precision("bf16", "cpu")[0] == "bf16"
+    monkeypatch.setattr(cli, "bf16_speedup", lambda device: 2.9)
+    assert cli.pick_precision("auto", "cpu")[0] == "bf16"
+    assert cli.pick_precision("fp32", "cpu")[0] == "fp32"
+    monkeypatch.setattr(cli, "bf16_speedup", lambda device: 0.25)      # a CPU without native bf16
+    assert cli.pick_precision("auto", "cpu") == ("fp32", "auto: bf16 matmul 0.25x the speed of fp32 here")
+    assert cli.pick_precision("bf16", "cpu")[0] == "bf16"
 
 
 @pytest.mark.parametrize("real", [False, pytest.param(True, marks=pytest.mark.slow)])
@@ -252,7 +254,7 @@ def test_reenact_cli_with_release_files(files, tmp_path, capsys, monkeypatch, re
 def test_save_release_takes_any_paper_model(tmp_path):
     """Fields that do not change the function (decode chunk, patch-CNN init) do not block the export."""
     model = srt.FSRT(srt.FSRTConfig.paper(small_decoder=True, chunk=1024, cnn_init="torch"))
-    srt.save_release(model, tmp_path / "a.pt", tmp_path / "b.pt")
-    back = srt.load_release(tmp_path / "a.pt", tmp_path / "b.pt")
+    weights.save_release(model, tmp_path / "a.pt", tmp_path / "b.pt")
+    back = weights.load_release(tmp_path / "a.pt", tmp_path / "b.pt")
     assert back.cfg.small_decoder and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
                                                                             model.state_dict().values()))

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srt import (FSRT, Decoder, Encoder, FSRTConfig, load_checkpoint, model_from_checkpoint, pixel_grid,
-                 positional_encoding, save_checkpoint)
+from srt import FSRT, Decoder, Encoder, FSRTConfig, pixel_grid, positional_encoding
+from weights import load_checkpoint, model_from_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,7 @@ def test_checkpoint_of_another_version_gives_a_short_error(model, tmp_path):
 # ----------------------------------------------------------------------------- health diagnostics
 
 def test_health_sees_a_live_encoder_and_a_collapsed_one():
-    from srt import collapsed, health
+    from metrics import collapsed, health
     torch.manual_seed(0)
     images = torch.rand(4, 3, 32, 32)
     live = FSRT(FSRTConfig.tiny(image_size=32)).eval()
@@ -309,7 +309,7 @@ def test_health_sees_a_live_encoder_and_a_collapsed_one():
 def test_health_attention_figures_by_hand():
     """With a zero query projection the first decoder block attends uniformly: entropy log T, and the weight on
     the pixel's own patch token is 1/T."""
-    from srt import health
+    from metrics import health
     torch.manual_seed(0)
     m = FSRT(FSRTConfig.tiny(image_size=32)).eval()
     with torch.no_grad():
@@ -324,7 +324,7 @@ def test_health_expression_spread_sees_a_constant_e():
     """expr_spread: 0 when X_M's last layer emits its bias alone (e the same vector for every face: the
     collapse issue 11 measured); at init, He init (expr_init="kaiming") lets the images move e ~10x more
     than torch's default init (measured 0.032 vs 0.0027), where the biases outweigh the input."""
-    from srt import health
+    from metrics import health
     images = torch.rand(4, 3, 32, 32)
     spread = {}
     for init in ("torch", "kaiming"):
@@ -342,7 +342,7 @@ def test_health_sees_a_dead_expression_net():
     """expr_active (ExpressionNet.active_units) and the expression_collapsed verdict: a first X_M layer pushed
     below zero for every input (the dying-ReLU failure issue 11 found in the trained demo: 4 % of its units left)
     leaves e the last layers' bias alone; a fresh net is alive."""
-    from srt import expression_collapsed, health
+    from metrics import expression_collapsed, health
     torch.manual_seed(0)
     images = torch.rand(4, 3, 32, 32)
     m = FSRT(FSRTConfig.tiny(image_size=32)).eval()

@@ -14,9 +14,9 @@ import torch
 
 import losses
 import metrics
-import reenact
 import srt
 import train
+import builtin_faces as faces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -54,7 +54,7 @@ def test_only_subsampled_pixels_receive_gradient_and_the_offsets_cover_all(monke
     set_latents, kp, expr = decoder_inputs(model)
     H, W = 6, 8
     grid = srt.pixel_grid(H, W).requires_grad_(True)                   # (H*W, 2)
-    monkeypatch.setattr(srt, "pixel_grid", lambda *a, **k: grid)
+    monkeypatch.setattr(train, "pixel_grid", lambda *a, **k: grid)
     covered = torch.zeros(H, W, dtype=torch.bool)
     for ox, oy in [(0, 0), (1, 0), (0, 1), (1, 1)]:
         grid.grad = None
@@ -81,7 +81,7 @@ def small_batch(n=4, size=32, phase=2):
     args = train.resolve(train.get_args(["--phase", str(phase), "--image-size", str(size), "--batch-size", str(n)]))
     torch.manual_seed(0)
     model = srt.FSRT(train.model_config(args)).freeze_detector()
-    ds = train.data.FaceDataset(size=size, num_src=1, seed=0, crop_p=1.0)
+    ds = train.data.FaceDataset(size=size, num_src=1, seed=0, augment=train.data.Augment(crop_p=1.0))
     return args, model, torch.utils.data.default_collate([ds[i] for i in range(n)])
 
 
@@ -118,7 +118,7 @@ def test_phase2_offset_per_sample_and_a1_a2_choice_per_batch(monkeypatch):
 
     def run(step, gidx):
         with pytest.raises(_Stop), torch.no_grad():
-            train.generator_losses(model, {k: v[gidx] for k, v in b.items()}, args, step, gidx, 1)
+            train.generator_losses(model, {k: v[gidx] for k, v in b.items()}, train.context(args), step, gidx)
         return seen["a2"], seen["offsets"]
     choices, mixed = set(), False
     for step in range(8):
@@ -345,11 +345,11 @@ def cross_ground_truth(ds, n):
     for i in range(n):
         j = (i + 1) % n
         s = ds.sample_frames(j)                                   # the frames ds[j] holds (no augmentation)
-        seed_j, _, _ = train.data.builtin_identity("train", j % ds.num_identities)
+        seed_j, _, _ = faces.builtin_identity("train", j % ds.num_identities)
         video = int(s["video"].split("#builtin")[1])
-        poses, exprs = train.data.builtin_motion(seed_j, video, ds.frames, ds.motion_scale, at=s["frame_idx"][-1:])
-        ident_i = train.data.builtin_identity("train", i % ds.num_identities)[2]
-        out.append(train.data.render_frames(ident_i, poses, exprs, ds.size)[0])
+        poses, exprs = faces.builtin_motion(seed_j, video, ds.frames, ds.motion_scale, at=s["frame_idx"][-1:])
+        ident_i = faces.builtin_identity("train", i % ds.num_identities)[2]
+        out.append(faces.render_frames(ident_i, poses, exprs, ds.size)[0])
     return torch.cat(out)
 
 
@@ -357,7 +357,7 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
     """Phase I (train_step: Eq. 16 + 17, Sec. 3.2 wiring) on n fixed built-in samples (no augmentation).
     Returns PSNRs before and after training (dicts): "self" the driving frames, "cross" source i driven by
     sample i+1's driving frame against its ground truth, and the copy-the-source figures; and the encoder's
-    health (srt.health) after training."""
+    health (metrics.health) after training."""
     torch.manual_seed(0)
     args = train.resolve(train.get_args(["--phase", "1", "--image-size", str(image_size), "--batch-size", str(n),
                                          "--pixels", str(pixels), "--lr", str(lr), "--warmup", "20"]))
@@ -384,9 +384,11 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
 
     start = psnr_now()
     copy = {"self": psnr(b["src"][:, 0], b["drv"]), "cross": psnr(b["src"][:, 0], gt_cross)}
+    run, ctx = train.Run(model, opt, params, path=""), train.context(args)
     for it in range(1, steps + 1):
-        train.train_step(model, opt, params, b, args, it, it, list(range(n)), 1, "cpu")
-    return start, psnr_now(), copy, srt.health(model, b["src"][:, 0])
+        run.step, run.iteration = it, it
+        train.train_step(run, b, ctx)
+    return start, psnr_now(), copy, metrics.health(model, b["src"][:, 0])
 
 
 def test_a_tiny_model_learns_a_few_fixed_samples():
@@ -399,7 +401,7 @@ def test_a_tiny_model_learns_a_few_fixed_samples():
     # measured 6.4 -> 8.9 dB (copying the source: 17.3): four fixed samples are memorised through the driving
     # frame's conditioning more than read from the source, the identity leak metrics.evaluate_leak measures
     assert end["cross"] > start["cross"] + 1.5, (start, end, copy)
-    assert not srt.collapsed(health) and min(health["active"]) > 0.2, health
+    assert not metrics.collapsed(health) and min(health["active"]) > 0.2, health
 
 
 @pytest.mark.slow
@@ -417,10 +419,10 @@ def test_bf16_mixed_precision_step_matches_fp32():
     params = [p for k, p in model.named_parameters() if not k.startswith("kp_detector.")]
     out = {}
     for bf16 in (False, True):
-        args.bf16 = bf16
+        ctx = dataclasses.replace(train.context(args), bf16=bf16)
         model.zero_grad(set_to_none=True)
-        with reenact.bf16_autocast(torch.device("cpu"), bf16):
-            loss, _, pred, _ = train.generator_losses(model, b, args, 0, list(range(4)), 1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, _, pred, _ = train.generator_losses(model, b, ctx, 0, list(range(4)))
         assert loss.dtype == torch.float32 and pred.dtype == torch.float32
         loss.backward()
         out[bf16] = loss.item(), torch.cat([p.grad.flatten() for p in params if p.grad is not None])
@@ -429,7 +431,7 @@ def test_bf16_mixed_precision_step_matches_fp32():
     assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.98
     opt = torch.optim.Adam(params, 1e-3)
     before = [p.detach().clone() for p in params]
-    _, _, _, skipped = train.train_step(model, opt, params, b, args, 1, 1, list(range(4)), 1, "cpu")
+    _, _, _, skipped = train.train_step(train.Run(model, opt, params, path="", step=1, iteration=1), b, ctx)
     assert not skipped and all(p.dtype == torch.float32 for p in params)
     assert any(not torch.equal(p, q) for p, q in zip(params, before))
 
@@ -448,10 +450,10 @@ def test_resume_ignores_init_only_config_fields_but_not_sizes():
 
 def test_tiny_preset_is_64_with_full_size_detector_auto_precision_and_double_keeps_fp32():
     args = train.resolve(train.get_args(["--phase", "1", "--preset", "tiny"]))
-    assert (args.image_size, args.precision, args.bf16) == (64, "auto", False)   # 'auto' is decided in main
+    assert (args.image_size, args.precision) == (64, "auto")            # 'auto' is decided by train.context
     assert train.resolve(train.get_args(["--preset", "tiny", "--double"])).precision == "fp32"
     assert train.resolve(train.get_args(["--preset", "paper"])).precision == "fp32"
-    assert train.resolve(train.get_args(["--preset", "tiny", "--precision", "bf16"])).bf16
+    assert train.context(train.resolve(train.get_args(["--preset", "tiny", "--precision", "bf16"]))).bf16
     assert train.model_config(args).kp.scale_factor == 1.0      # the detector sees the whole 64x64 image
     kp = train.model_config(train.resolve(train.get_args(["--preset", "tiny", "--kp-scale", "0.5"]))).kp
     assert kp == dataclasses.replace(srt.FSRTConfig.tiny().kp, scale_factor=0.5)   # the rest: tiny's detector

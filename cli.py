@@ -1,0 +1,312 @@
+"""Command-line plumbing shared by train.py, reenact.py, metrics.py and data.py (not in the paper): errors in one
+line, option checks made before any long work, stop signals, one run per folder, temporary-file-and-rename
+writes, the precision choice and torchrun's processes. Imports only the standard library and torch.
+"""
+import contextlib
+import errno
+import functools
+import glob
+import math
+import os
+import re
+import signal
+import socket
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+
+# -----------------------------------------------------------------------------
+# errors: one line for a person, anything unexpected keeps its traceback
+
+# exceptions that end a command line with one line (anything else is a bug and keeps its traceback)
+EXPECTED = (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError)
+
+
+def error_line(err):
+    """An exception -> one line saying what went wrong (out of memory and a full disk said plainly)."""
+    msg = " ".join(str(err).split()) or type(err).__name__
+    if isinstance(err, MemoryError) or re.search(r"out of memory|can't allocate memory|Cannot allocate memory", msg):
+        msg = (f"out of memory ({msg[:300]}): lower --batch-size, --pixels, --chunk or the image size, "
+               f"or close other programs")
+    elif isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        msg = f"the disk is full: cannot write {err.filename or ''} ({err.strerror}); free some space and rerun"
+    elif "No space left on device" in msg:                     # e.g. reported by ffmpeg while writing a video
+        msg = f"the disk is full ({msg[:300]}); free some space and rerun"
+    return msg if len(msg) <= 1000 else msg[:1000] + " ..."
+
+
+def fail(err, code=2):
+    """Print `error: ...` (one line) on stderr and return the exit code."""
+    print(f"error: {error_line(err)}", file=sys.stderr)
+    return code
+
+
+def run_command(run, args):
+    """run(args) as a command line's exit code: 0 when it returns, one `error:` line and 2 for an expected
+    failure, 130 after Ctrl-C; a torchrun process group is left in every case."""
+    try:
+        run(args)
+        return 0
+    except EXPECTED as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# option checks: fail early, in one line
+
+def check_numbers(args, rules):
+    """rules {"warmup": ">= 0 (0 = no warm-up)", "lr": "> 0"}: a one-line ValueError for the first option
+    (set, not None) outside its range; NaN is always refused."""
+    for name, rule in rules.items():
+        v = getattr(args, name, None)     # options of another subcommand are absent
+        values = v if isinstance(v, (list, tuple)) else [v]
+        op, bound = rule.split()[:2]
+        for x in values:
+            if x is not None and (math.isnan(x) or not (x >= float(bound) if op == ">=" else x > float(bound))):
+                raise ValueError(f"--{name.replace('_', '-')} {x}: must be {rule}")
+
+
+def check_device(name):
+    """--device: a device torch knows and this machine has (a one-line ValueError otherwise)."""
+    if name is None:
+        return
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"--device {name!r} is not a device ({e}); use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no GPU is visible"
+            raise ValueError(f"--device {name}: CUDA is not available on this machine ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: there are only {torch.cuda.device_count()} GPU(s) (cuda:0 ...)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+
+
+def available_memory(device):
+    """Bytes that can still be allocated on `device` (CUDA: free GPU memory; CPU: MemAvailable), or None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return int(next(l for l in f if l.startswith("MemAvailable:")).split()[1]) * 1024
+    except (OSError, StopIteration, ValueError):
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return None
+
+
+def check_writable(path, what="--out", folder=False):
+    """Fail now, before long work, if `path` (a file, or with folder=True a folder of files; missing parent
+    folders will be created) cannot be written, or its name is longer than the file system allows.
+    -> ValueError with the reason."""
+    p = os.path.abspath(path)
+    if os.path.isdir(p) and not folder:
+        raise ValueError(f"{what} {path} is a folder; give a file name")
+    if os.path.exists(p) and not os.path.isdir(p) and folder:
+        raise ValueError(f"{what} {path} is a file; give a folder")
+    d = p if folder else os.path.dirname(p)
+    while not os.path.exists(d):
+        d = os.path.dirname(d)
+    if not os.path.isdir(d):
+        raise ValueError(f"{what} {path}: {d} is a file, not a folder")
+    try:
+        limit = os.pathconf(d, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):
+        limit = 255
+    long = [n for n in p.split(os.sep) if len(n.encode()) > limit]
+    if long:
+        raise ValueError(f"{what} {path}: the name {long[0][:40]}... has {len(long[0].encode())} bytes, more than "
+                         f"the {limit} this file system allows; choose a shorter name")
+    try:
+        tempfile.TemporaryFile(dir=d).close()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: cannot write in {d} ({e.strerror or e}); choose another place") from None
+
+
+def refuse_overwriting_inputs(out, inputs, what="--out", frame_folder=False):
+    """Refuse an output path that is one of the inputs or lies inside an input folder (and, for a folder of
+    PNG frames, an input that is one of the frame files about to be written). inputs: [(option, path)]."""
+    o = os.path.realpath(out)
+    for name, path in inputs:
+        if path is None or not os.path.exists(path):
+            continue
+        i = os.path.realpath(path)
+        same = o == i or (os.path.exists(o) and os.path.samefile(o, i))
+        inside = os.path.isdir(i) and o.startswith(i.rstrip(os.sep) + os.sep)
+        clash = frame_folder and os.path.dirname(i) == o and re.fullmatch(r"\d{6}\.png", os.path.basename(i))
+        if same or inside or clash:
+            where = "is" if same else "is inside" if inside else "would overwrite"
+            raise ValueError(f"{what} {out} {where} the input {name} {path}; writing it would destroy the input: "
+                             f"choose another output path")
+
+
+# -----------------------------------------------------------------------------
+# files: never half-written, never shared between two runs
+
+TEMP_PREFIX = ".tmp_"
+
+
+@contextlib.contextmanager
+def atomic_path(path, suffix=None):
+    """A temporary path beside `path`, unique to this call (two runs writing the same `path` never share one);
+    on a normal exit it replaces `path` (os.replace: atomic on POSIX and Windows), after an error or an
+    interruption it is removed, so `path` is never half-written. suffix: the temporary's extension (default:
+    that of `path`, for writers that choose the format by it)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1] if suffix is None else suffix,
+                               dir=folder)
+    os.close(fd)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):                                             # only after a failure
+            os.remove(tmp)
+
+
+def remove_stale_temp(folder, log=print):
+    """Remove the `.tmp_*.pt` files of checkpoint writes that were killed (atomic_path writes beside the
+    checkpoint, then renames). Call it only while holding the folder's RunLock: then no writer is alive."""
+    stale = glob.glob(os.path.join(glob.escape(folder), TEMP_PREFIX + "*.pt"))
+    size = 0
+    for p in stale:
+        try:
+            size += os.path.getsize(p)
+            os.remove(p)
+        except OSError:
+            pass
+    if stale:
+        log(f"notice: removed {len(stale)} temporary checkpoint file(s) ({size / 2 ** 20:.1f} MB) left in {folder} "
+            f"by interrupted writes")
+    return len(stale)
+
+
+class RunLock:
+    """FOLDER/.lock, locked with flock and holding the owner's pid. The OS drops the lock when its process
+    dies (even by kill -9), so a lock file left behind by a dead run is taken over, with a notice; while the
+    owner runs, another process refuses with one line naming it. No-op where fcntl is missing (Windows)."""
+
+    def __init__(self, folder, log=print):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ValueError(f"--out {folder} is a file; give a folder for the run (checkpoints, log, samples)")
+        os.makedirs(folder, exist_ok=True)
+        self.path, self.fd = os.path.join(folder, ".lock"), None
+        try:
+            import fcntl
+        except ImportError:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            owner = os.pread(fd, 1000, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(f"the run folder {folder} is in use by {owner}: two runs in one folder would "
+                               f"overwrite each other's checkpoints; wait for it, stop it, or pass another --out")
+        old = os.pread(fd, 1000, 0).decode(errors="replace").strip()
+        if old:
+            log(f"notice: took over the lock of {folder} from {old}, which is no longer running")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()} ({' '.join(sys.argv)[:200]}, since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')})\n".encode(), 0)
+        self.fd = fd
+
+    def release(self):
+        """Empty the lock file and unlock (the file stays: removing it could race with a process opening it)."""
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)
+            self.fd = None
+
+
+# -----------------------------------------------------------------------------
+# stop signals: finish the work in flight, keep what is done
+
+class StopSignals:
+    """From construction on, the first SIGINT/SIGTERM sets `signum` and prints `message`; the default action is
+    restored for both signals, so a second one ends the process at once (exit 130 / 143, even inside a long
+    computation). Data-loader workers call `ignore()`: the main process decides when to stop."""
+
+    def __init__(self, message):
+        self.signum, self.message = 0, message
+        signal.signal(signal.SIGINT, self._handler)
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        self.signum = signum
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        print(f"\n{self.message}", file=sys.stderr, flush=True)
+
+    def __bool__(self):
+        return self.signum != 0
+
+    @staticmethod
+    def ignore(*_):
+        """For worker processes: leave SIGINT and SIGTERM (sent to the whole process group) to the main one."""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def exit_code(self):
+        """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143)."""
+        return 128 + int(self.signum)
+
+
+# -----------------------------------------------------------------------------
+# precision and processes
+
+@functools.lru_cache(maxsize=None)
+def bf16_speedup(device="cpu", n=512, repeat=3):
+    """fp32 time / bf16 time of an [n, 2n] @ [2n, 2n] matmul on this device (best of `repeat`, ~0.1 s)."""
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a = torch.randn(n, 2 * n, device=device).to(dtype)
+        b = torch.randn(2 * n, 2 * n, device=device).to(dtype)
+        times = []
+        for _ in range(repeat + 1):                                   # the first call warms up
+            sync()
+            t0 = time.perf_counter()
+            a @ b
+            sync()
+            times.append(time.perf_counter() - t0)
+        best[dtype] = min(times[1:])
+    return best[torch.float32] / best[torch.bfloat16]
+
+
+def pick_precision(precision, device):
+    """'fp32' / 'bf16' as given; 'auto' -> 'bf16' where the probe shows bf16 matmul >= 1.1x faster than fp32
+    (CPUs with avx512_bf16/AMX, GPUs with bf16 tensor cores), else 'fp32'. -> (precision, reason)."""
+    if precision != "auto":
+        return precision, "as asked"
+    speedup = bf16_speedup(str(device))
+    return ("bf16" if speedup >= 1.1 else "fp32"), f"auto: bf16 matmul {speedup:.2f}x the speed of fp32 here"
+
+
+def setup_processes(device_arg=None):
+    """-> (rank, world, device) from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK; one process without
+    them), joining the process group (NCCL on CUDA, gloo on CPU) when there are several. device: device_arg
+    (--device; a bare "cuda" means cuda:LOCAL_RANK), else cuda:LOCAL_RANK where CUDA is available, else cpu."""
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    device = torch.device(device_arg or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
