@@ -147,19 +147,20 @@ def bench_data(args, rows):
 
 
 def bench_sizes(args, device, rows):
-    """reenact.py --size N: the demo checkpoint (64x64) rendering one driving frame at N x N, one source, fp32 and
-    the precision --precision auto picks; the decoder's cost grows with the N^2 pixels it is queried at."""
+    """reenact.py --size N: the demo checkpoint (64x64) rendering 8 driving frames at N x N from one source (encoded
+    once, as in a video), per frame, fp32 and the precision --precision auto picks; the decoder's cost grows with
+    the N^2 pixels it is queried at."""
     import reenact
     import weights
     model = weights.model_from_checkpoint(reenact.BUILTIN_CKPT, device=device)
     S = model.cfg.image_size
-    src, drv = torch.rand(1, 3, S, S, device=device), torch.rand(1, 3, S, S, device=device)
+    src, drv = torch.rand(1, 3, S, S, device=device), torch.rand(8, 3, S, S, device=device)
     auto = pick_precision("auto", device)[0] == "bf16"
     sync = torch.cuda.synchronize if device.type == "cuda" else None
     base = None
     for size in (64, 128, 256, 512):
         times = [timeit(lambda: reenact.reenact(model, src, drv, render=reenact.Render(size=size, bf16=bf16)),
-                        repeat=args.repeat, sync=sync) for bf16 in sorted({False, auto})]
+                        repeat=args.repeat, sync=sync) / len(drv) for bf16 in sorted({False, auto})]
         base = base or times[0]
         rows.append((f"reenact --size {size} (demo model {S}^2)", f"{times[0] * 1000:.0f} ms/frame fp32",
                      (f"{times[-1] * 1000:.0f} ms bf16; " if auto else "") + f"{times[0] / base:.1f}x the 64^2 time "

@@ -2,6 +2,7 @@
 line, option checks made before any long work, stop signals, one run per folder, temporary-file-and-rename
 writes, the precision choice and torchrun's processes. Imports only the standard library and torch.
 """
+import atexit
 import contextlib
 import errno
 import functools
@@ -25,12 +26,21 @@ import torch.distributed as dist
 EXPECTED = (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError)
 
 
-def error_line(err):
-    """An exception -> one line saying what went wrong (out of memory and a full disk said plainly)."""
-    msg = " ".join(str(err).split()) or type(err).__name__
+# a data-loader worker's exception as the main process re-raises it (torch's ExceptionWrapper): the
+# original message is the part after the traceback's last "ExcType: "
+WORKER_ERROR = re.compile(r"Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback .*\n(?:[\w.]+\.)?\1: "
+                          r"(.*)\Z", re.S)
+
+
+def error_line(err, memory_hint=None):
+    """An exception -> one line saying what went wrong: out of memory (then `memory_hint`: the command's options
+    that lower it) and a full disk said plainly; a data-loader worker's error as the same error in the main
+    process would read (without the worker's traceback)."""
+    msg = str(err)
+    worker = WORKER_ERROR.search(msg)
+    msg = " ".join((worker.group(2) if worker else msg).split()) or type(err).__name__
     if isinstance(err, MemoryError) or re.search(r"out of memory|can't allocate memory|Cannot allocate memory", msg):
-        msg = (f"out of memory ({msg[:300]}): lower --batch-size, --pixels, --chunk or the image size, "
-               f"or close other programs")
+        msg = f"out of memory ({msg[:300]}): {memory_hint or 'use smaller sizes'}, or close other programs"
     elif isinstance(err, OSError) and err.errno == errno.ENOSPC:
         msg = f"the disk is full: cannot write {err.filename or ''} ({err.strerror}); free some space and rerun"
     elif "No space left on device" in msg:                     # e.g. reported by ffmpeg while writing a video
@@ -38,20 +48,21 @@ def error_line(err):
     return msg if len(msg) <= 1000 else msg[:1000] + " ..."
 
 
-def fail(err, code=2):
-    """Print `error: ...` (one line) on stderr and return the exit code."""
-    print(f"error: {error_line(err)}", file=sys.stderr)
+def fail(err, code=2, memory_hint=None):
+    """Print `error: ...` (one line, error_line) on stderr and return the exit code."""
+    print(f"error: {error_line(err, memory_hint)}", file=sys.stderr)
     return code
 
 
-def run_command(run, args):
+def run_command(run, args, memory_hint=None):
     """run(args) as a command line's exit code: 0 when it returns, one `error:` line and 2 for an expected
-    failure, 130 after Ctrl-C; a torchrun process group is left in every case."""
+    failure (out of memory: with `memory_hint`), 130 after Ctrl-C; a torchrun process group is left in every
+    case."""
     try:
         run(args)
         return 0
     except EXPECTED as e:
-        return fail(e)
+        return fail(e, memory_hint=memory_hint)
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
@@ -117,6 +128,9 @@ def check_writable(path, what="--out", folder=False):
         raise ValueError(f"{what} {path} is a folder; give a file name")
     if os.path.exists(p) and not os.path.isdir(p) and folder:
         raise ValueError(f"{what} {path} is a file; give a folder")
+    if os.path.exists(p) and not (os.path.isdir(p) or os.path.isfile(p)):   # the rename would replace the node
+        raise ValueError(f"{what} {path} is not a regular file (a device such as /dev/null, a fifo or a socket); "
+                         f"give a file name")
     d = p if folder else os.path.dirname(p)
     while not os.path.exists(d):
         d = os.path.dirname(d)
@@ -195,6 +209,28 @@ def remove_stale_temp(folder, log=print):
     return len(stale)
 
 
+@contextlib.contextmanager
+def only_writer(folder, what="--out"):
+    """While writing into `folder` (a folder of output files, e.g. PNG frames): an exclusive flock on the folder
+    itself (no file added to it; the OS drops it when the process dies); a second writer gets one line instead
+    of mixing its files with ours. No-op where fcntl is missing (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise RuntimeError(f"{what} {folder} is being written by another process right now: two runs into one "
+                               f"folder would mix their files; wait for it or choose another {what}") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 class RunLock:
     """FOLDER/.lock, locked with flock and holding the owner's pid. The OS drops the lock when its process
     dies (even by kill -9), so a lock file left behind by a dead run is taken over, with a notice; while the
@@ -236,6 +272,19 @@ class RunLock:
 # -----------------------------------------------------------------------------
 # stop signals: finish the work in flight, keep what is done
 
+def end_workers():
+    """At exit: kill the data-loader workers still alive (kept by a traceback's reference cycle, or past their
+    loader's join timeout). They ignore SIGTERM (StopSignals.ignore), so multiprocessing's own exit function,
+    which terminates daemon children with SIGTERM and then joins them, would wait for them forever."""
+    import multiprocessing
+    workers = [p for p in multiprocessing.active_children() if p.daemon]
+    if workers and hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)     # torch's handler would report the kill as a worker failure
+    for p in workers:
+        p.kill()
+        p.join(5)
+
+
 class StopSignals:
     """From construction on, the first SIGINT/SIGTERM sets `signum` and prints `message`; the default action is
     restored for both signals, so a second one ends the process at once (exit 130 / 143, even inside a long
@@ -243,8 +292,14 @@ class StopSignals:
 
     def __init__(self, message):
         self.signum, self.message = 0, message
-        signal.signal(signal.SIGINT, self._handler)
-        signal.signal(signal.SIGTERM, self._handler)
+        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        atexit.unregister(end_workers)
+        atexit.register(end_workers)         # after multiprocessing's exit function, so it runs before it
+
+    def restore(self):
+        """The handlers from before (a command run inside another program, e.g. a test, leaves them as it found)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     def _handler(self, signum, frame):
         self.signum = signum
@@ -257,7 +312,10 @@ class StopSignals:
 
     @staticmethod
     def ignore(*_):
-        """For worker processes: leave SIGINT and SIGTERM (sent to the whole process group) to the main one."""
+        """For data-loader workers (worker_init_fn): leave SIGINT and SIGTERM sent to the whole process group (a
+        terminal's Ctrl-C; Slurm, systemd, `timeout`) to the main process, which finishes its step and writes a
+        checkpoint. (A worker cannot tell its main process's SIGTERM from the group's: end_workers kills the ones
+        left at exit.)"""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 

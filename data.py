@@ -14,6 +14,7 @@ Images are torch [N,3,H,W] in [0, 1] inside, numpy uint8 [..., H, W, 3] at the f
 pixels (pixel centre i at x = i); boxes are pixel (x0, y0, x1, y1) with x1, y1 exclusive.
 """
 import argparse
+import functools
 import importlib.util
 import itertools
 import math
@@ -314,7 +315,15 @@ class FaceDataset(torch.utils.data.Dataset):
                 if len(valid) < n:
                     raise ValueError(f"too short: {len(valid)} frames with a face, {n} needed")
                 idx = rng.choice(valid, n, replace=False)
-                frames, lm = _resize_frames(read_frames(v, idx), lms[idx], self.size)
+                try:
+                    raw = read_frames(v, idx)
+                except ValueError as e:         # past the video's end: the landmark file is another video's
+                    if getattr(e, "frames", len(lms)) == len(lms):
+                        raise
+                    raise ValueError(f"{landmark_path(v)}: {len(lms)} landmark rows for {e.frames} frames: it belongs "
+                                     f"to another version of the video: delete it and rerun `python data.py "
+                                     f"landmarks {self.root}`") from None
+                frames, lm = _resize_frames(raw, lms[idx], self.size)
                 return dict(frames=frames, landmarks=lm, identity=ident, video=v, frame_idx=idx)
             except (ValueError, OSError) as e:
                 self.bad.add(v)
@@ -662,6 +671,8 @@ DEFAULT_FPS = faces.FPS                  # frame folders and the built-in videos
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # images and frames of a folder
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")      # videos read with imageio-ffmpeg
 OUTPUT_EXTS = (".mp4", ".mov", ".gif")                                     # videos write_video writes
+MAX_SIDE = 4096     # images larger than this a side are shrunk while decoding (a 13000x13000 photo took 5 GB)
+MAX_RATE = 120      # frames per second a variable-rate video is resampled to at most
 
 
 def _rgb8(a):
@@ -679,11 +690,16 @@ def _rgb8(a):
 
 
 def read_image(path):
-    """-> np.uint8 [H,W,3] (16-bit scaled down, gray repeated, alpha dropped)."""
+    """-> np.uint8 [H,W,3] (16-bit scaled down, gray repeated, alpha dropped), upright (EXIF orientation), at most
+    MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at 1/2, 1/4 or 1/8 of its size)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
     try:
         with Image.open(path) as raw:
+            if max(raw.size) > MAX_SIDE:       # a JPEG decodes at the scale that keeps >= MAX_SIDE / 2 a side
+                k = MAX_SIDE / 2 / max(raw.size)
+                raw.draft(None, (max(1, int(raw.width * k)), max(1, int(raw.height * k))))
+                raw.thumbnail((MAX_SIDE, MAX_SIDE), Image.LANCZOS, reducing_gap=None)
             im = ImageOps.exif_transpose(raw)   # upright as photo viewers show it (EXIF orientation)
             if im.mode.startswith("I"):         # 16-bit (or 32-bit int holding 16-bit) gray
                 a = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
@@ -704,29 +720,35 @@ def read_frames(path, indices=None):
         files = _frame_files(path)
         indices = range(len(files)) if indices is None else indices
         if not files or max(indices, default=0) >= len(files):
-            raise ValueError(f"{path}: {len(files)} frames, frame {max(indices, default=0)} requested")
+            raise too_short(path, len(files), max(indices, default=0))
         frames = [read_image(os.path.join(path, files[i])) for i in indices]
     else:
-        import imageio.v2 as imageio
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: video not found")
-        want, got = (None if indices is None else set(int(i) for i in indices)), {}
+        want, got, n = (None if indices is None else set(int(i) for i in indices)), {}, 0
+        reader = open_video(path)
         try:
-            with imageio.get_reader(path) as reader:
-                for k, fr in enumerate(reader):
-                    if want is None or k in want:
-                        got[k] = _rgb8(fr)
+            with reader:
+                for n, fr in enumerate(reader, 1):
+                    if want is None or n - 1 in want:
+                        got[n - 1] = _rgb8(fr)
                     if want is not None and len(got) == len(want):
                         break
         except Exception as e:
             raise video_error(path, e) from None
         missing = [] if want is None else sorted(want - set(got))
         if not got or missing:
-            raise ValueError(f"{path}: video too short or empty ({len(got)} frames read, missing {missing[:3]})")
+            raise too_short(path, n, missing[-1] if missing else 0)
         frames = [got[k] for k in (sorted(got) if indices is None else indices)]
     if len({f.shape for f in frames}) > 1:
         raise ValueError(f"{path}: frames of different sizes")
     return np.stack(frames)
+
+
+def too_short(path, n, frame):
+    """The ValueError for frame `frame` of a video or folder of n frames; its .frames is n (FaceDataset compares
+    it with the rows of the landmark file)."""
+    err = ValueError(f"{path}: {n} frames, frame {frame} requested" if n else f"{path}: no frames in it")
+    err.frames = n
+    return err
 
 
 def video_error(path, err):
@@ -748,14 +770,7 @@ def iter_frames(path):
     elif os.path.splitext(path)[1].lower() in IMAGE_EXTS:
         yield read_image(path)
     else:
-        import imageio.v2 as imageio
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: video not found")
-        try:
-            reader = imageio.get_reader(path)
-        except Exception as e:
-            raise video_error(path, e) from None
-        with reader:
+        with open_video(path) as reader:
             frames = iter(reader)
             while True:
                 try:
@@ -774,19 +789,97 @@ def read_video(path):
 
 
 def video_fps(path):
-    """Frame rate of a video file from its metadata; DEFAULT_FPS for a folder of frames."""
+    """The rate the frames of a video file are read at (video_rate); DEFAULT_FPS for a folder of frames."""
     fps = DEFAULT_FPS
     if os.path.isfile(path):
-        import imageio.v2 as imageio
-        try:
-            with imageio.get_reader(path) as reader:
+        fps = video_rate(path)[0]
+        if fps is None:                   # a GIF (read by Pillow: ms per frame) or no rate in ffmpeg's description
+            with open_video(path) as reader:
                 meta = reader.get_meta_data()
-            fps = float(meta.get("fps") or (1000.0 / meta["duration"] if meta.get("duration") else DEFAULT_FPS))
-        except Exception as e:
-            raise video_error(path, e) from None
+            gif = path.lower().endswith(".gif") and meta.get("duration")
+            fps = float(1000.0 / meta["duration"] if gif else meta.get("fps") or DEFAULT_FPS)
     elif not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: no such video file or frame folder")
     return fps
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _streams(path, version):
+    """(opened, stream descriptions) of ffmpeg's `-i` output for a file; cached per (size, mtime) version."""
+    import subprocess
+    import imageio_ffmpeg
+    try:
+        text = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True,
+                              text=True, errors="replace", timeout=60).stderr
+    except subprocess.TimeoutExpired:                   # not media ffmpeg can describe: imageio will say why
+        return False, ()
+    return "Input #0" in text, tuple(re.findall(r"Stream #\S+?: ((?:Video|Audio|Subtitle|Data|Attachment): .*)", text))
+
+
+def media_streams(path):
+    """ffmpeg's description of each stream of a media file ("Video: h264 ..., 25 fps, 25 tbr, ...", "Audio: ..."),
+    as (opened, descriptions); opened is False when ffmpeg cannot read the file as media at all."""
+    st = os.stat(path)
+    return _streams(os.path.abspath(path), (st.st_size, st.st_mtime_ns))
+
+
+def video_rate(path):
+    """(fps, average) of a video file: the constant rate its frames are read at (iter_frames, read_frames), and
+    for a stream of variable frame rate (no average rate in its header, or one that differs from its base rate
+    "tbr") that average or 0 when unknown (else None): such a stream is resampled to its base rate (at most
+    MAX_RATE), frames repeated where it is slower, so the frames keep the video's duration. fps is None when
+    ffmpeg names no rate, and for a GIF (imageio reads it with Pillow, at its own frame delays). A file with
+    streams but no video stream (audio only, or none) is refused."""
+    if path.lower().endswith(".gif"):
+        return None, None
+    opened, streams = media_streams(path)
+    video = [d for d in streams if d.startswith("Video:") and "attached pic" not in d]   # cover art is not video
+    if opened and not video:
+        kinds = ", ".join(d.split(":")[0].lower() for d in streams) or "none"
+        raise ValueError(f"{path}: no video stream in it (its streams: {kinds}); give a video with picture frames")
+
+    def rate(unit):                                     # "10.94 fps", "20 tbr", "1k tbr" -> float, or None
+        found = re.search(rf"([\d.]+)(k?) {unit}\b", video[0]) if video else None
+        return float(found.group(1)) * (1000 if found.group(2) else 1) if found else None
+    fps, base = rate("fps"), rate("tbr")
+    if base and base <= MAX_RATE and (not fps or abs(fps - base) > 0.01 * base):
+        return base, fps or 0.0
+    return fps or base, None
+
+
+def open_video(path):
+    """imageio's reader of a video file, at the constant rate video_rate gives; one-line errors (video_error)."""
+    import imageio.v2 as imageio
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: video not found")
+    fps, average = video_rate(path)
+    try:
+        return imageio.get_reader(path, **({} if average is None else dict(fps=fps)))
+    except Exception as e:
+        raise video_error(path, e) from None
+
+
+def input_notices(path):
+    """Lines for a person on how an input is read when that is not as it is stored: an image larger than MAX_SIDE
+    shrunk, a video of variable frame rate resampled. [] for the rest (and for what cannot be read: the reader
+    says why)."""
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if os.path.isfile(path) and ext in IMAGE_EXTS:
+            with Image.open(path) as im:
+                W, H = im.size
+            if max(W, H) > MAX_SIDE:
+                return [f"notice: {path} is {W}x{H}; read shrunk to at most {MAX_SIDE} pixels a side while "
+                        f"decoding, which bounds the memory"]
+        elif os.path.isfile(path):
+            fps, average = video_rate(path)
+            if average is not None:
+                mean = f"{average:g} fps on average" if average else "no average rate in its header"
+                return [f"notice: {path} has a variable frame rate ({mean}): read at a constant {fps:g} fps, frames "
+                        f"repeated where it is slower, so the result keeps its duration"]
+    except (OSError, ValueError):
+        pass
+    return []
 
 
 FRAME_NAME = re.compile(r"\d{6}\.png")    # the files of a frame-folder output: 000000.png, 000001.png, ...
@@ -807,18 +900,20 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
     """frames [T,H,W,3] or any iterable of [H,W,3] frames (uint8, or float in [0, 1]) -> .mp4/.mov (H.264),
     .gif, or (any other name) a folder of PNG frames. An iterable is written as it comes (streaming), except
     for a GIF, whose frames are collected first. A video is written to a temporary file and renamed
-    (cli.atomic_path); a folder keeps no frame files of an earlier, longer output. audio: a media file whose
-    first audio track an .mp4/.mov gets, cut to the video's length (none there: silent). -> the number of frames."""
+    (cli.atomic_path); a folder keeps no frame files of an earlier, longer output and has one writer at a time
+    (cli.only_writer). audio: a media file whose first audio track an .mp4/.mov gets, cut to the video's length
+    (none there: silent). -> the number of frames."""
     frames = (_rgb8(np.asarray(fr)) for fr in frames)
     ext = os.path.splitext(path)[1].lower()
     n = 0
     if is_frame_folder(path):
         os.makedirs(path, exist_ok=True)
-        for n, fr in enumerate(frames, 1):
-            Image.fromarray(fr).save(os.path.join(path, f"{n - 1:06d}.png"))
-        for name in os.listdir(path):                       # frames of an earlier, longer output
-            if FRAME_NAME.fullmatch(name) and int(name[:6]) >= n:
-                os.remove(os.path.join(path, name))
+        with cli.only_writer(path):                         # a second run into the folder is refused
+            for n, fr in enumerate(frames, 1):
+                Image.fromarray(fr).save(os.path.join(path, f"{n - 1:06d}.png"))
+            for name in os.listdir(path):                   # frames of an earlier, longer output
+                if FRAME_NAME.fullmatch(name) and int(name[:6]) >= n:
+                    os.remove(os.path.join(path, name))
         return n
     import imageio.v2 as imageio
     with cli.atomic_path(path) as tmp:
@@ -852,12 +947,7 @@ def add_audio(video, media, seconds):
 
 def has_audio(path):
     """Whether a media file has an audio track (ffmpeg's description of its streams says 'Audio:')."""
-    import subprocess
-    import imageio_ffmpeg
-    if not os.path.isfile(path):
-        return False
-    info = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True)
-    return re.search(r"Stream #\S+.*: Audio:", info.stderr) is not None
+    return os.path.isfile(path) and any(d.startswith("Audio:") for d in media_streams(path)[1])
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -890,7 +980,8 @@ def preview(path, root=None, size=64, n=6, num_src=1, seed=0):
         s = ds[i]
         rows.append(torch.cat([s["src"][0], s["src_a2"][0], s["drv"], s["drv_a2"], s["drv_omega"], s["src_full"][0],
                                s["drv_full"]], 2))
-    Image.fromarray(to_uint8(torch.cat(rows, 1))).save(path)
+    with cli.atomic_path(path) as tmp:
+        Image.fromarray(to_uint8(torch.cat(rows, 1))).save(tmp)
 
 
 def main(argv=None):
@@ -916,6 +1007,14 @@ def main(argv=None):
     try:
         cli.check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
                              "motion": ">= 0", "n": ">= 1"})
+        if args.cmd == "export":                                   # the output checked before any work
+            cli.check_writable(args.root, what="export ROOT", folder=True)
+        elif args.cmd == "preview":
+            ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
+            if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or ext not in IMAGE_EXTS:
+                raise ValueError(f"preview {args.out}: give an image file name ending in "
+                                 f"{', '.join(IMAGE_EXTS)} (e.g. preview.png)")
+            cli.check_writable(args.out, what="preview")
         if args.cmd == "export":
             export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
         elif args.cmd == "landmarks":
@@ -924,9 +1023,8 @@ def main(argv=None):
                   f"{c['no_face_frames']} frames without a face (stored as NaN)")
         else:
             preview(args.out, args.root, args.size, args.n)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except cli.EXPECTED as err:
+        return cli.fail(err, memory_hint="lower --size or --n")
     return 0
 
 

@@ -6,9 +6,8 @@ concatenated (Eq. 9) and mapped by a 4-layer MLP X_M to the latent expression ve
 One departure from a literal implementation, exact (same function, same parameters, fewer FLOPs): X_C is
 linear, so Eq. (8) pools the k x k input patches under each heatmap first and applies X_C's weights once per
 keypoint afterwards (`pooled_patches`), instead of convolving n_K n_f channels at every position of which
-Eq. (8) keeps a weighted sum. Measured at the tiny preset's sizes (64x64 features, 58x58 heatmaps, batch 64):
-63 ms instead of 758 ms forward + backward; `forward_naive` is the literal version (the release's), kept as
-the reference for the tests.
+Eq. (8) keeps a weighted sum (about 12x faster at the tiny preset's sizes: RESULTS.md); `forward_naive` is the
+literal version (the release's), kept as the reference for the tests.
 Sizes (the release's; README, "The authors' release"): 35-channel 64x64 features -> 10 x 32 channels at
 58x58 -> 320 -> 640 -> 1280 -> 640 -> 256; 2.56 M parameters.
 """

@@ -126,7 +126,7 @@ class DownBlock2d(nn.Module):
 
 def upsample2x(x):
     """Nearest-neighbour x2 upsampling [B,C,H,W] -> [B,C,2H,2W]: F.interpolate(x, scale_factor=2), exactly,
-    as a broadcast view and one copy (on torch 2.13's CPU, 36 ms instead of 235 ms for [96, 64, 32, 32])."""
+    as a broadcast view and one copy (several times faster than F.interpolate on the CPU: RESULTS.md)."""
     B, C, H, W = x.shape
     return x[:, :, :, None, :, None].expand(B, C, H, 2, W, 2).reshape(B, C, 2 * H, 2 * W)
 

@@ -4,6 +4,7 @@ Losses and regularisers of FSRT (paper Sec. 3.2-3.3, Eq. (11)-(18)).
 Read top to bottom:
   1. the expression regularisers: L_aug / L_aug,D (Eq. 11, 12), the stacked matrix E (Eq. 13),
      L_Cov (Eq. 14), L_Var (Eq. 15) and their combination L_reg (Eq. 16);
+  1b. a departure from the paper, off by default (lambda_lm = 0): the landmark-shape supervision of e, L_lm;
   2. the reconstruction loss L_MSE (Eq. 17) and the full objective (Eq. 18) with the paper's weights;
   3. the perceptual loss L_P: a VGG19 with torchvision's parameter names, L1 on relu1_1..relu5_1
      features of the full-resolution image (the release's `scales: [1]`; FOMM adds an image pyramid);
@@ -39,6 +40,7 @@ class LossWeights:
     aug: float = 1.0          # lambda_aug
     cov: float = 1.0          # lambda_Cov
     var: float = 0.2          # lambda_Var
+    lm: float = 0.0           # lambda_lm: landmark-shape supervision of e (not in the paper; 0 = off; l_lm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +114,77 @@ def l_reg(e_src_a1, e_src_a2, e_drv, e_drv_omega, weights=None):
     var = l_var(E1) + l_var(E2)                                   # Eq. (15)
     total = w.aug / 2 * (aug + aug_d) + w.cov * cov + w.var * var
     return total, {"aug": aug, "aug_d": aug_d, "cov": cov, "var": var}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1b. Landmark-shape supervision of e, L_lm. NOT IN THE PAPER (issue 23): a documented departure, off unless
+# lambda_lm > 0 or train.py --lm-pretrain. The 68 landmarks phase 0 trains the detector on also carry the
+# mouth, eyelids and brows; their pose-free shape is a target a linear head on e regresses (the head is
+# training state only: reenactment never uses it). It needs only the landmarks (real VoxCeleb has them).
+
+LM_RIGID = (0, 16, 27, 30, 31, 35, 36, 39, 42, 45)          # = keypoints.KP_LANDMARKS: still under expression
+LM_EXPRESSIVE = tuple(range(17, 27)) + tuple(range(36, 48)) + tuple(range(48, 68))
+# brows 17-26, eyes 36-47, mouth 48-67: 42 points -> 84 numbers (the nose 30-35 is left out: under yaw its
+# residual is pose, not expression; the probe of issue 23 found these 10 rigid points align best).
+
+
+def fit_affine(src, dst):
+    """Least-squares affine maps A [..., 2, 3] with A [src; 1] ~ dst: argmin_A sum_i ||A [p_i; 1] - q_i||^2.
+    src, dst [..., n, 2] (n >= 3 points not on one line). Solved in float64."""
+    X = torch.cat([src, torch.ones_like(src[..., :1])], -1)                  # (..., n, 3): [p_i, 1]
+    sol = torch.linalg.lstsq(X.double(), dst.double()).solution              # (..., 3, 2) = A^T
+    return sol.transpose(-1, -2).to(src.dtype)
+
+
+def apply_affine(A, p):
+    """A [..., 2, 3], points p [..., n, 2] -> A [p; 1] [..., n, 2]."""
+    return p @ A[..., :2].transpose(-1, -2) + A[..., None, :, 2]
+
+
+def lm_shape(lm, canon_rigid, canon_expr):
+    """The pose-free shape of the expressive landmarks: s = A_I(l_expr) - c_expr, with A_I the affine map that
+    takes the image's rigid landmarks (LM_RIGID) onto the canonical ones c_rigid (fit_affine). An affine motion
+    of the whole face cancels in A_I, so s is the same. lm [..., 68, 2] pixels; canon_rigid [10, 2],
+    canon_expr [42, 2] -> s [..., 84] (x, y of each LM_EXPRESSIVE point)."""
+    A = fit_affine(lm[..., list(LM_RIGID), :], canon_rigid.expand(*lm.shape[:-2], -1, -1))
+    return (apply_affine(A, lm[..., list(LM_EXPRESSIVE), :]) - canon_expr).flatten(-2)
+
+
+def lm_stats(lms, iters=5):
+    """The constants of lm_target from training samples' landmarks lms [n, N+1, 68, 2] (the frames of one
+    sample come from one video): the canonical configuration c (generalised affine Procrustes of the rigid
+    points to their mean, `iters` rounds), the mean mu of the shapes s, and ONE scale sigma for all 84 numbers,
+    the within-video spread sigma^2 = mean (s_D - s_S)^2 / 2 (a per-number std would blow the numbers that
+    barely move up into unit-variance noise). -> {"canon_rigid", "canon_expr", "mu", "sd"} (float32)."""
+    lms = torch.as_tensor(lms, dtype=torch.float64)
+    flat = lms.flatten(0, 1)
+    canon = flat[0]
+    for _ in range(iters):
+        A = fit_affine(flat[:, list(LM_RIGID)], canon[list(LM_RIGID)].expand(len(flat), -1, -1))
+        canon = apply_affine(A, flat).mean(0)
+    canon_rigid, canon_expr = canon[list(LM_RIGID)], canon[list(LM_EXPRESSIVE)]
+    s = lm_shape(lms, canon_rigid, canon_expr)                                # (n, N+1, 84)
+    sd = ((s[:, -1:] - s[:, :-1]).pow(2).mean() / 2).sqrt()
+    return {"canon_rigid": canon_rigid.float(), "canon_expr": canon_expr.float(), "mu": s.mean((0, 1)).float(),
+            "sd": sd.float()}
+
+
+def lm_target(lm, stats):
+    """t = (s - mu) / sigma: the scaled lm_shape of landmarks lm [..., 68, 2] (stats: lm_stats) -> [..., 84]."""
+    s = {k: v.to(lm.device) for k, v in stats.items()}
+    return (lm_shape(lm.float(), s["canon_rigid"], s["canon_expr"]) - s["mu"]) / s["sd"]
+
+
+def l_lm(pred_drv, pred_src, t_drv, t_src):
+    """L_lm = mean over samples, sources and the m numbers of ((h(e_D) - h(e_S)) - (t_D - t_S))^2: the change
+    of the head's output h(e) from each source to the driving frame of the same video against the change of
+    lm_target. Differences within a video, so the identity's own face shape is not asked of e.
+    pred_drv [B, m], pred_src [B, N, m] (or [B, m]); t_drv, t_src likewise -> scalar (unweighted)."""
+    if pred_src.dim() == 2:
+        pred_src, t_src = pred_src[:, None], t_src[:, None]
+    d_pred = pred_drv.float()[:, None] - pred_src.float()                    # (B, N, m)
+    d_true = t_drv.float()[:, None] - t_src.float()
+    return (d_pred - d_true).pow(2).mean()
 
 
 # ----------------------------------------------------------------------------------------------

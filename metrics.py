@@ -548,7 +548,10 @@ def evaluate_csim(videos, model, embed, max_videos=None, render=None):
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     ours, driver, missing, pairs = [], [], 0, 0
     for i in range(n if n >= 2 else 0):
-        a, b = videos[i], videos[(i + 1) % n]
+        try:
+            a, b = videos[i], videos[(i + 1) % n]
+        except (ValueError, OSError):   # an unreadable video: evaluate_self warned and counted it
+            continue
         _, drv_idx = protocol_frames(len(b["frames"]), 1)
         source_id = embed(data.to_uint8(a["frames"][0]))
         if a["identity"] == b["identity"] or not drv_idx or source_id is None:
@@ -842,7 +845,7 @@ def main(argv=None) -> int:
                    help="bf16 = bfloat16 autocast; auto (default): bf16 where it is faster than fp32 here")
     p.add_argument("--device", default=None, help="cpu / cuda (default: cuda if available)")
     p.add_argument("--seed", type=int, default=0)
-    return cli.run_command(run, p.parse_args(argv))
+    return cli.run_command(run, p.parse_args(argv), memory_hint="lower --chunk")
 
 
 if __name__ == "__main__":

@@ -393,6 +393,8 @@ def user_inputs(args, S, device, log):
     its frames (--crop auto; --crop none or no face found: the centred square)."""
     raw = [load_source(path, args.source_frames) for path in args.source]            # uint8 [n, H, W, 3] each
     driving = Driving(args.driving, max_frames=args.max_frames)
+    for line in (line for path in (*args.source, args.driving) for line in data.input_notices(path)):
+        log(line)                                       # a shrunk image, a resampled variable-rate video
     detector = landmark_detector(device, log) if args.crop == "auto" else None
     boxes = []
     for path, frames in zip(args.source, raw):
@@ -547,7 +549,7 @@ def render_stream(model, sources, driving, motion, render, compose, progress=Tru
 
 
 def main(argv=None):
-    return cli.run_command(run, build_parser().parse_args(argv))
+    return cli.run_command(run, build_parser().parse_args(argv), memory_hint="lower --batch, --chunk or --size")
 
 
 if __name__ == "__main__":

@@ -50,18 +50,17 @@ import weights
 from keypoints import KP_LANDMARKS, pixel_grid, to_normalized, to_pixels
 
 # training values per preset; a tuple is one value per phase (0, I, II, III); paper = the release's (README).
-# tiny is the CPU recipe measured on the built-in faces (see the README): 64x64 images, the detector on the whole
-# image (srt.FSRTConfig.tiny; at 32x32 the detector saw 16x16 and no expression was readable; 32x32 stayed under
-# +1.5 dB over copying after 60 minutes), bf16
-# autocast where this machine's bf16 matmul is faster ('auto'); 256 pixels per driving frame; the detector
-# (phase 0) at lr 1e-3, FSRT at 3e-4 after a short warm-up (with the He-initialised patch CNN, 3e-4 keeps more
-# first-conv channels alive than 1e-3 and is 0.8-1 dB ahead on held-out faces from step 1500 to 2500; README).
+# tiny is the CPU recipe on the built-in faces: 64x64 images with the detector on the whole image (smaller images
+# leave no expression readable), bf16 autocast where this machine's bf16 matmul is faster ('auto'), 256 pixels per
+# driving frame, the detector (phase 0) at lr 1e-3, FSRT at 3e-4 after a short warm-up (more of the He-initialised
+# patch CNN stays alive than at 1e-3). The measurements behind each choice: RESULTS.md.
 PRESETS = {
     "tiny": dict(image_size=64, batch_size=16, pixels=256, lr=(1e-3, 3e-4, 3e-4, 3e-4), warmup=100,
                  steps=(300, 10000, 500, 500), disc_warmup=50, precision="auto"),
     "paper": dict(image_size=256, batch_size=24, pixels=4096, lr=1e-4, warmup=2500,
                   steps=(20000, 200000, 300000, 500000), disc_warmup=500, precision="fp32"),
 }
+MEMORY_HINT = "lower --batch-size, --pixels or --image-size"   # what an out-of-memory line advises
 NEVER = sys.maxsize   # --log-every/--sample-every/--ckpt-every 0: never (still at the end and when stopped)
 
 
@@ -81,6 +80,13 @@ def get_args(argv=None):
         p.add_argument("--" + name, type=t, default=None, help="default from the preset")
     p.add_argument("--loss-weights", default="", metavar="K=V,...",
                    help="override lambdas of Eq. (16)/(18), e.g. 'cov=0,var=0' (names: losses.LossWeights)")
+    p.add_argument("--lm-pretrain", default="off", choices=("off", "frozen", "joint"),
+                   help="not in the paper (issue 23): phase 0 also trains the expression network X and a linear head "
+                        "e -> the pose-free shape of the brow, eye and mouth landmarks (losses.l_lm) for --lm-steps: "
+                        "'frozen' after the detector's own steps, on its fixed output; 'joint' with it, its gradient "
+                        "reaching the detector too. Phase I starts X from it; --loss-weights lm=... keeps the term")
+    p.add_argument("--lm-steps", type=int, default=1000, help="with --lm-pretrain: phase 0's steps of X + head, "
+                   "added to its --steps of the detector (none with --kp-checkpoint)")
     p.add_argument("--num-src", type=int, default=1)
     p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
@@ -88,7 +94,7 @@ def get_args(argv=None):
     p.add_argument("--no-jitter", action="store_true", help="ablation: no colour jitter (A1 = A2 = A3, Sec. 3.2)")
     p.add_argument("--no-omega", action="store_true", help="ablation: no Omega crop before the expression net")
     p.add_argument("--kp-scale", type=float, default=None, help="the detector's input scale (paper 0.25 at "
-                   "256x256: it sees 64x64; tiny 1: the whole 64x64 image; 0.5 the tiny preset before 2026-11-30)")
+                   "256x256: it sees 64x64; tiny 1: the whole 64x64 image)")
     p.add_argument("--pix-octaves", type=int, default=None, help="octaves of the pixel encoding (Eq. 5)")
     p.add_argument("--cnn-init", default=None, choices=("kaiming", "torch"),
                    help="patch-CNN initialisation (srt.PatchCNN); 'torch' is the release's default init")
@@ -135,16 +141,14 @@ def resolve(options, phase=None, own_steps=True):
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data {args.data!r} is not a folder: give a VoxCeleb root prepared as the "
                                 f"README says, or leave --data out to train on the built-in faces")
-    for f in ("init", "kp_checkpoint"):
-        if getattr(args, f) and not os.path.isfile(getattr(args, f)):
-            raise FileNotFoundError(f"--{f.replace('_', '-')} {getattr(args, f)!r}: no such file")
-    if args.vgg_weights not in (None, "random") and not os.path.isfile(args.vgg_weights):
-        raise FileNotFoundError(f"--vgg-weights {args.vgg_weights!r}: no such file (download torchvision's "
-                                f"vgg19-dcbb9e9d.pth)")
+    for f, hint in (("init", "pass a .pt file written by train.py"), ("kp_checkpoint", f"pass {weights.KP_FILES}"),
+                    ("vgg_weights", weights.VGG19_HINT)):   # a folder, fifo or missing file: refused now
+        if getattr(args, f) not in (None, "random"):
+            weights.check_file(getattr(args, f), hint, what=f"--{f.replace('_', '-')} file")
     cli.check_numbers(args, {**{k: ">= 1" for k in ("batch_size", "pixels", "image_size", "num_src", "pix_octaves",
                                                    "identities")},
                             **{k: ">= 0" for k in ("steps", "disc_warmup", "motion", "motion_start", "motion_ramp",
-                                                   "seed", "eval_videos", "workers")},
+                                                   "seed", "eval_videos", "workers", "lm_steps")},
                             "expr_dim": ">= 0 (0 = no expression vector)", "lr": "> 0", "kp_scale": "> 0 (and at "
                             "most 1)", "warmup": ">= 0 (0 = no warm-up)", "max_minutes": "> 0",
                             **{k: ">= 0 (0 = never)" for k in ("log_every", "sample_every", "ckpt_every")}})
@@ -158,6 +162,7 @@ def resolve(options, phase=None, own_steps=True):
                          f"at most at its own size")
     if args.pixels > args.image_size ** 2:
         raise ValueError(f"--pixels {args.pixels} exceeds the {args.image_size}x{args.image_size} image")
+    lm_pretrain_schedule(args)
     return args
 
 
@@ -400,10 +405,11 @@ def encode_batch(model, b, rngs, a2=False):
     return set_latents, kp_driving, expr_driving, (e_src_a1, e_src_a2, e["drv_a"], e["drv_omega"])
 
 
-def generator_losses(model, b, ctx, step, gidx, perceptual=None, disc=None):
+def generator_losses(model, b, ctx, step, gidx, perceptual=None, disc=None, lm=None):
     """Loss of phases I-III for this rank's batch (a mean over it; the global loss is the mean over ranks).
-    gidx: positions of this rank's samples in the global batch. Returns (loss, dict of float terms,
-    prediction (B,P,3) in phase I or the full image (B,3,H,W) later, kp_driving)."""
+    gidx: positions of this rank's samples in the global batch; lm: the LandmarkHead, whose L_lm (not in the
+    paper) joins L_reg when lambda_lm > 0. Returns (loss, dict of float terms, prediction (B,P,3) in phase I or
+    the full image (B,3,H,W) later, kp_driving)."""
     args, W = ctx.args, ctx.weights
     rngs = [sample_rng(args.seed, step, i) for i in gidx]
     a2 = bool(torch.rand(1, generator=step_rng(args.seed, step)) < 0.5)   # A1/A2 for Eq. (12), per batch
@@ -412,6 +418,10 @@ def generator_losses(model, b, ctx, step, gidx, perceptual=None, disc=None):
     # global batch, gathered with gradient, identically on every rank
     reg, terms = losses.l_reg(*(gather(e.float(), ctx.world) for e in es), W)   # fp32 under bf16 autocast
     terms = {k: v.item() for k, v in terms.items()}
+    if W.lm > 0:   # + lambda_lm L_lm (losses.l_lm; not in the paper), per sample: no gathering needed
+        lm_loss = landmark_loss(lm, b, es)
+        reg = reg + W.lm * lm_loss
+        terms["lm"] = lm_loss.item()
     target = b["drv"]                                                                  # (B, 3, H, W)
     B, _, H, Wd = target.shape
     if args.phase == 1:   # Eq. (17) on --pixels pixels per driving frame, sampled without replacement
@@ -449,12 +459,149 @@ def discriminate(disc, image, kp):
 
 def kp_loss(model, b, args):
     """Phase 0: the detector's keypoints against the normalised landmarks KP_LANDMARKS (to_normalized)."""
-    S = args.image_size
     images = torch.cat([b["src_full"].flatten(0, 1), b["drv_full"]])
-    lm = torch.cat([b["src_lm"].flatten(0, 1), b["drv_lm"]])[:, list(KP_LANDMARKS)]       # (B', K, 2) pixels
-    target = to_normalized(lm, S)
+    target = kp_target(b, args.image_size)
     kp = model.kp_detector(images)["keypoints"]
     return torch.nn.functional.mse_loss(kp, target), kp, target
+
+
+def kp_target(b, size):
+    """Phase 0's target: the KP_LANDMARKS landmarks of the sources' and driving frames' uncropped versions
+    (src_full, drv_full), normalised -> [B*N + B, K, 2]."""
+    lm = torch.cat([b["src_lm"].flatten(0, 1), b["drv_lm"]])[:, list(KP_LANDMARKS)]       # (B', K, 2) pixels
+    return to_normalized(lm, size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# landmark-shape supervision of e (losses.l_lm): NOT IN THE PAPER (issue 23), off by default. --lm-pretrain
+# trains X and a linear head in phase 0 (a head start for e); --loss-weights lm=... keeps L_lm in phases I-III
+
+@dataclass
+class LandmarkHead:
+    """The linear head e -> losses.lm_target (84 numbers) and the target's constants (losses.lm_stats). Training
+    state only: saved in the phase's checkpoint (lm_head, lm_stats), never used by reenactment."""
+    head: torch.nn.Linear
+    stats: dict
+
+
+def lm_pretrain_schedule(args):
+    """Phase 0 with --lm-pretrain: args.detector_steps = the detector's own steps (--steps or the preset's; 0 with
+    --kp-checkpoint, whose detector is trained already), then --lm-steps of X + head ('frozen': after them;
+    'joint': the detector trains on throughout). Sets args.steps to the phase's total."""
+    if args.phase != 0 or args.lm_pretrain == "off":
+        return
+    if args.expr_dim == 0:
+        raise ValueError("--lm-pretrain trains the expression vector e: not with --expr-dim 0")
+    args.detector_steps = 0 if args.kp_checkpoint else args.steps
+    args.steps = args.detector_steps + args.lm_steps
+
+
+def landmark_stats(args, n=256):
+    """losses.lm_stats of the first n training samples, unaugmented: a function of the data and --seed only
+    (the same after a resume)."""
+    ds = data.FaceDataset(root=args.data, split="train", size=args.image_size, num_src=args.num_src, augment=None,
+                          seed=args.seed, builtin=data.BuiltinVideos(identities=args.identities))
+    return losses.lm_stats(np.stack([ds.sample_frames(i)["landmarks"] for i in range(n)]))
+
+
+def make_landmark_head(ctx, cfg, stats=None):
+    """A new LandmarkHead for model config cfg, seeded (--seed; the global random state is left as it was);
+    its constants `stats`, or landmark_stats of the training data."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.args.seed + 2)
+        head = torch.nn.Linear(cfg.expr_dim, 2 * len(losses.LM_EXPRESSIVE)).to(ctx.device)
+    return LandmarkHead(head, landmark_stats(ctx.args) if stats is None else stats)
+
+
+def landmark_training(ctx, model):
+    """What L_lm adds to a phase: (the LandmarkHead or None, the parameters it adds to the optimiser). Phase 0
+    with --lm-pretrain: X and the head; phases I-III with lambda_lm > 0: the head (X trains there anyway)."""
+    args = ctx.args
+    if args.phase == 0 and args.lm_pretrain != "off":
+        lm = make_landmark_head(ctx, model.cfg)
+        return lm, list(model.expression.parameters()) + list(lm.head.parameters())
+    if args.phase >= 1 and ctx.weights.lm > 0:
+        lm = make_landmark_head(ctx, model.cfg)
+        return lm, list(lm.head.parameters())
+    return None, []
+
+
+def restore_landmark_head(run, ctx, ck, head_start=False):
+    """The head and its constants from checkpoint ck, when it holds them (with lambda_lm = 0 the head is kept
+    for the log's eval_lm_r2 only); head_start: X's weights too (phase I after a --lm-pretrain phase 0)."""
+    if "lm_head" not in ck:
+        return
+    if run.lm is None:
+        run.lm = make_landmark_head(ctx, run.model.cfg, ck["lm_stats"])
+    run.lm.head.load_state_dict(ck["lm_head"])
+    run.lm.stats = ck["lm_stats"]
+    if head_start:
+        run.model.expression.load_state_dict({k[len("expression."):]: v for k, v in ck["model"].items()
+                                              if k.startswith("expression.")})
+        ctx.log("phase 1 starts the expression network X from phase 0's landmark-shape head start (--lm-pretrain)")
+
+
+def landmark_term(lm, b, e_drv, e_src):
+    """losses.l_lm of the head on the driving frames' e [B, E] and the sources' [B, N, E] against the batch's
+    landmarks (b["drv_lm"], b["src_lm"]), in fp32 also under bf16 autocast; unweighted."""
+    with torch.autocast(e_drv.device.type, enabled=False):
+        t_drv, t_src = (losses.lm_target(b[k], lm.stats) for k in ("drv_lm", "src_lm"))
+        return losses.l_lm(lm.head(e_drv.float()), lm.head(e_src.float()), t_drv, t_src)
+
+
+def landmark_loss(lm, b, es):
+    """Phases I-III: landmark_term of encode_batch's expression vectors es, A1 sources -> the driving frame and
+    A2 sources -> its Omega crop (the pairs of Eq. 13's E1 and E2), averaged."""
+    if lm is None:
+        raise ValueError("lambda_lm > 0 needs the landmark-shape head (train.build makes it): pass lm=LandmarkHead")
+    e_src_a1, e_src_a2, e_drv, e_drv_omega = es
+    return (landmark_term(lm, b, e_drv, e_src_a1) + landmark_term(lm, b, e_drv_omega, e_src_a2)) / 2
+
+
+def lm_pretrain_loss(run, b, ctx):
+    """Phase 0 with --lm-pretrain: L_lm of X + head on the uncropped frames and on the versions X sees in phase I
+    (A1 crops of the sources, Omega of the driving frame), plus kp_loss while the detector trains. 'frozen': the
+    detector alone for args.detector_steps, then frozen (eval mode, no gradient, as in phase I) under X + head;
+    'joint': all from step 0, L_lm's gradient reaching the detector. -> (loss, dict of float terms)."""
+    args, model = ctx.args, run.model
+    frozen = args.lm_pretrain == "frozen"
+    if frozen and run.step < args.detector_steps:
+        loss = kp_loss(model, b, args)[0]
+        return loss, {"kp": loss.item()}
+    if frozen:
+        model.freeze_detector()
+    B, N = b["src"].shape[:2]
+    full = torch.cat([b["src_full"].flatten(0, 1), b["drv_full"]])
+    det = model.detect(torch.cat([full, b["src"].flatten(0, 1), b["drv_omega"]]))
+    e_full_src, e_full_drv, e_src, e_omega = model.expression_of(det).split([B * N, B, B * N, B])
+    lm_loss = (landmark_term(run.lm, b, e_full_drv, e_full_src.unflatten(0, (B, N)))
+               + landmark_term(run.lm, b, e_omega, e_src.unflatten(0, (B, N)))) / 2
+    if frozen:
+        return lm_loss, {"lm": lm_loss.item()}
+    kp = torch.nn.functional.mse_loss(det["keypoints"][:len(full)], kp_target(b, args.image_size))
+    return kp + lm_loss, {"kp": kp.item(), "lm": lm_loss.item()}
+
+
+@torch.no_grad()
+def evaluate_lm(model, lm, videos):
+    """The log's eval_lm_r2: held-out R^2 = 1 - sum (t - h)^2 / sum t^2 of the head's output h = head(e) against
+    t = lm_target on the evaluation videos, both with each video's mean removed (the head is fit to changes
+    within a video), pooled over frames and numbers. None without a head or landmarks."""
+    pred, true = [], []
+    p, was_training = next(model.parameters()), model.training
+    model.eval()
+    for v in videos if lm is not None else []:
+        if v["landmarks"] is None:
+            continue
+        h = lm.head(model.keypoints_and_expression(v["frames"].to(p.device, p.dtype))[1].float()).cpu()
+        t = losses.lm_target(torch.as_tensor(np.asarray(v["landmarks"])), lm.stats).cpu()
+        pred.append(h - h.mean(0))
+        true.append(t - t.mean(0))
+    model.train(was_training)
+    if not pred:
+        return None
+    pred, true = torch.cat(pred), torch.cat(true)
+    return float(1 - (true - pred).pow(2).sum() / true.pow(2).sum())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -482,16 +629,25 @@ def save(run, ctx):
                 "rng": rng_state(), "args": vars(args)}
         if run.disc is not None:
             ckpt.update(disc=run.disc.state_dict(), disc_optimizer=run.dopt.state_dict())
+        if run.lm is not None:   # training state only (L_lm): reenactment never reads it
+            ckpt.update(lm_head=run.lm.head.state_dict(), lm_stats=run.lm.stats)
         weights.save_checkpoint(run.path, ckpt)
     if ctx.world > 1:
         dist.barrier()
 
 
-def load_phase(path, cfg, phase, log=print):
-    """A project checkpoint for this model (check_config); phase: the phase it must hold (None: any). A resumed
-    phase-III file needs the discriminator's state."""
+RESUME = ("optimizer", "step", "iteration", "rng")     # the training state a resumed phase reads
+
+
+def load_phase(path, cfg, phase, log=print, need=()):
+    """A project checkpoint for this model (check_config); phase: the phase it must hold (None: any); need: the
+    training-state entries read from it (RESUME). A resumed phase-III file needs the discriminator's state."""
     ck = weights.load_checkpoint(path)
     check_config(ck, cfg, path)
+    missing = [k for k in need if k not in ck or k in ("step", "iteration") and type(ck[k]) is not int]
+    if missing:
+        raise ValueError(f"{path} has no usable {', '.join(missing)}: it holds a model but not the training state "
+                         f"train.py continues from; move it away (or pass it as --init to start from its weights)")
     if phase is not None and ck.get("phase", phase) != phase:
         raise ValueError(f"{path} holds a phase-{ck.get('phase')} checkpoint, not phase {phase}: pass the right "
                          f"--out or --phase, or move the file")
@@ -510,8 +666,9 @@ def check_config(ckpt, cfg, path):
 
 
 def unfinished(path):
+    """Whether a phase's checkpoint stopped before the steps its run asked for."""
     ck = weights.load_checkpoint(path)
-    return ck["step"] < ck["args"]["steps"]
+    return ck.get("step", 0) < ck.get("args", {}).get("steps", 0)
 
 
 def lr_at(args, iteration):
@@ -688,8 +845,9 @@ class Monitor:
             return
         model, args, step = run.model, self.args, run.step
         minutes = (time.time() - self.t_start) / 60
+        lm_r2 = {} if run.lm is None else {"eval_lm_r2": evaluate_lm(model, run.lm, self.videos)}   # L_lm's head
         if self.videos and args.phase == 0:
-            self.write(step, {"eval_kp_err_px": evaluate_kp(model, self.videos), "minutes": minutes})
+            self.write(step, {"eval_kp_err_px": evaluate_kp(model, self.videos), "minutes": minutes, **lm_r2})
         elif self.videos:
             ours, copy = evaluate(model, self.videos)
             h = metrics.health(model, torch.stack([v["frames"][0] for v in self.videos]).to(self.ctx.device,
@@ -697,7 +855,8 @@ class Monitor:
             ex = metrics.evaluate_expression(model, 8) if args.data is None else None   # built-in data only
             self.write(step, {"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": minutes,
                               **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": metrics.collapsed(h),
-                              "expression_collapsed": metrics.expression_collapsed(h), "eval_expression": ex})
+                              "expression_collapsed": metrics.expression_collapsed(h), "eval_expression": ex,
+                              **lm_r2})
             self.bar.write(eval_line(step, ours, copy, h, ex))
         model.train()
         if b is not None:
@@ -758,11 +917,15 @@ def train_step(run, b, ctx, perceptual=None):
     if run.disc is not None:
         run.disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
-        if ctx.args.phase == 0:
+        if ctx.args.phase == 0 and run.lm is not None:   # --lm-pretrain: X + head too (not in the paper)
+            loss, terms = lm_pretrain_loss(run, b, ctx)
+            pred, kp = None, None
+        elif ctx.args.phase == 0:
             loss, _, _ = kp_loss(run.model, b, ctx.args)
             terms, pred, kp = {}, None, None
         else:
-            loss, terms, pred, kp = generator_losses(run.model, b, ctx, run.step, ctx.gidx, perceptual, run.disc)
+            loss, terms, pred, kp = generator_losses(run.model, b, ctx, run.step, ctx.gidx, perceptual, run.disc,
+                                                     run.lm)
     terms["loss"] = loss.item()
     return terms, pred, kp, apply_gradients(loss, run.opt, run.params, ctx)
 
@@ -786,7 +949,7 @@ def disc_step(run, b, pred, kp, ctx):
 class Run:
     """What one phase trains and where it is: the model (and phase III's discriminator), their optimisers, the
     trained parameters, the step (updates done) and iteration (the schedule's count, continued across phases
-    I-III), and the phase's checkpoint file."""
+    I-III), the phase's checkpoint file, and the landmark-shape head of L_lm (None: off, the paper's training)."""
     model: srt.FSRT
     opt: torch.optim.Optimizer
     params: list
@@ -795,6 +958,7 @@ class Run:
     dopt: torch.optim.Optimizer = None
     step: int = 0
     iteration: int = 0
+    lm: LandmarkHead = None
 
 
 def build(ctx):
@@ -811,8 +975,10 @@ def build(ctx):
     else:
         model.freeze_detector()   # eval mode (kept across train()), no gradient, not in the optimiser
         params = [p for n, p in model.named_parameters() if not n.startswith("kp_detector.")]
+    lm, lm_params = landmark_training(ctx, model)   # L_lm (not in the paper): None and [] unless asked for
+    params = params + lm_params
     run = Run(model, torch.optim.Adam(params, lr=args.lr), params, os.path.join(args.out, f"phase{args.phase}.pt"),
-              disc, torch.optim.Adam(disc.parameters(), lr=args.lr) if disc is not None else None)
+              disc, torch.optim.Adam(disc.parameters(), lr=args.lr) if disc is not None else None, lm=lm)
     restore(run, ctx)
     if dist.is_initialized():   # identical start on every rank (already true by seeding; cheap insurance)
         for t in list(model.state_dict().values()) + (list(disc.state_dict().values()) if disc else []):
@@ -824,7 +990,7 @@ def restore(run, ctx):
     """Load the state this phase starts from (see build); refuse a checkpoint of another phase or model."""
     args, cfg = ctx.args, run.model.cfg
     if os.path.exists(run.path):                                        # resume this phase
-        ck = load_phase(run.path, cfg, args.phase, ctx.log)
+        ck = load_phase(run.path, cfg, args.phase, ctx.log, need=RESUME)
         run.model.load_state_dict(ck["model"])
         run.opt.load_state_dict(ck["optimizer"])
         if run.disc is not None:
@@ -832,6 +998,7 @@ def restore(run, ctx):
             run.dopt.load_state_dict(ck["disc_optimizer"])
         run.step, run.iteration = ck["step"], ck["iteration"]
         set_rng_state(ck["rng"])
+        restore_landmark_head(run, ctx, ck)
         old = ck.get("args", {})
         changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {old[k]})"
                    for k in ("batch_size", "num_src", "pixels", "seed") if k in old and old[k] != getattr(args, k)]
@@ -844,16 +1011,19 @@ def restore(run, ctx):
             raise ValueError(f"--init {args.init} is a phase-0 checkpoint (only its keypoint detector is trained): "
                              f"start phase {args.phase} from a phase-1 (or later) checkpoint")
         run.model.load_state_dict(ck["model"])
+        restore_landmark_head(run, ctx, ck)
     elif args.phase >= 1:
         prev = os.path.join(args.out, f"phase{args.phase - 1}.pt")
         if os.path.exists(prev) and args.phase == 1:   # phase 0 trained the detector alone: take just it
             weights.load_kp_detector(prev, run.model.kp_detector)
+            restore_landmark_head(run, ctx, weights.load_checkpoint(prev), head_start=True)   # --lm-pretrain's X
         elif os.path.exists(prev):
-            ck = load_phase(prev, cfg, args.phase - 1, ctx.log)
+            ck = load_phase(prev, cfg, args.phase - 1, ctx.log, need=RESUME[:3])
             if ck["step"] < ck.get("args", {}).get("steps", 0):
                 ctx.log(f"notice: {prev} stopped at step {ck['step']} of {ck['args']['steps']}; phase {args.phase} "
                         f"starts from it (rerun `--phase {args.phase - 1}` first to finish it)")
             run.model.load_state_dict(ck["model"])
+            restore_landmark_head(run, ctx, ck)
             if args.phase >= 2:   # phases I-III are one run of the release: optimiser and schedule continue
                 run.opt.load_state_dict(ck["optimizer"])
                 run.iteration = ck["iteration"]
@@ -861,7 +1031,7 @@ def restore(run, ctx):
             raise FileNotFoundError(
                 f"{prev} not found: run `python train.py --phase {args.phase - 1} --out {args.out}` first "
                 f"(with the same model options), or pass --init PATH")
-    if args.kp_checkpoint and args.phase >= 1 and not os.path.exists(run.path):
+    if args.kp_checkpoint and (args.phase >= 1 or args.lm_pretrain != "off") and not os.path.exists(run.path):
         weights.load_kp_detector(args.kp_checkpoint, run.model.kp_detector)
 
 
@@ -878,26 +1048,30 @@ def run_phase(ctx, stop):
     if run.step == 0:
         monitor.evaluate_and_sample(run)
     run.model.train()
-    for b in loader:
-        b = {k: v.to(ctx.device, ctx.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
-        run.iteration += 1
-        terms, pred, kp, skipped = train_step(run, b, ctx, perceptual)              # the model's update
-        if run.disc is not None:                                                      # phase III's discriminator
-            terms["disc"], d_skipped = disc_step(run, b, pred, kp, ctx)
-            skipped = skipped or d_skipped
-        run.step += 1
-        monitor.record(run.step, terms, skipped)                                      # log: losses and speed
-        if due(run.step, args.log_every, args.steps):
-            monitor.log(run)
-        if due(run.step, args.sample_every, args.steps):                              # held-out figures, pictures
-            monitor.evaluate_and_sample(run, b)
-        stopping = all_agree(bool(stop) or ctx.out_of_time(), ctx.world, ctx.device)
-        if due(run.step, args.ckpt_every, args.steps) or stopping:                    # checkpoint
-            save(run, ctx)
-        if stopping:                                                                  # Ctrl-C, SIGTERM, --max-minutes
-            monitor.close()
-            ctx.log(f"stopped at step {run.step}; checkpoint {run.path} written: rerun the same command to resume")
-            return True
+    try:
+        for b in loader:
+            b = {k: v.to(ctx.device, ctx.dtype if v.is_floating_point() else v.dtype) for k, v in b.items()}
+            run.iteration += 1
+            terms, pred, kp, skipped = train_step(run, b, ctx, perceptual)              # the model's update
+            if run.disc is not None:                                                      # phase III's discriminator
+                terms["disc"], d_skipped = disc_step(run, b, pred, kp, ctx)
+                skipped = skipped or d_skipped
+            run.step += 1
+            monitor.record(run.step, terms, skipped)                                      # log: losses and speed
+            if due(run.step, args.log_every, args.steps):
+                monitor.log(run)
+            if due(run.step, args.sample_every, args.steps):                              # held-out figures, pictures
+                monitor.evaluate_and_sample(run, b)
+            stopping = all_agree(bool(stop) or ctx.out_of_time(), ctx.world, ctx.device)
+            if due(run.step, args.ckpt_every, args.steps) or stopping:                    # checkpoint
+                save(run, ctx)
+            if stopping:                                                                # Ctrl-C, SIGTERM, --max-minutes
+                monitor.close()
+                ctx.log(f"stopped at step {run.step}; checkpoint {run.path} written: rerun the same command to resume")
+                return True
+    except BaseException:
+        monitor.bar.close()            # the error line that follows starts a line of its own
+        raise
     monitor.close()
     ctx.log(f"phase {args.phase} done: {run.path}")
     return False
@@ -989,7 +1163,7 @@ def main(argv=None):
     except cli.EXPECTED as e:
         if int(os.environ.get("RANK", "0")) != 0:   # torchrun: the first process says it once
             return 2
-        return cli.fail(e)
+        return cli.fail(e, memory_hint=MEMORY_HINT)
     stop = cli.StopSignals("stopping after the step in flight and writing a checkpoint (exit code 130, or 143 for "
                            "SIGTERM); rerun the same command to resume. Ctrl-C again quits at once, keeping the "
                            "last checkpoint written")
@@ -1004,8 +1178,9 @@ def main(argv=None):
     except cli.EXPECTED as e:
         if os.environ.get("FSRT_DEBUG"):   # FSRT_DEBUG=1 shows the traceback
             raise
-        return cli.fail(e) if ctx.rank == 0 else 2
+        return cli.fail(e, memory_hint=MEMORY_HINT) if ctx.rank == 0 else 2
     finally:
+        stop.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
         if lock is not None:

@@ -6,7 +6,9 @@
   * torchvision's VGG19 (vgg19-dcbb9e9d.pth) for the perceptual loss.
 Every error is one line naming the file, what it is, and what to pass instead.
 """
+import dataclasses
 import errno
+import math
 import os
 import re
 import shutil
@@ -85,17 +87,24 @@ def what_file(path):
     return None
 
 
+def check_file(path, hint, what="checkpoint"):
+    """A weights file that exists and is a regular file (not a folder, fifo or device such as /dev/null)
+    -> its path; else a one-line error ending with `hint`."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder, not a {what} file; {hint}")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{what} not found: {path}; {hint}")
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is not a regular file (a fifo, socket or device), not a {what}; {hint}")
+    return path
+
+
 def read(path, hint, mmap=True, map_location="cpu"):
     """torch.load(weights_only=True); mmap: zip files memory-mapped, copy-on-write (the release's files
     carry optimizer state we never copy); errors are one line naming the file (what it is, when torch cannot
     read it), ending with `hint`."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise ValueError(f"{path} is a folder, not a checkpoint file; {hint}")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}; {hint}")
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is not a regular file (a fifo, socket or device), not a checkpoint; {hint}")
+    path = check_file(path, hint)
     kind = what_file(path)
     if kind and (kind.endswith("image") or kind.endswith("video") or kind in ("empty", "a GIF")):
         raise ValueError(f"{path} is {kind}, not a torch checkpoint; {hint}")
@@ -164,10 +173,86 @@ def load_checkpoint(path, map_location="cpu"):
 
 
 def _check(ckpt, where):
-    if not isinstance(ckpt, dict) or ckpt.get("format") != "fsrt" or not {"config", "model"} <= set(ckpt):
+    """A loaded project checkpoint, its config and weights checked (config_problem) -> ckpt; else one line."""
+    if not isinstance(ckpt, dict) or ckpt.get("format") != "fsrt":
         raise ValueError(f"{where} is not an fsrt checkpoint: it is {_describe(ckpt)}. Pass a checkpoint "
                          "written by train.py (a dict with format='fsrt', config, model) or the authors' vox256.pt")
+    problem = next((f"its {k} is missing" for k in ("config", "model") if k not in ckpt), None) or \
+        config_problem(ckpt)
+    if problem:
+        raise ValueError(f"{where} is a malformed fsrt checkpoint: {problem}; the file was edited or damaged: use "
+                         f"the file train.py wrote (or train again)")
     return ckpt
+
+
+# fields a project checkpoint's config may lack (they do not shape the weights: a default is right for them)
+OPTIONAL_FIELDS = (*FSRTConfig.NOT_WEIGHTS, "expression.init")
+INIT_CHOICES = ("kaiming", "torch")
+
+
+def config_problem(ckpt):
+    """What is wrong with a project checkpoint's config, phase and weights, in words ("config.image_size '32' is
+    not an int"), or None. Checked: the types of every field of FSRTConfig (and its KPConfig,
+    ExpressionConfig) against their defaults, every field that shapes the weights present (a default would
+    build another model silently), sizes >= 1, image_size a multiple of 8 in [8, 4096], phase 0-3, the
+    weights a dict of tensors, and the stored training options' image_size equal to the config's."""
+    model, phase = ckpt["model"], ckpt.get("phase", 1)
+    if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        return f"its model is {_describe(model) if isinstance(model, dict) else 'a ' + type(model).__name__}, " \
+               f"not a dict of named tensors"
+    if type(phase) is not int or not 0 <= phase <= 3:
+        return f"its phase {phase!r} is not one of 0, 1, 2, 3"
+    problem = _fields_problem(ckpt["config"], FSRTConfig, "config")
+    if problem:
+        return problem
+    size = ckpt["config"]["image_size"]
+    if not 8 <= size <= 4096 or size % 8:
+        return f"config.image_size {size} is not a multiple of 8 in [8, 4096] (the patch CNN halves it 3 times)"
+    trained = ckpt.get("args", {}).get("image_size") if isinstance(ckpt.get("args"), dict) else None
+    if trained is not None and trained != size:
+        return f"config.image_size {size} differs from the image size it was trained at ({trained}, its args)"
+    return None
+
+
+def _fields_problem(d, klass, where):
+    """The first malformed field of config dict `d` for dataclass `klass` (see config_problem), or None."""
+    if not isinstance(d, dict):
+        return f"{where} is a {type(d).__name__}, not a dict"
+    defaults = klass()
+    for f in dataclasses.fields(klass):
+        name, default = f"{where}.{f.name}", getattr(defaults, f.name)
+        if f.name not in d:
+            if name.split(".", 1)[1] in OPTIONAL_FIELDS:
+                continue
+            return f"{name} is missing"
+        v = d[f.name]
+        if dataclasses.is_dataclass(default):
+            nested = _fields_problem(v, type(default), name)
+            if nested:
+                return nested
+            continue
+        if isinstance(default, bool):
+            problem = None if isinstance(v, bool) else "not true/false"
+        elif isinstance(default, int):
+            problem = "not an int" if type(v) is not int else None if v >= 1 or "start_octave" in f.name else "< 1"
+        elif isinstance(default, float):
+            ok = type(v) in (int, float) and math.isfinite(v) and v > 0
+            problem = None if ok else "not a number > 0"
+        elif isinstance(default, str):
+            problem = None if v in INIT_CHOICES else f"not one of {', '.join(INIT_CHOICES)}"
+        else:                                    # tuples of sizes, e.g. cnn_channels ((16, 32), ...)
+            flat = list(_leaves(v)) if isinstance(v, (list, tuple)) and v else None
+            ok = flat and all(type(x) is int and x >= 1 for x in flat) and \
+                all(isinstance(x, (list, tuple)) == isinstance(default[0], tuple) for x in v)
+            problem = None if ok else "not a list of sizes >= 1 shaped as " + repr(default)
+        if problem:
+            return f"{name} {v!r} is {problem}"
+    return None
+
+
+def _leaves(v):
+    for x in v:
+        yield from (_leaves(x) if isinstance(x, (list, tuple)) else [x])
 
 
 def model_from_checkpoint(path_or_dict, device="cpu", kp_detector=None):
@@ -187,6 +272,13 @@ def model_from_checkpoint(path_or_dict, device="cpu", kp_detector=None):
                          f"decoder are untrained; pass the phase1.pt (or later) of that run, after `python "
                          f"train.py --phase 1 --out {os.path.dirname(where) or '.'}`")
     model = FSRT(FSRTConfig.from_dict(ckpt["config"]))
+    own = model.state_dict()
+    wrong = next((k for k, v in ckpt["model"].items() if k in own and v.shape != own[k].shape), None)
+    if wrong:   # one key, not torch's list of every mismatch
+        raise ValueError(f"{where} is a malformed fsrt checkpoint: its weight {wrong} has shape "
+                         f"{tuple(ckpt['model'][wrong].shape)}, its config makes {tuple(own[wrong].shape)}; the "
+                         f"config does not describe these weights (the file was edited or damaged): use the file "
+                         f"train.py wrote")
     missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:   # a short message instead of torch's list of every key
         raise ValueError(f"{where} does not match this srt.py ({len(missing)} missing keys, e.g. {missing[:2]}; "
@@ -346,11 +438,9 @@ def load_kp_detector(path, detector: KPDetector) -> KPDetector:
     """Load detector weights strictly from FOMM's `vox-cpk.pth.tar` (its `kp_detector` entry, `jacobian.*`
     dropped), a plain detector state dict (e.g. the FSRT release's kp_detector.pt), or an fsrt checkpoint
     ({"format": "fsrt", "model": {...}} with keys prefixed `kp_detector.`). Returns the detector."""
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"keypoint detector checkpoint {path!r} not found: download FOMM's vox-cpk.pth.tar (from the "
-            f"first-order-model repository) and pass its path, or train phase 0 with `python train.py --phase 0`")
+    path = check_file(path, "download FOMM's vox-cpk.pth.tar (from the first-order-model repository) and pass "
+                            "its path, or train phase 0 with `python train.py --phase 0`",
+                      what="keypoint detector checkpoint")
     return load_kp_state(read(path, f"expected {KP_FILES}", mmap=False), detector, repr(path))
 
 
@@ -406,9 +496,8 @@ def load_vgg19(weights_path=None, random_weights=False):
     if random_weights:
         return vgg
     if weights_path is not None:
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(f"VGG19 weights not found at {weights_path}: download {VGG19_URL} "
-                                    f"and pass its path, or leave the path out to use {vgg19_weights_path()}")
+        check_file(weights_path, f"download {VGG19_URL} and pass its path, or leave the path out to use "
+                                 f"{vgg19_weights_path()}", what="VGG19 weights")
         sd = read(weights_path, VGG19_HINT, mmap=False)
     elif os.path.isfile(vgg19_weights_path()):
         sd = read(vgg19_weights_path(), VGG19_HINT, mmap=False)

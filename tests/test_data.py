@@ -188,12 +188,12 @@ def test_keypoint_frames_are_a2_before_the_crop_and_omega_crops_the_uncropped_a3
 def test_jitter_and_omega_ablations_switch_off_only_their_own_step():
     """--no-jitter: A1 = A2 = A3 = the plain colours; --no-omega: the expression net sees the whole A3 frame.
     The crop and every other draw stay those of the full recipe (same seed, same index)."""
-    kw = dict(num_src=2, size=64, seed=5, crop_p=0.5)
+    kw = dict(num_src=2, size=64, seed=5)
     plain = data.FaceDataset(augment=False, **kw)
-    full = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0))
-    nojit = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, jitter=False))
-    noom, neither = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, omega=False)), \
-        data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, jitter=False, omega=False))
+    full = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, crop_p=0.5))
+    nojit = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, crop_p=0.5, jitter=False))
+    noom, neither = data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, crop_p=0.5, omega=False)), \
+        data.FaceDataset(**kw, augment=data.Augment(flip_p=0.0, crop_p=0.5, jitter=False, omega=False))
     for i in range(4):
         a, b, c, d, p = full[i], nojit[i], noom[i], neither[i], plain[i]
         assert torch.equal(a["crop"], b["crop"]) and torch.equal(a["crop"], c["crop"])

@@ -1,12 +1,19 @@
-"""The hostile-input sweep (issue 14) on the three command lines: never write over an input, one writer per
-run folder, bounded memory on long videos, clean stops (exit codes, a second signal), temporary files of
-killed writers, unreadable test videos, option checks, early write checks and one-line errors."""
+"""The hostile-input sweeps on the command lines. Issue 14: never write over an input, one writer per run folder,
+bounded memory on long videos, clean stops (exit codes, a second signal), temporary files of killed writers,
+unreadable test videos, option checks, early write checks and one-line errors. Issue 25 (its case numbers in
+the section titles): concurrent writers, stops of a process group, odd media (EXIF, variable frame rate, huge
+images, no video stream), tampered and wrong weights files, run-folder and phase mix-ups, data.py's outputs."""
+import copy
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -88,10 +95,10 @@ def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
     one_line(capsys.readouterr().err, "error: out of memory")
 
 
-def _start(args, log, needle):
+def _start(args, log, needle, **popen):
     """train.py in a subprocess, returned once `needle` is in its log.jsonl ("": once the file exists)."""
     p = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+                         stderr=subprocess.PIPE, text=True, **popen)
     t0 = time.time()
     while time.time() - t0 < 120 and not (log.exists() and needle in log.read_text()) and p.poll() is None:
         time.sleep(0.05)
@@ -374,3 +381,553 @@ def test_no_test_split_needed_without_evaluation(tmp_path):
     data.export(str(root), videos=2, test_videos=0, frames=8, size=32, progress=False)
     assert not (root / "test").exists()
     assert train.main(["--phase", "0", "--steps", "1", "--data", str(root), "--out", str(tmp_path / "run"), *FAST]) == 0
+
+
+# ================================================================ issue 25: the second sweep
+
+def last_line(err, needle=""):
+    """The `error:` line that ends a command whose progress bar wrote to stderr before (no traceback)."""
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("error: ") and "Traceback" not in err, err[-3000:]
+    assert needle in lines[-1], (needle, lines[-1])
+    return lines[-1]
+
+
+def ffmpeg(*args):
+    import imageio_ffmpeg
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *map(str, args)], check=True, timeout=60)
+
+
+def render_args(ckpt, source, driving, out, *more):
+    return ["--checkpoint", ckpt, "--source", source, "--driving", driving, "--out", str(out), "--no-progress",
+            "--crop", "none", *more]
+
+
+def tampered(ckpt, path, change):
+    """A copy of the checkpoint `ckpt` with change(dict) applied, saved (plain torch.save) at `path`."""
+    ck = copy.deepcopy(torch.load(ckpt, weights_only=True))
+    change(ck)
+    torch.save(ck, path)
+    return str(path)
+
+
+# ---------------------------------------------------------------- 1. two writers of one --out
+
+def test_two_writers_of_one_out_each_end_with_a_whole_file_and_no_temporary(tmp_path):
+    """Both writers are inside their write at once (a barrier after their first frame): with one shared
+    temporary name (same.mp4.tmp.mp4) one renamed the other's half-written file and the other failed."""
+    out, barrier, results = tmp_path / "same.mp4", threading.Barrier(2, timeout=60), {}
+    clips = {v: np.full((6, 32, 32, 3), v, np.uint8) for v in (30, 220)}
+
+    def frames(clip):
+        for k, f in enumerate(clip):
+            if k == 1:
+                barrier.wait()                           # both have their temporary file open now
+            yield f
+
+    def write(v):
+        try:
+            results[v] = data.write_video(str(out), frames(clips[v]), 10)
+        except Exception as e:                           # noqa: BLE001 - reported by the assert below
+            results[v] = e
+
+    threads = [threading.Thread(target=write, args=(v,)) for v in clips]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == {30: 6, 220: 6}, results
+    got = data.read_frames(str(out)).reshape(6, -1).mean(1)
+    assert any(np.abs(got - v).max() < 3 for v in clips), got        # one writer's frames, all of them
+    assert os.listdir(tmp_path) == ["same.mp4"]
+
+
+# ---------------------------------------------------------------- 2. SIGTERM to the process group, with workers
+
+def test_sigterm_to_the_process_group_with_workers_writes_the_checkpoint(tmp_path):
+    """What Slurm, systemd and `timeout` do: the signal reaches the data-loader workers too; they leave the stop
+    to the main process, which finishes its step, writes the checkpoint and exits 143."""
+    out = tmp_path / "run"
+    p = _start(["--phase", "0", "--steps", "100000", "--workers", "2", "--out", str(out), *FAST], out / "log.jsonl",
+               '"step": 1,', start_new_session=True)
+    os.killpg(p.pid, signal.SIGTERM)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 143, stderr[-2000:]
+    assert "error" not in stderr and "stopped at step" in stdout
+    assert torch.load(out / "phase0.pt", weights_only=True)["step"] >= 1
+
+
+# ---------------------------------------------------------------- 3. metrics --out: never a video or a checkpoint
+
+def test_metrics_out_naming_a_test_video_or_a_checkpoint_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "vox"
+    data.export(str(root), videos=0, test_videos=1, frames=12, size=32, progress=False)
+    video = next((root / "test").glob("*.mp4"))
+    loose = tmp_path / "clip.mp4"
+    shutil.copy(video, loose)
+    other = tmp_path / "run" / "phase1.pt"                          # another run's checkpoint
+    other.parent.mkdir()
+    shutil.copy(ckpt, other)
+    monkeypatch.setattr(metrics, "evaluate_self", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    before = {p: p.read_bytes() for p in (video, loose, other)}
+    for out, needle in ((video, "is inside the input --data"), (loose, "is not a JSON file"),
+                        (other, "is not a JSON file"), (ckpt, "is the input --checkpoint")):
+        assert metrics.main(["--checkpoint", ckpt, "--data", str(root), "--no-akd", "--out", str(out)]) == 2
+        one_line(capsys.readouterr().err, needle)
+    assert before == {p: p.read_bytes() for p in before}
+
+
+# ---------------------------------------------------------------- 4. a frame folder after a longer run
+
+def test_a_frame_folder_keeps_no_frames_of_an_earlier_longer_run(ckpt, tmp_path, capsys):
+    png, mp4 = inputs(tmp_path, frames=8)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")                      # not this program's: kept
+    for n in (8, 3):
+        assert reenact.main(render_args(ckpt, png, mp4, folder, "--max-frames", str(n))) == 0
+    assert sorted(os.listdir(folder)) == ["000000.png", "000001.png", "000002.png", "notes.txt"]
+    assert "wrote" in capsys.readouterr().out and (folder / "notes.txt").read_text() == "mine"
+
+
+# ---------------------------------------------------------------- 5. EXIF orientation
+
+def test_a_jpeg_with_exif_orientation_6_is_read_upright(tmp_path):
+    from PIL import Image
+    im = Image.new("RGB", (80, 40), (255, 0, 0))
+    im.paste((0, 0, 255), (40, 0, 80, 40))                  # stored: red left half, blue right half
+    exif = im.getexif()
+    exif[0x0112] = 6                                        # "rotate 90 degrees clockwise to display"
+    im.save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    a = data.read_image(str(tmp_path / "photo.jpg"))
+    assert a.shape == (80, 40, 3)                           # upright: 40 wide, 80 high
+    assert a[10, 20, 0] > 200 > a[10, 20, 2] and a[70, 20, 2] > 200 > a[70, 20, 0]   # the left edge is on top
+
+
+# ---------------------------------------------------------------- 6. variable frame rate
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_a_variable_frame_rate_driving_video_keeps_its_duration(ckpt, tmp_path, capsys, ext):
+    """1 s at 4 fps, then 1.25 s at 20 fps, timestamps kept (2.25 s): the output ran 9.0 s (mkv) and 1.66 s."""
+    drv, out = tmp_path / f"vfr.{ext}", tmp_path / "out.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x48:rate=4:duration=1", "-f", "lavfi", "-i",
+           "testsrc=size=48x48:rate=20:duration=1.25", "-filter_complex", "[0:v][1:v]concat=n=2:v=1[v]",
+           "-map", "[v]", "-fps_mode", "passthrough", "-c:v", "libx264", "-pix_fmt", "yuv420p", drv)
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(drv), out)) == 0
+    frames, fps = data.read_video(str(out))
+    assert len(frames) / fps == pytest.approx(2.25, abs=0.15), (len(frames), fps)
+    notice = [l for l in capsys.readouterr().out.splitlines() if "variable frame rate" in l]
+    assert len(notice) == 1 and notice[0].startswith("notice: ") and "constant 20 fps" in notice[0]
+
+
+# ---------------------------------------------------------------- 7. a huge source
+
+def test_a_huge_source_is_shrunk_while_decoding(ckpt, tmp_path):
+    """An 8000x8000 JPEG source is decoded at half size (JPEG draft mode) and never held as 8000x8000 floats: one
+    process renders with a small source, then with the huge one; its peak memory grew by 2.1 GB before."""
+    import tracemalloc
+    from PIL import Image
+    big, small = tmp_path / "big.jpg", tmp_path / "small.jpg"
+    face = Image.new("RGB", (8000, 8000), (150, 110, 90))
+    face.paste((40, 30, 30), (2000, 3000, 6000, 3600))
+    face.save(big, quality=80)
+    face.resize((400, 400)).save(small)
+    tracemalloc.start()
+    try:
+        assert data.read_image(str(big)).shape == (4000, 4000, 3)
+        assert tracemalloc.get_traced_memory()[1] < 100 * 2 ** 20          # 48 MB of uint8, not 192
+    finally:
+        tracemalloc.stop()
+    _, mp4 = inputs(tmp_path)
+    code = ("import resource, sys, reenact\n"
+            "for i, src in enumerate(sys.argv[1:3]):\n"
+            "    assert reenact.main(['--checkpoint', sys.argv[3], '--source', src, '--driving', sys.argv[4], '--out',"
+            " sys.argv[5] + str(i) + '.mp4', '--no-progress', '--crop', 'none']) == 0\n"
+            "    print('peak MB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
+    r = subprocess.run([sys.executable, "-c", code, str(small), str(big), ckpt, mp4, str(tmp_path / "o")], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    before, after = (float(l.split()[-1]) for l in r.stdout.splitlines() if l.startswith("peak MB"))
+    assert after - before < 500, (before, after)
+
+
+def test_a_huge_png_is_read_at_most_max_side(tmp_path, capsys, ckpt):
+    from PIL import Image
+    Image.new("RGB", (6000, 3000), (90, 120, 150)).save(tmp_path / "wide.png")
+    assert data.read_image(str(tmp_path / "wide.png")).shape == (2048, 4096, 3)
+    _, mp4 = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, str(tmp_path / "wide.png"), mp4, tmp_path / "o.mp4")) == 0
+    assert "wide.png is 6000x3000; read shrunk to at most 4096 pixels a side" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- 8. checkpoints and run folders that disagree
+
+def test_a_checkpoint_whose_image_size_disagrees_with_its_run_or_is_missing_is_refused(ckpt, tmp_path, capsys):
+    png, mp4 = inputs(tmp_path)
+    cases = [(tampered(ckpt, tmp_path / "48.pt", lambda ck: (ck["config"].update(image_size=48),
+                                                             ck.update(args={"image_size": 32}))),
+              "config.image_size 48 differs from the image size it was trained at (32"),
+             (tampered(ckpt, tmp_path / "nosize.pt", lambda ck: ck["config"].pop("image_size")),
+              "config.image_size is missing")]
+    for path, needle in cases:
+        assert reenact.main(render_args(path, png, mp4, tmp_path / "o.mp4")) == 2
+        one_line(capsys.readouterr().err, needle)
+        assert metrics.main(["--checkpoint", path, "--no-akd", "--out", str(tmp_path / "r.json")]) == 2
+        one_line(capsys.readouterr().err, needle)
+
+
+def test_resuming_with_another_batch_size_says_what_changes(run0, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    assert train.main(["--phase", "0", "--steps", "3", "--out", str(run), *FAST, "--batch-size", "2",
+                       "--num-src", "2"]) == 0
+    notice = [l for l in capsys.readouterr().out.splitlines() if l.startswith("notice: resuming")]
+    assert len(notice) == 1 and "--batch-size 2 (the run used 4)" in notice[0] and \
+        "--num-src 2 (the run used 1)" in notice[0]
+
+
+def test_phase_mixups_are_refused(run0, tmp_path, capsys):
+    """--init phase0.pt for phase 2; a phase-2 file named phase1.pt (resumed by --phase 1)."""
+    assert train.main(["--phase", "2", "--steps", "1", "--init", str(run0 / "phase0.pt"), "--vgg-weights", "random",
+                       "--out", str(tmp_path / "run2"), *FAST]) == 2
+    one_line(capsys.readouterr().err, "is a phase-0 checkpoint (only its keypoint detector is trained)")
+    run = tmp_path / "run"
+    run.mkdir()
+    tampered(run0 / "phase0.pt", run / "phase1.pt", lambda ck: ck.update(phase=2))
+    assert train.main(["--phase", "1", "--steps", "1", "--out", str(run), *FAST]) == 2
+    one_line(capsys.readouterr().err, "holds a phase-2 checkpoint, not phase 1")
+
+
+def test_phase_2_from_an_unfinished_phase_1_says_so(run0, tmp_path, capsys):
+    """A phase-1 file stopped at step 29 of 10,000 (made from the phase-0 one: the model and a fresh Adam of the
+    phase-1 parameters); --steps 0 builds phase 2 and stops before training."""
+    run = tmp_path / "run"
+    run.mkdir()
+    ck = torch.load(run0 / "phase0.pt", weights_only=True)
+    model = srt.FSRT(srt.FSRTConfig.from_dict(ck["config"]))
+    adam = torch.optim.Adam([p for n, p in model.named_parameters() if not n.startswith("kp_detector.")])
+    ck.update(phase=1, step=29, iteration=29, optimizer=adam.state_dict(), args={**ck["args"], "steps": 10000})
+    weights.save(ck, str(run / "phase1.pt"))
+    assert train.main(["--phase", "2", "--steps", "0", "--vgg-weights", "random", "--out", str(run), *FAST]) == 0
+    out = capsys.readouterr().out
+    assert f"notice: {run / 'phase1.pt'} stopped at step 29 of 10000; phase 2 starts from it" in out
+
+
+# ---------------------------------------------------------------- 9. --max-minutes is the command's wall time
+
+def test_max_minutes_is_the_wall_time_of_the_whole_command(tmp_path, monkeypatch):
+    """`--phase 1` runs phase 0 first; both phases share the deadline set at the start of the command: when phase 0
+    has used it up (train.py's clock moved on by --max-minutes), phase 1 stops after its first step (with a
+    deadline per phase it ran its 3 steps)."""
+    monkeypatch.setitem(train.PRESETS["tiny"], "steps", (2, 10000, 500, 500))     # a short phase 0
+    offset, deadlines, run_phase = [0.0], [], train.run_phase
+    monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: time.time() + offset[0]))
+
+    def timed(ctx, stop):
+        deadlines.append(ctx.deadline)
+        stopped = run_phase(ctx, stop)
+        offset[0] += 5 * 60                                                       # the phase took 5 minutes
+        return stopped
+    monkeypatch.setattr(train, "run_phase", timed)
+    assert train.main(["--phase", "1", "--steps", "3", "--max-minutes", "5", "--out", str(tmp_path / "run"),
+                       *FAST]) == 0
+    assert len(deadlines) == 2 and deadlines[0] == deadlines[1]
+    assert torch.load(tmp_path / "run" / "phase0.pt", weights_only=True)["step"] == 2
+    assert torch.load(tmp_path / "run" / "phase1.pt", weights_only=True)["step"] == 1
+
+
+# ---------------------------------------------------------------- 10. landmarks of 1e30
+
+def test_landmarks_of_1e30_stop_the_run_after_a_run_of_skipped_steps(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(train.Monitor, "MAX_SKIPPED", 5)                # 20 in a real run
+    root = tmp_path / "vox"
+    data.export(str(root), videos=2, test_videos=0, frames=8, size=32, progress=False)
+    for f in (root / "train").glob("*.landmarks.npy"):
+        np.save(f, np.full((8, 68, 2), 1e30, np.float32))
+    assert train.main(["--phase", "0", "--steps", "200", "--data", str(root), "--out", str(tmp_path / "run"),
+                       *FAST]) == 2
+    captured = capsys.readouterr()
+    last_line(captured.err, "error: 5 steps in a row had a non-finite loss or gradient (last at step 5)")
+    assert "landmark files" in captured.err and "phase 0 done" not in captured.out
+
+
+# ---------------------------------------------------------------- 11. strict JSON (no NaN, no Infinity)
+
+def strict_json(text):
+    def refuse(name):
+        raise ValueError(f"{name} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metrics_json_and_the_training_log_are_strict_json(run0, tmp_path, monkeypatch):
+    """A --no-keypoints model's leak figure via_k is inf (swapping the keypoints changes nothing); one held-out
+    video gives a NaN spread in the log. Both are written as null."""
+    torch.manual_seed(0)
+    cfg = srt.FSRTConfig.from_dict({**torch.load(run0 / "phase0.pt", weights_only=True)["config"],
+                                    "use_keypoints": False})
+    ck = tmp_path / "nokp.pt"
+    weights.save_checkpoint(str(ck), {"config": cfg.to_dict(), "model": srt.FSRT(cfg).state_dict(), "phase": 1})
+    video_set = data.VideoSet
+    monkeypatch.setattr(data, "VideoSet", lambda **kw: video_set(frames=12, **kw))
+    for slow in ("report_identity", "report_builtin_expression"):        # dlib's CSIM, expression transfer
+        monkeypatch.setattr(metrics, slow, lambda *a: None)
+    monkeypatch.setattr(metrics, "evaluate_expression", lambda *a, **k: None)  # train's held-out check too
+    monkeypatch.setattr(metrics, "evaluate_cross", lambda *a, **k: None)
+    monkeypatch.setattr(metrics, "evaluate_leak", lambda *a, **k: {"absolute": 64.7, "drivers": 9.5, "via_e": 64.7,
+                                                                  "via_k": math.inf, "triples": 3})
+    assert metrics.main(["--checkpoint", str(ck), "--no-akd", "--no-probe", "--max-videos", "3",
+                         "--out", str(tmp_path / "r.json")]) == 0
+    assert strict_json((tmp_path / "r.json").read_text())["leak"]["via_k"] is None
+    run = tmp_path / "run"
+    assert train.main(["--phase", "1", "--steps", "1", "--no-keypoints", "--kp-checkpoint", str(run0 / "phase0.pt"),
+                       "--out", str(run), *FAST, "--eval-videos", "1", "--sample-every", "1"]) == 0
+    recs = [strict_json(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert any(r.get("health_expr_spread", 0) is None for r in recs)
+
+
+# ---------------------------------------------------------------- 12. tampered checkpoint configs
+
+TAMPERED = [("image_size", "32", "config.image_size '32' is not an int"),
+            ("image_size", 32.5, "config.image_size 32.5 is not an int"),
+            ("image_size", -32, "config.image_size -32 is < 1"), ("image_size", 0, "config.image_size 0 is < 1"),
+            ("image_size", 100000, "config.image_size 100000 is not a multiple of 8 in [8, 4096]"),
+            ("image_size", 36, "config.image_size 36 is not a multiple of 8"),
+            ("chunk", -5, "config.chunk -5 is < 1"), ("chunk", 0, "config.chunk 0 is < 1"),
+            ("num_kp", 0, "config.num_kp 0 is < 1"), ("kp", "hello", "config.kp is a str, not a dict"),
+            ("cnn_channels", None, "config.cnn_channels is missing"),
+            ("width", 64, "its weight encoder.cnn.proj.weight has shape (32, 32, 1, 1), its config makes "
+                          "(64, 32, 1, 1)")]
+
+
+@pytest.mark.parametrize("field,value,needle", TAMPERED)
+def test_a_tampered_config_is_one_line_naming_the_field(ckpt, tmp_path, capsys, field, value, needle):
+    path = tampered(ckpt, tmp_path / "t.pt", lambda ck: ck["config"].pop(field) if value is None else
+                    ck["config"].update({field: value}))
+    png, mp4 = inputs(tmp_path)
+    assert reenact.main(render_args(path, png, mp4, tmp_path / "o.mp4")) == 2
+    line = one_line(capsys.readouterr().err, f"t.pt is a malformed fsrt checkpoint: {needle}")
+    assert len(line) < 400 and "--batch-size" not in line and "--pixels" not in line
+    assert metrics.main(["--checkpoint", path, "--no-akd", "--out", str(tmp_path / "r.json")]) == 2
+    one_line(capsys.readouterr().err, needle)
+
+
+@pytest.mark.parametrize("change,needle", [(lambda ck: ck.update(config=list(ck["config"].items())),
+                                            "config is a list, not a dict"),
+                                           (lambda ck: ck.update(model=torch.zeros(3)),
+                                            "its model is a Tensor, not a dict of named tensors"),
+                                           (lambda ck: ck.update(phase="1"), "its phase '1' is not one of 0, 1, 2, 3"),
+                                           (lambda ck: ck.pop("config"), "its config is missing")])
+def test_a_tampered_checkpoint_is_one_line(ckpt, tmp_path, capsys, change, needle):
+    path = tampered(ckpt, tmp_path / "t.pt", change)
+    png, mp4 = inputs(tmp_path)
+    assert reenact.main(render_args(path, png, mp4, tmp_path / "o.mp4")) == 2
+    one_line(capsys.readouterr().err, needle)
+    assert metrics.main(["--checkpoint", path, "--no-akd", "--out", str(tmp_path / "r.json")]) == 2
+    one_line(capsys.readouterr().err, needle)
+
+
+def test_out_of_memory_advice_names_the_commands_own_options(ckpt, tmp_path, capsys, monkeypatch):
+    png, mp4 = inputs(tmp_path)
+    monkeypatch.setattr(reenact, "render_stream", lambda *a, **k: torch.empty(2 ** 62, dtype=torch.uint8))
+    assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "o.mp4")) == 2
+    line = one_line(capsys.readouterr().err, "error: out of memory")
+    assert "--batch, --chunk or --size" in line and "--batch-size" not in line and "--pixels" not in line
+
+
+# ---------------------------------------------------------------- 13. files that are not weights
+
+@pytest.fixture
+def not_weights(ckpt, tmp_path):
+    """Files that are not this project's checkpoints, with what the error line must say of each."""
+    from PIL import Image
+    import pickle
+    Image.new("RGB", (8, 8)).save(tmp_path / "image.png")
+    data.write_video(str(tmp_path / "clip.mp4"), np.zeros((2, 16, 16, 3), np.uint8))
+    (tmp_path / "plain.pkl").write_bytes(pickle.dumps({"weights": [1, 2, 3]}, protocol=2))
+    (tmp_path / "folder").mkdir()
+    os.mkfifo(tmp_path / "fifo.pt")
+    return [(str(tmp_path / "image.png"), "is a PNG image, not a torch checkpoint"),
+            (str(tmp_path / "clip.mp4"), "is an MP4/MOV video, not a torch checkpoint"),
+            (str(tmp_path / "plain.pkl"), "a plain Python pickle, not torch.save's zip archive"),
+            (str(tmp_path / "folder"), "is a folder, not a"), (str(tmp_path / "fifo.pt"), "is not a regular file"),
+            ("/dev/null", "/dev/null is not a regular file")]
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(ckpt, not_weights, tmp_path, capsys, monkeypatch):
+    png, mp4 = inputs(tmp_path)
+    cases = not_weights + [(tampered(ckpt, tmp_path / "noconfig.pt", lambda ck: ck.pop("config")),
+                            "its config is missing")]
+    for path, needle in cases:
+        assert reenact.main(render_args(path, png, mp4, tmp_path / "o.mp4")) == 2, path
+        one_line(capsys.readouterr().err, needle)
+        assert metrics.main(["--checkpoint", path, "--no-akd", "--out", str(tmp_path / "r.json")]) == 2, path
+        one_line(capsys.readouterr().err, needle)
+    import keypoints
+    for path, needle in not_weights:
+        with pytest.raises((ValueError, RuntimeError, FileNotFoundError), match=re_escape(needle)):
+            weights.load_kp_detector(path, keypoints.KPDetector())
+
+
+def re_escape(text):
+    import re
+    return re.escape(text)
+
+
+def test_train_kp_checkpoint_goes_through_the_same_reader(not_weights, tmp_path, capsys):
+    for path, needle in not_weights:
+        assert train.main(["--phase", "1", "--steps", "1", "--kp-checkpoint", path, "--out", str(tmp_path / "run"),
+                           *FAST]) == 2, path
+        one_line(capsys.readouterr().err, needle)
+
+
+# ---------------------------------------------------------------- 14. a driving file without pictures
+
+def test_a_driving_file_without_a_video_stream_says_so(ckpt, tmp_path, capsys):
+    png, _ = inputs(tmp_path)
+    ffmpeg("-f", "lavfi", "-i", "sine=frequency=440:duration=1", "-c:a", "aac", tmp_path / "audio.mp4")
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=32x32:rate=10", "-frames:v", "0", "-c:v", "libx264",
+           tmp_path / "empty.mp4")
+    for name, streams in (("audio.mp4", "audio"), ("empty.mp4", "none")):
+        assert reenact.main(render_args(ckpt, png, str(tmp_path / name), tmp_path / "o.mp4")) == 2
+        line = one_line(capsys.readouterr().err, f"{name}: no video stream in it (its streams: {streams})")
+        assert "output file" not in line and "Invalid argument" not in line
+
+
+# ---------------------------------------------------------------- 15. one list of image extensions
+
+def test_webp_frames_in_a_folder_are_read(ckpt, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "webp"
+    folder.mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (80 * i, 50, 50)).save(folder / f"{i:04d}.webp", lossless=True)
+    assert len(data.read_frames(str(folder))) == 3
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(folder), tmp_path / "o.mp4")) == 0
+    assert len(data.read_frames(str(tmp_path / "o.mp4"))) == 3
+
+
+# ---------------------------------------------------------------- 16. output names
+
+def test_a_folder_name_with_a_dot_and_a_long_name_are_written_and_a_too_long_one_refused_first(ckpt, tmp_path,
+                                                                                               capsys, monkeypatch):
+    png, mp4 = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "results.v2")) == 0
+    assert sorted(os.listdir(tmp_path / "results.v2")) == ["000000.png", "000001.png", "000002.png"]
+    long = tmp_path / ("x" * 248 + ".mp4")                        # 252 bytes: the temporary name is short
+    assert reenact.main(render_args(ckpt, png, mp4, long)) == 0
+    assert len(data.read_frames(str(long))) == 3 and not [n for n in os.listdir(tmp_path) if ".tmp" in n]
+    monkeypatch.setattr(reenact, "reenact", lambda *a, **k: pytest.fail("rendered before refusing"))
+    assert reenact.main(render_args(ckpt, png, mp4, tmp_path / ("y" * 300 + ".mp4"))) == 2
+    one_line(capsys.readouterr().err, "has 304 bytes, more than the 255 this file system allows")
+
+
+# ---------------------------------------------------------------- 17. --phase 3 with a phase-2 file
+
+def test_phase_3_resuming_a_phase_2_file_is_refused(run0, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    tampered(run0 / "phase0.pt", run / "phase3.pt", lambda ck: ck.update(phase=2))
+    assert train.main(["--phase", "3", "--steps", "1", "--vgg-weights", "random", "--out", str(run), *FAST]) == 2
+    one_line(capsys.readouterr().err, "holds a phase-2 checkpoint, not phase 3")
+
+
+# ---------------------------------------------------------------- 18. a worker's error is the main process's line
+
+def test_a_broken_dataset_gives_the_same_line_with_and_without_workers(tmp_path, capsys):
+    """The worker's error reaches the main process wrapped in its traceback: the line is the error itself. The
+    command then ends: its worker (kept alive by the re-raised error's reference cycle) ignores SIGTERM, so
+    multiprocessing's exit function, which terminates and joins daemon children, waited for it forever;
+    cli.end_workers kills it first."""
+    root = tmp_path / "vox"
+    data.export(str(root), videos=2, test_videos=0, frames=8, size=32, progress=False)
+    for f in (root / "train").glob("*.landmarks.npy"):
+        f.write_bytes(b"not a numpy file")
+    args = ["--phase", "0", "--steps", "2", "--data", str(root), *FAST]
+    assert train.main([*args, "--out", str(tmp_path / "r0"), "--workers", "0"]) == 2
+    line = last_line(capsys.readouterr().err, "no valid sample after 10 tries")
+    r = subprocess.run([sys.executable, "train.py", *args, "--out", str(tmp_path / "r1"), "--workers", "1"], cwd=ROOT,
+                       env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and last_line(r.stderr) == line.replace(str(tmp_path / "r0"), str(tmp_path / "r1"))
+    assert "DataLoader worker" not in r.stderr
+
+
+# ---------------------------------------------------------------- 19. landmark files of another video
+
+def test_a_landmark_file_longer_than_its_video_says_so(tmp_path):
+    root = tmp_path / "vox"
+    data.export(str(root), videos=2, test_videos=0, frames=6, size=32, progress=False)
+    for f in (root / "train").glob("*.landmarks.npy"):
+        lm = np.full((100, 68, 2), np.nan, np.float32)
+        lm[6:] = np.load(f)[0]                                   # faces only past the video's 6 frames
+        np.save(f, lm)
+    ds = data.FaceDataset(root=str(root), size=32)
+    with pytest.warns(UserWarning, match="100 landmark rows for 6 frames"):
+        with pytest.raises(RuntimeError, match="100 landmark rows for 6 frames"):
+            ds.sample_frames(0)
+
+
+# ---------------------------------------------------------------- 20. data.py's outputs checked first
+
+def test_data_cli_outputs_are_checked_before_the_work(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(data, "export", lambda *a, **k: pytest.fail("exported before checking"))
+    monkeypatch.setattr(data, "preview", lambda *a, **k: pytest.fail("previewed before checking"))
+    file = tmp_path / "file.txt"
+    file.write_text("x")
+    (tmp_path / "out").mkdir()
+    cases = [(["export", str(file / "vox")], "is a file, not a folder"),
+             (["export", "/sys/fsrt_test/vox"], "cannot write in /sys"),     # not writable, even by root
+             (["preview", str(file / "p.png")], "is a file, not a folder"),
+             (["preview", "/sys/fsrt_test/p.png"], "cannot write in /sys"),
+             (["preview", str(tmp_path / "out") + "/"], "give an image file name ending in .png"),
+             (["preview", str(tmp_path / "out")], "give an image file name ending in .png"),
+             (["preview", str(tmp_path / "noext")], "give an image file name ending in .png")]
+    for args, needle in cases:
+        assert data.main(args) == 2, args
+        one_line(capsys.readouterr().err, needle)
+
+
+def test_data_preview_writes_the_picture(tmp_path):
+    assert data.main(["preview", str(tmp_path / "p.png"), "--size", "32", "--n", "1"]) == 0
+    assert data.read_image(str(tmp_path / "p.png")).shape == (32, 7 * 32, 3) and os.listdir(tmp_path) == ["p.png"]
+
+
+# ---------------------------------------------------------------- 21. torchrun: the line once
+
+def test_under_torchrun_only_rank_0_prints_the_line(tmp_path, capsys, monkeypatch):
+    args = ["--phase", "0", "--steps", "1", "--out", str(tmp_path / "run"), *FAST, "--batch-size", "3"]
+    for rank, printed in (("1", ""), ("0", "--batch-size 3 (global) must be divisible by the 2 processes")):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        assert train.main(args) == 2
+        err = capsys.readouterr().err
+        assert one_line(err, printed) if printed else err == ""
+    assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- the repeat sweep on what issue 25 touched
+
+def test_stop_signal_handlers_are_restored_when_train_returns(run0):
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert train.main(["--phase", "0", "--steps", "2", "--out", str(run0), *FAST]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_resuming_a_checkpoint_without_training_state_is_one_line(run0, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    tampered(run0 / "phase0.pt", run / "phase0.pt", lambda ck: (ck.pop("optimizer"), ck.update(step="1")))
+    assert train.main(["--phase", "0", "--steps", "3", "--out", str(run), *FAST]) == 2
+    one_line(capsys.readouterr().err, "has no usable optimizer, step: it holds a model but not the training state")
+
+
+def test_an_out_that_is_a_device_or_a_fifo_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    """The write's rename would put a file where the node was (as root even over /dev/null)."""
+    with pytest.raises(ValueError, match="/dev/null is not a regular file"):
+        cli.check_writable("/dev/null")
+    os.mkfifo(tmp_path / "fifo")
+    monkeypatch.setattr(metrics, "evaluate_self", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    assert metrics.main(["--checkpoint", ckpt, "--no-akd", "--out", str(tmp_path / "fifo")]) == 2
+    one_line(capsys.readouterr().err, "is not a regular file")
+    assert not os.path.isfile(tmp_path / "fifo")

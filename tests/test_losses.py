@@ -422,3 +422,62 @@ def test_psnr_is_per_image_with_a_peak():
     assert p.shape == (2,) and p[0].item() == pytest.approx(20.0) and p[1].item() == math.inf
     assert L.psnr(pred[0] * 2, target[0], peak=2.0).item() == pytest.approx(20.0)   # scale-free with the peak
     assert L.psnr(pred[0].permute(1, 2, 0), target[0].permute(1, 2, 0)).item() == pytest.approx(20.0)   # HWC
+
+
+# ---------------------------------------------------------------- L_lm (not in the paper: issue 23, lambda_lm = 0)
+
+def _canonical_face():
+    """68 points in general position (no three rigid points on a line), pixels."""
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(68, 2, generator=g, dtype=torch.float64) * 40 + 10
+
+
+def test_lm_target_is_invariant_to_an_affine_motion_of_the_whole_face():
+    canon = _canonical_face()
+    stats = {"canon_rigid": canon[list(L.LM_RIGID)].float(), "canon_expr": canon[list(L.LM_EXPRESSIVE)].float(),
+             "mu": torch.zeros(84), "sd": torch.tensor(2.0)}
+    face = canon.clone()
+    face[57, 1] += 4.0                          # the lower lip's centre 4 px down, the rest as the canonical face
+    # by hand: (s - mu) / sd is zero except that point's y: 4 / 2 = 2
+    expected = torch.zeros(42, 2)
+    expected[L.LM_EXPRESSIVE.index(57), 1] = 2.0
+    torch.testing.assert_close(L.lm_target(face, stats), expected.flatten(), atol=1e-4, rtol=0)
+    # the same face rotated by 30 degrees, scaled 1.5x, sheared and shifted: the same target
+    c, s = math.cos(math.pi / 6), math.sin(math.pi / 6)
+    A = torch.tensor([[c, -s], [s, c]], dtype=torch.float64) @ torch.tensor([[1.5, 0.2], [0.0, 1.5]],
+                                                                          dtype=torch.float64)
+    moved = face @ A.T + torch.tensor([7.0, -3.0], dtype=torch.float64)
+    torch.testing.assert_close(L.lm_target(moved, stats), expected.flatten(), atol=1e-4, rtol=0)
+    assert L.lm_target(torch.stack([face, moved])[None], stats).shape == (1, 2, 84)   # [..., 68, 2] -> [..., 84]
+
+
+def test_lm_stats_by_hand():
+    # 3 samples of two frames each: the canonical face and the same with the lower lip 4 px down, each sample
+    # under its own affine motion (the first: none). Procrustes aligns every frame's rigid points exactly, so
+    # the canonical rigid points are the face's, the expressive ones the mean (lip 2 px down), mu = 0 and the
+    # within-video spread sigma = sqrt(mean over the 84 numbers of (4 or 0)^2 / 2) = sqrt(16 / 84 / 2)
+    canon = _canonical_face()
+    open_ = canon.clone()
+    open_[57, 1] += 4.0
+    motions = [(torch.eye(2, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)),
+               (torch.tensor([[0.9, -0.3], [0.3, 0.9]], dtype=torch.float64), torch.tensor([5.0, 1.0])),
+               (torch.tensor([[1.2, 0.0], [0.1, 0.8]], dtype=torch.float64), torch.tensor([-2.0, 3.0]))]
+    lms = torch.stack([torch.stack([canon @ A.T + t, open_ @ A.T + t]) for A, t in motions])    # (3, 2, 68, 2)
+    st = L.lm_stats(lms)
+    torch.testing.assert_close(st["canon_rigid"], canon[list(L.LM_RIGID)].float(), atol=1e-4, rtol=0)
+    half = (canon + open_)[list(L.LM_EXPRESSIVE)] / 2
+    torch.testing.assert_close(st["canon_expr"], half.float(), atol=1e-4, rtol=0)
+    torch.testing.assert_close(st["mu"], torch.zeros(84), atol=1e-4, rtol=0)
+    assert st["sd"].item() == pytest.approx(math.sqrt(16 / 84 / 2), rel=1e-4)
+
+
+def test_l_lm_by_hand_on_within_video_changes():
+    pred_drv = torch.tensor([[1.0, 2.0]])                    # B = 1, m = 2
+    pred_src = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])      # N = 2 sources
+    t_drv, t_src = torch.tensor([[0.0, 1.0]]), torch.zeros(1, 2, 2)
+    # changes: predicted (1, 2) and (0, 1), true (0, 1) twice -> errors (1, 1), (0, 0) -> mean of squares 2 / 4
+    assert L.l_lm(pred_drv, pred_src, t_drv, t_src).item() == pytest.approx(0.5)
+    # only changes count: a common offset of the head's output is free; one source may be [B, m]
+    assert L.l_lm(pred_drv + 3, pred_src + 3, t_drv, t_src).item() == pytest.approx(0.5)
+    assert L.l_lm(pred_drv, pred_src[:, 0], t_drv, t_src[:, 0]).item() == pytest.approx(1.0)   # (1^2 + 1^2) / 2
+    assert L.LossWeights().lm == 0.0           # off unless asked for: the default is the paper's objective

@@ -470,3 +470,72 @@ def test_logged_held_out_psnr_is_metrics_py_self_reenactment_figure():
     assert ours == pytest.approx(ref["model"]["psnr"], abs=1e-4)
     assert copy == pytest.approx(ref["baseline"]["psnr"], abs=1e-4)
     assert abs(ours - copy) > 0.1   # a random model is not the copy baseline
+
+
+# ----------------------------------------------------------------------------------------------------------
+# landmark-shape supervision of e (losses.l_lm; not in the paper, issue 23; off by default)
+
+def landmark_head(b, expr_dim=32):
+    """A LandmarkHead whose constants come from batch b's own landmarks."""
+    torch.manual_seed(3)
+    stats = losses.lm_stats(torch.cat([b["src_lm"], b["drv_lm"][:, None]], 1))
+    return train.LandmarkHead(torch.nn.Linear(expr_dim, 2 * len(losses.LM_EXPRESSIVE)), stats)
+
+
+def test_lambda_lm_0_leaves_the_phase1_loss_exactly_as_before():
+    args, model, b = small_batch(phase=1)
+    ctx, gidx = train.context(args), list(range(4))
+    with torch.no_grad():
+        before, terms0, _, _ = train.generator_losses(model, b, ctx, 0, gidx)
+        lm = landmark_head(b)
+        off, terms_off, _, _ = train.generator_losses(model, b, ctx, 0, gidx, lm=lm)      # lambda_lm = 0
+        ctx_on = dataclasses.replace(ctx, weights=losses.LossWeights(lm=0.5))
+        on, terms_on, _, _ = train.generator_losses(model, b, ctx_on, 0, gidx, lm=lm)
+    assert torch.equal(off, before) and terms_off == terms0 and "lm" not in terms_off
+    assert terms_on["lm"] > 0 and on.item() == pytest.approx(before.item() + 0.5 * terms_on["lm"], rel=1e-6)
+
+
+def test_lm_pretrain_phase0_saves_the_head_and_phase1_starts_x_from_it(tmp_path):
+    """--lm-pretrain joint (2 steps at 32x32): the detector and X both train, the checkpoint holds the head and
+    its constants; phase I with lambda_lm > 0 starts X and the head from it and trains the head."""
+    out = tmp_path / "lm"
+    assert train.main(["--phase", "0", "--steps", "1", "--lm-steps", "1", "--lm-pretrain", "joint", "--out", str(out),
+                       *FAST]) == 0
+    ck = torch.load(out / "phase0.pt", weights_only=True)
+    assert ck["step"] == 2 and ck["args"]["steps"] == 2 and {"lm_head", "lm_stats"} <= set(ck)
+    torch.manual_seed(0)
+    fresh = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).state_dict()
+    for part in ("kp_detector.", "expression."):   # both trained
+        assert max_diff({k: v for k, v in fresh.items() if k.startswith(part)}, ck["model"]) > 1e-5, part
+    recs = [json.loads(l) for l in open(out / "log.jsonl")]
+    assert {"kp", "lm", "loss"} <= set(recs[-1])
+    args = train.resolve(train.get_args(["--phase", "1", "--out", str(out), "--loss-weights", "lm=1", *FAST]))
+    run = train.build(train.context(args))
+    assert all(torch.equal(v, ck["model"][k]) for k, v in run.model.state_dict().items()
+               if k.startswith(("expression.", "kp_detector.")))
+    assert all(torch.equal(v, ck["lm_head"][k]) for k, v in run.lm.head.state_dict().items())
+    assert any(p is run.lm.head.weight for p in run.params)
+    b = torch.utils.data.default_collate([train.data.FaceDataset(size=32, seed=0)[i] for i in range(4)])
+    run.step = run.iteration = 1
+    terms, _, _, skipped = train.train_step(run, b, train.context(args))
+    assert not skipped and terms["lm"] > 0
+
+
+def test_lm_pretrain_gives_e_the_expression_on_held_out_faces(tmp_path):
+    """Issue 23 item 5: e must carry the expression. Phase 0 with --lm-pretrain frozen on the committed demo's
+    detector (--kp-checkpoint: its detector stays as it is), 64x64, batch 4, 100 steps of X + head at lr 3e-4:
+    the head's held-out R^2 of the landmark shape (eval_lm_r2, 4 test identities, within video) rises from ~0
+    to well above it. Fails when X's output stops following the face (a constant e, a cut gradient, a broken
+    target)."""
+    out = tmp_path / "lm64"
+    demo = os.path.join(ROOT, "checkpoints", "builtin_64.pt")
+    t = time.time()
+    assert train.main(["--phase", "0", "--lm-pretrain", "frozen", "--kp-checkpoint", demo, "--lm-steps", "80",
+                       "--batch-size", "4", "--lr", "3e-4", "--warmup", "1", "--eval-videos", "2",
+                       "--sample-every", "1000", "--log-every", "10", "--precision", "fp32", "--out", str(out)]) == 0
+    minutes = (time.time() - t) / 60
+    r2 = [r["eval_lm_r2"] for r in map(json.loads, open(out / "log.jsonl")) if "eval_lm_r2" in r]
+    print(f"held-out R^2 of the landmark-shape head: {r2} ({minutes:.2f} min)")
+    assert len(r2) == 2 and abs(r2[0]) < 0.05 and r2[1] > 0.1, r2
+    det = {k: v for k, v in train.weights.load_checkpoint(demo)["model"].items() if k.startswith("kp_detector.")}
+    assert max_diff(det, torch.load(out / "phase0.pt", weights_only=True)["model"]) == 0   # frozen throughout
