@@ -621,6 +621,7 @@ def test_max_minutes_is_the_wall_time_of_the_whole_command(tmp_path, monkeypatch
     has used it up (train.py's clock moved on by --max-minutes), phase 1 stops after its first step (with a
     deadline per phase it ran its 3 steps)."""
     monkeypatch.setitem(train.PRESETS["tiny"], "steps", (2, 10000, 500, 500))     # a short phase 0
+    monkeypatch.setattr(train, "draw_curves", lambda *a: None)                    # matplotlib: seconds here
     offset, deadlines, run_phase = [0.0], [], train.run_phase
     monkeypatch.setattr(train, "time", types.SimpleNamespace(time=lambda: time.time() + offset[0]))
 
@@ -912,6 +913,25 @@ def test_stop_signal_handlers_are_restored_when_train_returns(run0):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     assert train.main(["--phase", "0", "--steps", "2", "--out", str(run0), *FAST]) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_two_writers_of_one_frame_folder_never_mix_their_frames(tmp_path):
+    """A second write into a frame folder while the first is in progress (started from inside the first's frame
+    stream) is refused at once, before it writes any frame; the first ends with all of its own frames."""
+    folder, refused = tmp_path / "frames", []
+
+    def first():
+        for k in range(4):
+            if k == 1:
+                with pytest.raises(RuntimeError) as e:
+                    data.write_video(str(folder), np.full((4, 16, 16, 3), 220, np.uint8))
+                refused.append(cli.error_line(e.value))
+            yield np.full((16, 16, 3), 30, np.uint8)
+
+    assert data.write_video(str(folder), first()) == 4
+    assert "is being written by another process right now" in refused[0]
+    got = data.read_frames(str(folder))
+    assert len(got) == 4 and (got == 30).all()
 
 
 def test_resuming_a_checkpoint_without_training_state_is_one_line(run0, tmp_path, capsys):
