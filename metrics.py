@@ -352,25 +352,69 @@ def expression_response(out, out_neutral, truth, truth_neutral) -> float:
     return float(o @ g) / gg if gg > 0 else math.nan
 
 
-@torch.no_grad()
-def evaluate_expression(model, identities=16, seed=0, render=None) -> dict:
-    """Self-reenactment of a neutral face by the same face, same pose, with one expression (EXPRESSION_TESTS),
-    for `identities` built-in test identities, each at a near-frontal pose (yaw within 10, pitch within 5
-    degrees): -> {test: mean expression_response, "mean": over the tests, "identities": n}. A model that takes
-    the expression from the driver scores near 1; one that renders the source's expression (or a blur of all
-    expressions) near 0. Not in the paper: the built-in data's ground truth makes it measurable."""
-    rng, size = np.random.default_rng(seed), model.cfg.image_size
-    scores = {k: [] for k in EXPRESSION_TESTS}
+def expression_faces(identities, seed, size):
+    """The faces of the expression figures: for each of `identities` built-in test identities, at a near-frontal
+    pose (yaw within 10, pitch within 5 degrees), its frames [1 + tests, 3, S, S]: neutral first, then one
+    expression per EXPRESSION_TESTS entry, all at that pose."""
+    rng = np.random.default_rng(seed)
+    exprs = [faces.Expression(), *EXPRESSION_TESTS.values()]
     for j in range(identities):
         identity = faces.builtin_identity("test", j)[2]
         pose = faces.Pose(yaw=float(rng.uniform(-10, 10)), pitch=float(rng.uniform(-5, 5)))
-        exprs = [faces.Expression(), *EXPRESSION_TESTS.values()]
-        truth = faces.render_frames(identity, [pose] * len(exprs), exprs, size)[0]   # [1 + tests, 3, S, S]
-        out = reenact(model, truth[:1], truth, render=render)
-        for i, k in enumerate(EXPRESSION_TESTS, 1):
-            scores[k].append(expression_response(out[i], out[0], truth[i], truth[0]))
+        yield faces.render_frames(identity, [pose] * len(exprs), exprs, size)[0]
+
+
+def add_responses(scores, out, truth):
+    """Append each test's expression_response of the output frames `out` [1 + tests, ...] (neutral first) to
+    `scores` {test: list}, against the true frames `truth` of the same layout."""
+    for i, k in enumerate(EXPRESSION_TESTS, 1):
+        scores[k].append(expression_response(out[i], out[0], truth[i], truth[0]))
+
+
+def mean_responses(scores, identities) -> dict:
     res = {k: float(np.mean(v)) for k, v in scores.items()}
     return res | {"mean": float(np.mean(list(res.values()))), "identities": identities}
+
+
+@torch.no_grad()
+def evaluate_expression(model, identities=16, seed=0, render=None, cross=False) -> dict:
+    """Expression transfer: a neutral face (expression_faces) driven by a face with one expression per test
+    -> {test: mean expression_response, "mean": over the tests, "identities": n}. Self (default): driven by
+    itself, absolute motion. cross: driven by the NEXT test identity (another person, at its own pose), relative
+    motion from that person's neutral frame (Sec. 3.4), against the source's own face with that expression. A
+    model that takes the expression from the driver scores near 1; one that renders the source's expression (or
+    a blur of all expressions) near 0. Not in the paper: the built-in data's ground truth makes it measurable."""
+    if cross and identities < 2:
+        raise ValueError("the cross-reenactment expression figure needs at least 2 identities")
+    truths = list(expression_faces(identities, seed, model.cfg.image_size))
+    scores = {k: [] for k in EXPRESSION_TESTS}
+    for j, truth in enumerate(truths):
+        driver = truths[(j + 1) % identities] if cross else truth
+        add_responses(scores, reenact(model, truth[:1], driver, relative=cross, render=render), truth)
+    return mean_responses(scores, identities)
+
+
+@torch.no_grad()
+def evaluate_expression_paths(model, identities=16, seed=0, chunk=None) -> dict:
+    """Through which input the self-reenactment expression transfer goes (FSRT factorises the expression into
+    e, Sec. 3.1): each face of evaluate_expression rendered from its neutral frame's set-latents with the
+    driver's e and the NEUTRAL frame's keypoints ("e"), and with the neutral frame's e and the driver's
+    keypoints ("keypoints") -> {"e": {...}, "keypoints": {...}} in evaluate_expression's layout. The share through
+    e is e's figure over evaluate_expression's (absolute motion, fp32)."""
+    device, dtype = model_device(model), next(model.parameters()).dtype
+    scores = {w: {k: [] for k in EXPRESSION_TESTS} for w in ("e", "keypoints")}
+    model.eval()
+    for truth in expression_faces(identities, seed, model.cfg.image_size):
+        x = truth.to(device, dtype)                                               # [n, 3, S, S], neutral first
+        kp, e = model.keypoints_and_expression(x)                                 # [n, K, 2], [n, E]
+        set_latents = model.encode(x[:1][None], kp[:1][None], e[:1][None])       # the neutral source
+        kv = model.latent_kv(set_latents)
+        n = len(x)
+        ways = {"e": (kp[:1].expand(n, -1, -1), e), "keypoints": (kp, e[:1].expand(n, -1))}
+        for way, (k, ex) in ways.items():
+            out = model.render(set_latents, k, ex, chunk=chunk, kv=kv).float().clamp(0, 1).cpu()
+            add_responses(scores[way], out, truth)
+    return {way: mean_responses(sc, identities) for way, sc in scores.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -792,10 +836,17 @@ def report_cross(out, args, model, videos, render):
 
 def report_builtin_expression(out, args, model, videos, render):
     """Expression transfer, the probe of e and (with --readout-ceiling) what e could carry (built-in data)."""
+    row = lambda r: "   ".join(f"{k} {format_number(r[k], 2, lead_zero=True)}" for k in (*EXPRESSION_TESTS, "mean"))
     ex = out["expression"] = evaluate_expression(model, render=render)
-    print(f"\nexpression transfer: a neutral face driven by itself with one expression, share of the true "
-          f"change the output makes (1 = all, 0 = none; {ex['identities']} identities): "
-          + "   ".join(f"{k} {format_number(ex[k], 2, lead_zero=True)}" for k in (*EXPRESSION_TESTS, "mean")))
+    print(f"\nexpression transfer: a neutral face driven by a face with one expression, share of the true change "
+          f"the output makes (1 = all, 0 = none; {ex['identities']} identities)\n  self (itself):               "
+          + row(ex))
+    if model.cfg.use_keypoints:
+        cross = out["expression_cross"] = evaluate_expression(model, render=render, cross=True)
+        print("  cross (another, relative):   " + row(cross))
+    paths = out["expression_paths"] = evaluate_expression_paths(model, chunk=render.chunk)
+    print("  self, only e from the driver: " + row(paths["e"]) + "\n  self, only its keypoints:     "
+          + row(paths["keypoints"]))
     size = model.cfg.image_size
     if not args.no_probe:
         train = data.VideoSet(root=None, split="train", size=size)

@@ -87,6 +87,10 @@ def get_args(argv=None):
                         "reaching the detector too. Phase I starts X from it; --loss-weights lm=... keeps the term")
     p.add_argument("--lm-steps", type=int, default=1000, help="with --lm-pretrain: phase 0's steps of X + head, "
                    "added to its --steps of the detector (none with --kp-checkpoint)")
+    p.add_argument("--focus", type=float, default=0.0,
+                   help="not in the paper (issue 23): the share of phase I's --pixels drawn inside the driving frame's "
+                        "brow, eye and mouth boxes (its 68 landmarks), where the expression is; 0 = the paper's "
+                        "uniform draw")
     p.add_argument("--num-src", type=int, default=1)
     p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
@@ -160,6 +164,8 @@ def resolve(options, phase=None, own_steps=True):
     if args.kp_scale is not None and args.kp_scale > 1:
         raise ValueError(f"--kp-scale {args.kp_scale}: must be > 0 (and at most 1): the detector sees the image "
                          f"at most at its own size")
+    if not 0 <= args.focus < 1:
+        raise ValueError(f"--focus {args.focus}: must be >= 0 and < 1 (the share of pixels in the face parts)")
     if args.pixels > args.image_size ** 2:
         raise ValueError(f"--pixels {args.pixels} exceeds the {args.image_size}x{args.image_size} image")
     lm_pretrain_schedule(args)
@@ -373,6 +379,38 @@ def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offset
     return rgb.transpose(1, 2).reshape(-1, 3, H, W)
 
 
+# Eq. (17)'s pixels. --focus (NOT IN THE PAPER, issue 23; 0 = the paper's uniform draw) draws a share of them in
+# the boxes of the driving frame's brows, eyes and mouth: ~10 % of a 64x64 face, so a uniform draw gives the
+# expression ~10 % of L_MSE, and a blurred decoder gains little by rendering it
+FACE_PARTS = (range(17, 27), range(36, 48), range(48, 68))       # 68-landmark indices: brows, eyes, mouth
+
+
+def part_mask(lm, crop, size):
+    """Pixels inside the FACE_PARTS boxes (widened by size/32 pixels: 2 at 64x64, where the brows rise and the
+    jaw drops) of the driving frames' landmarks lm [B,68,2]
+    (pixels of the uncropped frames), in the crop the decoder renders (crop [B,4] normalised) -> [B, S*S] bool,
+    row-major as pixel_grid; all False where the landmarks are NaN."""
+    p = to_pixels(data.map_to_crop(to_normalized(lm.float().cpu(), size), crop.float().cpu()), size)  # (B,68,2)
+    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    xy = torch.stack((xs, ys), -1).flatten(0, 1).float()                               # (S*S, 2) as (x, y)
+    mask = torch.zeros(len(p), size * size, dtype=torch.bool)
+    pad = max(1, size // 32)
+    for part in FACE_PARTS:
+        lo, hi = p[:, part].amin(1) - pad, p[:, part].amax(1) + pad                     # (B, 2)
+        mask |= ((xy >= lo[:, None]) & (xy <= hi[:, None])).all(-1)
+    return mask
+
+
+def sample_pixels(n_pixels, n, g, focus=0.0, mask=None):
+    """n distinct pixel indices of n_pixels drawn by generator g: uniform (the paper), or with an expected share
+    `focus` of them inside mask [n_pixels] (uniform inside and outside it)."""
+    m = 0 if mask is None else int(mask.sum())
+    if focus <= 0 or m in (0, n_pixels):
+        return torch.randperm(n_pixels, generator=g)[:n]
+    w = torch.where(mask, focus / m, (1 - focus) / (n_pixels - m))
+    return torch.multinomial(w, n, replacement=False, generator=g)
+
+
 def split_sets(out, sets):
     """A dict of batched outputs over torch.cat(list(sets.values())) -> {set name: dict of its outputs}."""
     parts = {k: v.split([len(x) for x in sets.values()]) for k, v in out.items()}
@@ -425,7 +463,9 @@ def generator_losses(model, b, ctx, step, gidx, perceptual=None, disc=None, lm=N
     target = b["drv"]                                                                  # (B, 3, H, W)
     B, _, H, Wd = target.shape
     if args.phase == 1:   # Eq. (17) on --pixels pixels per driving frame, sampled without replacement
-        idx = torch.stack([torch.randperm(H * Wd, generator=g)[:args.pixels] for g in rngs]).to(target.device)
+        parts = part_mask(b["drv_lm"], b["crop"], H) if args.focus > 0 else [None] * B    # (B, H*W) or none
+        idx = torch.stack([sample_pixels(H * Wd, args.pixels, g, args.focus, m)
+                           for g, m in zip(rngs, parts)]).to(target.device)                 # (B, P)
         pixels = pixel_grid(H, Wd, device=target.device)[idx]                        # (B, P, 2)
         pred = model.decode(set_latents, pixels, kp_driving, expr_driving).float()       # (B, P, 3)
         gt = torch.gather(target.flatten(2), 2, idx[:, None].expand(-1, 3, -1)).transpose(1, 2)

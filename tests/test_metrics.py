@@ -401,6 +401,46 @@ def test_expression_transfer_of_a_perfect_and_a_blind_model(monkeypatch):
 
 
 
+def test_cross_expression_is_driven_by_the_next_identity_with_relative_motion(monkeypatch):
+    torch.manual_seed(0)
+    model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
+    truths = list(metrics.expression_faces(3, 0, 32))
+    calls = []
+    monkeypatch.setattr(metrics, "reenact", lambda model, src, drv, **kw: calls.append((src, drv, kw)) or drv.clone())
+    res = metrics.evaluate_expression(model, identities=3, cross=True)
+    for j, (src, drv, kw) in enumerate(calls):
+        assert torch.equal(src, truths[j][:1]) and torch.equal(drv, truths[(j + 1) % 3]) and kw["relative"]
+    # the driver's own frames are not the source's face with that expression: a copy of them is no perfect score
+    assert res["identities"] == 3 and res["mean"] < 0.9
+    with pytest.raises(ValueError, match="at least 2 identities"):
+        metrics.evaluate_expression(model, identities=1, cross=True)
+
+
+def test_expression_paths_change_one_input_each_and_see_a_decoder_blind_to_it():
+    """The "e" path renders every frame with the neutral frame's keypoints and the frame's own e, the "keypoints"
+    path the converse; a decoder whose query ignores e (Eq. 7's e columns zeroed) shows no transfer through e."""
+    torch.manual_seed(0)
+    model = srt.FSRT(srt.FSRTConfig.tiny(image_size=32)).eval()
+    cfg, render, calls = model.cfg, model.render, []
+    model.render = lambda z, k, e, **kw: calls.append((k, e)) or render(z, k, e, **kw)
+    paths = metrics.evaluate_expression_paths(model, identities=2)
+    assert {w: r["identities"] for w, r in paths.items()} == {"e": 2, "keypoints": 2}
+    truth = next(metrics.expression_faces(1, 0, 32))
+    kp, e = model.keypoints_and_expression(truth)
+    (k_e, e_e), (k_k, e_k) = calls[:2]                                      # identity 0: the "e" path, then the other
+    assert torch.equal(k_e, kp[:1].expand_as(kp)) and torch.allclose(e_e, e, atol=1e-6)
+    assert torch.allclose(k_k, kp, atol=1e-6) and torch.equal(e_k, e[:1].expand_as(e))
+    weight = model.decoder.query_mlp[0].weight
+    for way, cols in (("e", slice(cfg.pix_dim + cfg.key_dim, None)), ("keypoints", slice(cfg.pix_dim, cfg.pix_dim + cfg.key_dim))):
+        kept = weight.detach().clone()
+        with torch.no_grad():
+            weight[:, cols] = 0
+        blind = metrics.evaluate_expression_paths(model, identities=2)
+        assert abs(blind[way]["mean"]) < 0.01 * abs(paths[way]["mean"]), (way, blind[way], paths[way])   # float noise
+        with torch.no_grad():
+            weight.copy_(kept)
+
+
 class _BrightnessDetector(torch.nn.Module):
     """A stand-in detector whose features are the image's mean brightness everywhere (uniform heatmaps)."""
     def forward(self, x):

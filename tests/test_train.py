@@ -85,6 +85,31 @@ def small_batch(n=4, size=32, phase=2):
     return args, model, torch.utils.data.default_collate([ds[i] for i in range(n)])
 
 
+def test_focus_draws_its_share_of_pixels_in_the_face_parts_of_the_crop():
+    """--focus (not in the paper): the brow, eye and mouth boxes of the driving landmarks, mapped into the
+    out-of-frame crop, hold every such landmark that lies in the image, a small part of it, and a share `focus`
+    of the drawn pixels; focus 0 is the paper's uniform draw, exactly."""
+    S = 64
+    ds = train.data.FaceDataset(size=S, num_src=1, seed=0, augment=train.data.Augment(crop_p=1.0))
+    b = torch.utils.data.default_collate([ds[i] for i in range(4)])
+    mask = train.part_mask(b["drv_lm"], b["crop"], S)                        # (4, S*S)
+    lm = train.to_pixels(train.data.map_to_crop(train.to_normalized(b["drv_lm"], S), b["crop"]), S)
+    for i in range(4):
+        for part in train.FACE_PARTS:
+            x, y = lm[i, part].round().long().T
+            ok = (x >= 0) & (x < S) & (y >= 0) & (y < S)
+            assert mask[i][y[ok] * S + x[ok]].all()
+    assert ((0.02 < mask.float().mean(1)) & (mask.float().mean(1) < 0.3)).all(), mask.float().mean(1)
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(train.sample_pixels(S * S, 256, g(), 0.0, mask[0]), torch.randperm(S * S, generator=g())[:256])
+    drawn = torch.stack([train.sample_pixels(S * S, 256, g(), 0.5, m) for m in mask])       # (4, 256)
+    assert all(len(set(d.tolist())) == 256 for d in drawn)                                # without replacement
+    share = torch.gather(mask, 1, drawn).float().mean()
+    assert 0.42 < share < 0.58, share
+    nan = torch.full_like(b["drv_lm"][:1], float("nan"))                                 # no face: the uniform draw
+    assert not train.part_mask(nan, b["crop"][:1], S).any()
+
+
 def test_encode_batch_detects_keypoints_on_a2_uncropped_frames_and_uses_the_batch_a1_a2_choice():
     args, model, b = small_batch()
     rngs = lambda: [train.sample_rng(0, 0, i) for i in range(4)]
