@@ -1039,9 +1039,11 @@ def restore(run, ctx):
         run.step, run.iteration = ck["step"], ck["iteration"]
         set_rng_state(ck["rng"])
         restore_landmark_head(run, ctx, ck)
-        old = ck.get("args", {})
-        changed = [f"--{k.replace('_', '-')} {getattr(args, k)} (the run used {old[k]})"
-                   for k in ("batch_size", "num_src", "pixels", "seed") if k in old and old[k] != getattr(args, k)]
+        old = {"focus": 0.0, **ck.get("args", {})}                         # focus: not in older runs' args
+        show = lambda v: "none" if v == "" else v                          # --loss-weights left out
+        changed = [f"--{k.replace('_', '-')} {show(getattr(args, k))} (the run used {show(old[k])})"
+                   for k in ("batch_size", "num_src", "pixels", "focus", "loss_weights", "seed")
+                   if k in old and old[k] != getattr(args, k)]
         if changed:
             ctx.log(f"notice: resuming {run.path} with {', '.join(changed)}: the data order and the loss change "
                     f"from step {run.step} on")

@@ -111,7 +111,6 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    import srt
     model = _tiny_model()
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
     weights.save_checkpoint(str(path), {"config": model.cfg.to_dict(), "model": model.state_dict(), "step": 0,
