@@ -893,11 +893,12 @@ class Monitor:
             h = metrics.health(model, torch.stack([v["frames"][0] for v in self.videos]).to(self.ctx.device,
                                                                                             self.ctx.dtype))
             ex = metrics.evaluate_expression(model, 8) if args.data is None else None   # built-in data only
+            ex_e = metrics.evaluate_expression_paths(model, 8)["e"] if ex is not None else None   # e alone
             self.write(step, {"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": minutes,
                               **{"health_" + k: v for k, v in h.items()}, "encoder_collapsed": metrics.collapsed(h),
                               "expression_collapsed": metrics.expression_collapsed(h), "eval_expression": ex,
-                              **lm_r2})
-            self.bar.write(eval_line(step, ours, copy, h, ex))
+                              "eval_expression_e": ex_e, **lm_r2})
+            self.bar.write(eval_line(step, ours, copy, h, ex, ex_e))
         model.train()
         if b is not None:
             sample_grid(os.path.join(args.out, "samples", f"phase{args.phase}_{step:07d}.png"), model, b, args)
@@ -910,14 +911,14 @@ class Monitor:
             draw_curves(self.args.out, self.args.phase)
 
 
-def eval_line(step, ours, copy, h, ex):
+def eval_line(step, ours, copy, h, ex, ex_e=None):
     """The held-out evaluation in words, with a warning line when the encoder or e has collapsed."""
     line = (f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: active channels "
             f"{min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, attention on the own patch "
             f"{h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), spread of e across faces "
             f"{h['expr_spread']:.3f}, active units of X_M {min(h['expr_active'], default=math.nan):.0%} (least of its "
             f"layers); expression transfer {metrics.format_number(ex and ex['mean'], 2, lead_zero=True)} (1 = follows "
-            f"the driver's expression)")
+            f"the driver's expression), through e alone {metrics.format_number(ex_e and ex_e['mean'], 2, lead_zero=True)}")
     if metrics.collapsed(h):
         line += (f"\nstep {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, or "
                  f"set-latents equal across tokens/images): the decoder renders from the driving frame alone. Lower "
