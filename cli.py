@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -54,18 +55,50 @@ def fail(err, code=2, memory_hint=None):
     return code
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP raised in the main thread as Ctrl-C raises KeyboardInterrupt: the `finally` blocks run
+    (atomic_path removes its temporary file), so a command stopped by `kill`, Slurm, `timeout` or a closed
+    terminal leaves no half-written output behind."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stopped_by_exception():
+    """While inside, SIGTERM and SIGHUP raise Stopped (a signal already ignored, as under nohup, stays ignored;
+    only the main thread can set handlers, elsewhere this does nothing); the handlers from before are restored."""
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for s in (getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)):
+            if signal.getsignal(s) is signal.SIG_DFL:
+                previous[s] = signal.signal(s, _raise_stopped)
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_command(run, args, memory_hint=None):
     """run(args) as a command line's exit code: 0 when it returns, one `error:` line and 2 for an expected
-    failure (out of memory: with `memory_hint`), 130 after Ctrl-C; a torchrun process group is left in every
-    case."""
+    failure (out of memory: with `memory_hint`), 128 + the signal's number after Ctrl-C (130), SIGTERM (143) or
+    SIGHUP (129), with no temporary output left; a torchrun process group is left in every case."""
     try:
-        run(args)
+        with stopped_by_exception():
+            run(args)
         return 0
     except EXPECTED as e:
         return fail(e, memory_hint=memory_hint)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\ninterrupted ({signal.Signals(signum).name}): nothing half-written is left", file=sys.stderr)
+        return 128 + signum
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -285,14 +318,20 @@ def end_workers():
         p.join(5)
 
 
+# the signals that stop a run: Ctrl-C; kill, Slurm, systemd, `timeout`; a closed terminal or ssh session
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 class StopSignals:
-    """From construction on, the first SIGINT/SIGTERM sets `signum` and prints `message`; the default action is
-    restored for both signals, so a second one ends the process at once (exit 130 / 143, even inside a long
-    computation). Data-loader workers call `ignore()`: the main process decides when to stop."""
+    """From construction on, the first SIGINT/SIGTERM/SIGHUP sets `signum` and prints `message`; the default
+    action is restored for them, so a second one ends the process at once (exit 130 / 143 / 129, even inside a
+    long computation). A signal ignored before (SIGHUP under nohup) stays ignored. Data-loader workers call
+    `ignore()`: the main process decides when to stop."""
 
     def __init__(self, message):
         self.signum, self.message = 0, message
-        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS
+                         if signal.getsignal(s) is not signal.SIG_IGN}
         atexit.unregister(end_workers)
         atexit.register(end_workers)         # after multiprocessing's exit function, so it runs before it
 
@@ -303,8 +342,8 @@ class StopSignals:
 
     def _handler(self, signum, frame):
         self.signum = signum
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in self.previous:
+            signal.signal(s, signal.SIG_DFL)
         print(f"\n{self.message}", file=sys.stderr, flush=True)
 
     def __bool__(self):
@@ -316,11 +355,11 @@ class StopSignals:
         terminal's Ctrl-C; Slurm, systemd, `timeout`) to the main process, which finishes its step and writes a
         checkpoint. (A worker cannot tell its main process's SIGTERM from the group's: end_workers kills the ones
         left at exit.)"""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
     def exit_code(self):
-        """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143)."""
+        """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
         return 128 + int(self.signum)
 
 

@@ -951,3 +951,37 @@ def test_an_out_that_is_a_device_or_a_fifo_is_refused(ckpt, tmp_path, capsys, mo
     assert metrics.main(["--checkpoint", ckpt, "--no-akd", "--out", str(tmp_path / "fifo")]) == 2
     one_line(capsys.readouterr().err, "is not a regular file")
     assert not os.path.isfile(tmp_path / "fifo")
+
+
+# ================================================================ issue 25, second sweep: what the fixes touched
+
+# ---------------------------------------------------------------- 2.1 SIGHUP, SIGTERM while rendering
+
+def test_sighup_stops_training_with_a_checkpoint_and_129(tmp_path):
+    """A closed terminal or ssh session (SIGHUP) killed the run before: the steps since the last checkpoint lost."""
+    out = tmp_path / "run"
+    p = _start(["--phase", "0", "--steps", "100000", "--out", str(out), *FAST], out / "log.jsonl", '"step": 1,')
+    p.send_signal(signal.SIGHUP)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 129, (p.returncode, stderr[-2000:])
+    assert "stopped at step" in stdout and torch.load(out / "phase0.pt", weights_only=True)["step"] >= 1
+
+
+def test_sigterm_while_reenact_renders_leaves_no_temporary_file(ckpt, tmp_path):
+    """SIGTERM killed reenact.py mid-render: its .tmp_*.mp4 (and ffmpeg's partial video in it) stayed in --out's
+    folder. Now the signal unwinds as Ctrl-C does: exit 143, one line, nothing left."""
+    png, mp4 = inputs(tmp_path, frames=200)
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.Popen([sys.executable, "reenact.py", *render_args(ckpt, png, mp4, out / "r.mp4", "--size", "128",
+                                                                     "--precision", "fp32")],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not os.listdir(out) and p.poll() is None and time.time() - t0 < 60:     # its temporary file exists
+        time.sleep(0.05)
+    time.sleep(1)
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 143, (p.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr and "interrupted (SIGTERM)" in stderr
+    assert os.listdir(out) == []
