@@ -17,6 +17,7 @@ import argparse
 import functools
 import importlib.util
 import itertools
+import logging
 import math
 import os
 import re
@@ -674,6 +675,10 @@ OUTPUT_EXTS = (".mp4", ".mov", ".gif")                                     # vid
 MAX_SIDE = 4096     # images larger than this a side are shrunk while decoding (a 13000x13000 photo took 5 GB)
 MAX_RATE = 120      # frames per second a variable-rate video is resampled to at most
 
+# imageio-ffmpeg warns on stderr when a video's frames, read upright as players show them (a phone's rotation
+# metadata), are not of its stored size: that is the rotation applied, nothing for a person to act on
+logging.getLogger("imageio_ffmpeg").addFilter(lambda r: "different from the source frame size" not in r.getMessage())
+
 
 def _rgb8(a):
     """Image array (gray, gray+alpha, RGB, RGBA; uint8, uint16, or float in [0, 1]) -> uint8 [H,W,3]."""
@@ -690,10 +695,12 @@ def _rgb8(a):
 
 
 def read_image(path):
-    """-> np.uint8 [H,W,3] (16-bit scaled down, gray repeated, alpha dropped), upright (EXIF orientation), at most
+    """-> np.uint8 [H,W,3] (16-bit scaled down, float gray as [0, 1] or 0-255, gray repeated, alpha dropped), upright (EXIF orientation), at most
     MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at 1/2, 1/4 or 1/8 of its size)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); copy or export the image again")
     try:
         with Image.open(path) as raw:
             if max(raw.size) > MAX_SIDE:       # a JPEG decodes at the scale that keeps >= MAX_SIDE / 2 a side
@@ -703,15 +710,32 @@ def read_image(path):
             im = ImageOps.exif_transpose(raw)   # upright as photo viewers show it (EXIF orientation)
             if im.mode.startswith("I"):         # 16-bit (or 32-bit int holding 16-bit) gray
                 a = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+            elif im.mode == "F":                # 32-bit float gray: in [0, 1], or 0-255 when it goes past 1
+                a = np.nan_to_num(np.asarray(im, dtype=np.float32))
+                a = a / 255.0 if a.max(initial=0) > 1 else a
             else:
                 a = np.asarray(im) if im.mode in ("L", "LA", "RGB", "RGBA") else np.asarray(im.convert("RGB"))
     except Exception as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+        again = "; copy or export it again" if "truncated" in str(e) else ""
+        raise ValueError(f"{path}: cannot read image ({e}){again}") from None
     return _rgb8(a)
 
 
+def is_animated(path):
+    """Whether an image file (an animated WebP or PNG) holds several frames: it is then read as a video."""
+    if os.path.splitext(path)[1].lower() not in (".webp", ".png") or not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except Exception:                   # not an image: read_image says why
+        return False
+
+
 def _frame_files(folder):
-    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS))
+    """The image files of a frame folder in the order of the numbers in their names (frame2 before frame10)."""
+    natural = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n.lower())]
+    return sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)), key=natural)
 
 
 def read_frames(path, indices=None):
@@ -721,6 +745,7 @@ def read_frames(path, indices=None):
         indices = range(len(files)) if indices is None else indices
         if not files or max(indices, default=0) >= len(files):
             raise too_short(path, len(files), max(indices, default=0))
+        indices = list(indices)
         frames = [read_image(os.path.join(path, files[i])) for i in indices]
     else:
         want, got, n = (None if indices is None else set(int(i) for i in indices)), {}, 0
@@ -737,10 +762,20 @@ def read_frames(path, indices=None):
         missing = [] if want is None else sorted(want - set(got))
         if not got or missing:
             raise too_short(path, n, missing[-1] if missing else 0)
-        frames = [got[k] for k in (sorted(got) if indices is None else indices)]
-    if len({f.shape for f in frames}) > 1:
-        raise ValueError(f"{path}: frames of different sizes")
+        indices = sorted(got) if indices is None else list(indices)
+        frames = [got[k] for k in indices]
+    for i, f in zip(indices, frames):
+        if f.shape != frames[0].shape:
+            raise different_sizes(path, i, f.shape, indices[0], frames[0].shape)
     return np.stack(frames)
+
+
+def different_sizes(path, k, shape, k0, shape0):
+    """The ValueError for frame k of a video or folder whose size differs from frame k0's (naming the file of a
+    frame folder)."""
+    name = f" ({_frame_files(path)[k]})" if os.path.isdir(path) else ""
+    return ValueError(f"{path}: frame {k}{name} is {shape[1]}x{shape[0]} but frame {k0} is {shape0[1]}x{shape0[0]}; "
+                      f"the frames of a clip must have one size: resize or remove the odd ones")
 
 
 def too_short(path, n, frame):
@@ -751,14 +786,27 @@ def too_short(path, n, frame):
     return err
 
 
+# ffmpeg's lines that never say why: its banner, progress and the threads' bookkeeping
+FFMPEG_NOISE = re.compile(r"ffmpeg version|built with|configuration:|lib\w+ +\d|Error opening input file|frame=|"
+                          r"Conversion failed|Task finished|Terminating thread|Nothing was written|Could not open "
+                          r"encoder|Press \[q\]")
+# ffmpeg's words for a file that ends too early
+TRUNCATED = re.compile(r"partial file|moov atom not found|reached eof|error reading header|End of file")
+
+
 def video_error(path, err):
-    """ValueError for an unreadable video giving ffmpeg's reason (the last lines of its stderr), not its banner."""
+    """ValueError for an unreadable video giving ffmpeg's reason (its stderr's telling lines), not its banner; an
+    empty or cut-short file (an interrupted download, copy or recording) is said to be one."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return ValueError(f"{path}: the file is empty (0 bytes); copy or export the video again")
     head, _, tail = str(err).partition("=== stderr ===")
-    lines = [re.sub(r"^\[[^]]*\]\s*", "", l).strip() for l in tail.splitlines()]
-    lines = [l for l in lines if l and not re.match(r"ffmpeg version|built with|configuration:|lib\w+ +\d|"
-                                                    r"Error opening input file", l)]
-    reason = "; ".join(dict.fromkeys([" ".join(head.split())] + lines[-2:]))
-    return ValueError(f"{path}: cannot read video ({type(err).__name__}: {reason[:300]})")
+    lines = [re.sub(r"^(\[[^]]*\]\s*)+", "", l).strip() for l in tail.splitlines()]
+    lines = [l for l in lines if l and not FFMPEG_NOISE.match(l)]
+    cut = [l for l in lines if TRUNCATED.search(l)][:1]
+    reason = "; ".join(dict.fromkeys([" ".join(head.split())] + cut + lines[-2:]))
+    hint = ": the file is cut short or damaged (an interrupted download, copy or recording?); copy or export it " \
+           "again" if cut else ""
+    return ValueError(f"{path}: cannot read video ({type(err).__name__}: {reason[:300]}){hint}")
 
 
 def iter_frames(path):
@@ -767,7 +815,7 @@ def iter_frames(path):
     if os.path.isdir(path):
         for name in _frame_files(path):
             yield read_image(os.path.join(path, name))
-    elif os.path.splitext(path)[1].lower() in IMAGE_EXTS:
+    elif os.path.splitext(path)[1].lower() in IMAGE_EXTS and not is_animated(path):
         yield read_image(path)
     else:
         with open_video(path) as reader:
@@ -882,16 +930,19 @@ def input_notices(path):
     return []
 
 
+# names of files, not folders: a frame folder called results.json or phase1.pt is a mistaken --out
+NOT_FRAME_FOLDERS = (".json", ".jsonl", ".pt", ".pth", ".tar", ".npy", ".npz", ".txt", ".csv", ".wav", ".mp3", ".m4a")
 FRAME_NAME = re.compile(r"\d{6}\.png")    # the files of a frame-folder output: 000000.png, 000001.png, ...
 
 
 def is_frame_folder(out):
     """Whether write_video writes `out` as a folder of PNG frames: any name without a video extension it writes
-    (.mp4, .mov, .gif), dots included (results.v2); a video or image type it cannot write is refused."""
+    (.mp4, .mov, .gif), dots included (results.v2); a video or image type it cannot write, or the extension of
+    another kind of file (.json, .pt, .npy, ...), is refused."""
     ext = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
     if ext in OUTPUT_EXTS:
         return False
-    if ext in VIDEO_EXTS or ext in IMAGE_EXTS:
+    if ext in VIDEO_EXTS or ext in IMAGE_EXTS or ext in NOT_FRAME_FOLDERS:
         raise ValueError(f"--out {out}: cannot write '{ext}'; use .mp4, .mov, .gif or a folder name (PNG frames)")
     return True
 
@@ -926,10 +977,17 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
             with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=2,
                                     ffmpeg_log_level="error") as w:
                 for n, fr in enumerate(frames, 1):
-                    w.append_data(fr)
+                    w.append_data(_even(fr))
             if audio is not None and n:
                 add_audio(tmp, audio, n / fps)
     return n
+
+
+def _even(fr):
+    """H.264 needs even sides: an odd-sided frame gets its last row / column repeated (imageio would stretch it,
+    with a warning on stderr)."""
+    H, W = fr.shape[:2]
+    return np.pad(fr, ((0, H % 2), (0, W % 2), (0, 0)), mode="edge") if H % 2 or W % 2 else fr
 
 
 def add_audio(video, media, seconds):

@@ -728,6 +728,10 @@ def check_options(args):
         except (ValueError, UnicodeDecodeError):
             raise ValueError(f"--out {args.out} exists and is not a JSON file of results (it would be replaced): "
                              f"choose another --out") from None
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext in data.VIDEO_EXTS + data.IMAGE_EXTS + (".pt", ".pth", ".npy"):   # e.g. reenact.py's --out, pasted
+        raise ValueError(f"--out {args.out}: metrics.py writes JSON, not a '{ext}' file; give a .json name "
+                         f"(default results.json)")
     cli.check_writable(args.out)          # now, not after the whole evaluation
 
 

@@ -335,7 +335,6 @@ class _Evil:
 
 def test_loaders_never_suggest_weights_only_false(ckpt, tmp_path, capsys):
     import keypoints
-    import losses
     evil = tmp_path / "evil.pt"
     torch.save({"format": "fsrt", "config": {}, "model": {}, "x": _Evil()}, evil)
     errors = []
@@ -985,3 +984,120 @@ def test_sigterm_while_reenact_renders_leaves_no_temporary_file(ckpt, tmp_path):
     assert p.returncode == 143, (p.returncode, stderr[-2000:])
     assert "Traceback" not in stderr and "interrupted (SIGTERM)" in stderr
     assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- 2.2 odd media: formats, damage, frame order
+
+def test_a_float_tiff_source_is_read_with_its_values_not_black(tmp_path):
+    """A 32-bit float gray TIFF (mode F, values in [0, 1]) was converted by Pillow to 0 / 1 of 255: black."""
+    from PIL import Image
+    gray = np.random.default_rng(0).random((20, 30), dtype=np.float32)
+    Image.fromarray(gray).save(tmp_path / "f.tif")
+    Image.fromarray(gray * 255).save(tmp_path / "f255.tif")                   # the other convention: 0-255
+    for name in ("f.tif", "f255.tif"):
+        a = data.read_image(str(tmp_path / name))
+        assert a.shape == (20, 30, 3) and np.abs(a[..., 1].astype(int) - np.round(gray * 255)).max() <= 1, name
+
+
+@pytest.mark.parametrize("ext", ["webp", "png"])
+def test_an_animated_webp_or_png_is_read_as_a_clip(ckpt, tmp_path, ext):
+    """An animated WebP / PNG driving file was read as one still frame at 25 fps (3 frames at 10 fps here)."""
+    from PIL import Image
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (20, 120, 220)]
+    anim = tmp_path / f"anim.{ext}"
+    frames[0].save(anim, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True)
+    got = data.read_frames(str(anim))
+    assert got.shape == (3, 32, 32, 3) and np.abs(got.reshape(3, -1).mean(1) - [20, 120, 220]).max() < 3
+    png, _ = inputs(tmp_path)
+    out = tmp_path / "o.mp4"
+    assert reenact.main(render_args(ckpt, png, str(anim), out)) == 0
+    frames, fps = data.read_video(str(out))
+    assert len(frames) == 3 and fps == pytest.approx(10)
+    assert reenact.main(render_args(ckpt, str(anim), png, out, "--source-frames", "0", "-1")) == 0   # a video source
+
+
+def test_empty_and_cut_short_files_say_so(ckpt, tmp_path, capsys):
+    """A 0-byte video said "moov atom not found", a 0-byte image "cannot identify image file"; a cut-short mp4
+    (index first, the frames cut) gave ffmpeg's progress line "frame= 0 fps=0.0 ... Conversion failed!"."""
+    png, _ = inputs(tmp_path)
+    whole = tmp_path / "whole.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x48:rate=10:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           "-movflags", "+faststart", whole)
+    blob = whole.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(blob[:len(blob) * 2 // 3])
+    for name in ("empty.mp4", "empty.png"):
+        (tmp_path / name).write_bytes(b"")
+    cases = [(png, "empty.mp4", "empty.mp4: the file is empty (0 bytes)"),
+             ("empty.png", str(whole), "empty.png: the file is empty (0 bytes)"),
+             (png, "cut.mp4", "partial file")]
+    for source, driving, needle in cases:
+        args = render_args(ckpt, str(tmp_path / source), str(tmp_path / driving), tmp_path / "o.mp4")
+        assert reenact.main(args) == 2
+        line = one_line(capsys.readouterr().err, needle)
+        assert "frame=" not in line and "Conversion failed" not in line
+        assert "empty" in line or "cut short or damaged" in line
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_frame_folder_is_read_in_the_order_of_its_numbers_and_names_an_odd_sized_frame(ckpt, tmp_path, capsys):
+    """frame1.png ... frame12.png were read as frame1, frame10, frame11, frame12, frame2, ...: scrambled motion;
+    a frame of another size said only "frames of different sizes", not which."""
+    from PIL import Image
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i in range(12):
+        im = Image.fromarray(np.full((16, 16, 3), i * 20, np.uint8))
+        im.save(folder / f"frame{i + 1}.{'jpg' if i == 3 else 'png'}", quality=100)       # mixed extensions
+    got = data.read_frames(str(folder))[:, 0, 0, 0].astype(int)
+    assert np.abs(got - np.arange(12) * 20).max() <= 2, got
+    Image.new("RGB", (12, 16)).save(folder / "frame13.png")
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(folder), tmp_path / "o.mp4")) == 2
+    one_line(capsys.readouterr().err, "frame 12 (frame13.png) is 12x16 but frame 0 is 16x16")
+
+
+def test_a_rotated_phone_video_is_read_upright_without_imageio_warnings(ckpt, tmp_path):
+    """A 64x32 clip with a 90-degree display rotation: read upright (32 wide, 64 high), but imageio-ffmpeg
+    printed "The frame size for reading (32, 64) is different from the source frame size (64, 32)." twice."""
+    wide, rot = tmp_path / "wide.mp4", tmp_path / "rot.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x32:rate=10:duration=0.5", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           wide)
+    ffmpeg("-display_rotation", "90", "-i", wide, "-c", "copy", rot)
+    png, _ = inputs(tmp_path)
+    r = subprocess.run([sys.executable, "reenact.py", *render_args(ckpt, png, str(rot), tmp_path / "o.mp4")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "rot.mp4 is 32x64" in r.stdout and data.read_frames(str(rot)).shape[1:3] == (64, 32)
+
+
+# ---------------------------------------------------------------- 2.3 output names and sizes
+
+def test_odd_output_sides_are_refused_or_padded_never_stretched(ckpt, tmp_path, capsys):
+    """--size 33 into an .mp4 was stretched to 34x34 with an imageio warning on stderr; --paste-back into a 39x33
+    photo as well (to 40x34). Now an odd --size is refused for .mp4/.mov and odd frames get an edge row/column."""
+    png, mp4 = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "o.mp4", "--size", "33")) == 2
+    one_line(capsys.readouterr().err, "--size 33: a .mp4 / .mov (H.264) needs even sides; use --size 32 or 34")
+    assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "o.gif", "--size", "33")) == 0
+    assert data.read_frames(str(tmp_path / "o.gif")).shape[1:3] == (33, 33)
+    frame = np.zeros((33, 39, 3), np.uint8)
+    frame[:, 20:] = 200                                     # an edge at column 20: stretching would move it
+    capsys.readouterr()
+    assert data.write_video(str(tmp_path / "odd.mp4"), [frame] * 2, 10) == 2
+    got = data.read_frames(str(tmp_path / "odd.mp4"))[0].astype(int)
+    assert got.shape == (34, 40, 3) and capsys.readouterr().err == ""
+    assert got[:33, 18].mean() < 40 and got[:33, 22].mean() > 160      # not moved
+
+
+def test_an_out_with_the_extension_of_another_kind_of_file_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    """reenact.py --out results.json made a folder of PNG frames called results.json; metrics.py --out X.mp4 wrote
+    its JSON as X.mp4 (with reenact.py writing X.mp4 at the same time, one replaced the other)."""
+    png, mp4 = inputs(tmp_path)
+    monkeypatch.setattr(reenact, "reenact", lambda *a, **k: pytest.fail("rendered before refusing"))
+    monkeypatch.setattr(metrics, "evaluate_self", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    for name in ("results.json", "phase1.pt"):
+        assert reenact.main(render_args(ckpt, png, mp4, tmp_path / name)) == 2
+        one_line(capsys.readouterr().err, f"cannot write '{os.path.splitext(name)[1]}'")
+    assert metrics.main(["--checkpoint", ckpt, "--no-akd", "--out", str(tmp_path / "X.mp4")]) == 2
+    one_line(capsys.readouterr().err, "metrics.py writes JSON, not a '.mp4' file")
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "d.mp4"]
