@@ -211,12 +211,17 @@ def atomic_path(path, suffix=None):
     """A temporary path beside `path`, unique to this call (two runs writing the same `path` never share one);
     on a normal exit it replaces `path` (os.replace: atomic on POSIX and Windows), after an error or an
     interruption it is removed, so `path` is never half-written. suffix: the temporary's extension (default:
-    that of `path`, for writers that choose the format by it)."""
+    that of `path`, for writers that choose the format by it). A symbolic link at `path` is written through (its
+    target replaced, the link kept); the file gets the permissions a plain open() would give (mkstemp's are 0600)."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1] if suffix is None else suffix,
                                dir=folder)
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         yield tmp
         os.replace(tmp, path)

@@ -733,9 +733,11 @@ def is_animated(path):
 
 
 def _frame_files(folder):
-    """The image files of a frame folder in the order of the numbers in their names (frame2 before frame10)."""
+    """The image files of a frame folder in the order of the numbers in their names (frame2 before frame10); hidden
+    files (macOS's ._000001.png beside each frame copied from its disks) are not frames."""
     natural = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n.lower())]
-    return sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS)), key=natural)
+    return sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")),
+                  key=natural)
 
 
 def read_frames(path, indices=None):

@@ -1101,3 +1101,36 @@ def test_an_out_with_the_extension_of_another_kind_of_file_is_refused(ckpt, tmp_
     assert metrics.main(["--checkpoint", ckpt, "--no-akd", "--out", str(tmp_path / "X.mp4")]) == 2
     one_line(capsys.readouterr().err, "metrics.py writes JSON, not a '.mp4' file")
     assert sorted(os.listdir(tmp_path)) == ["a.png", "d.mp4"]
+
+
+# ---------------------------------------------------------------- 2.4 paths: links, permissions, hidden files
+
+def test_an_out_that_is_a_symlink_is_written_through_with_ordinary_permissions(ckpt, tmp_path):
+    """--out latest.mp4 -> runs/a.mp4: the link was replaced by a file (runs/a.mp4 kept its old frames), and every
+    output (videos, checkpoints, JSON) was created 0600 by mkstemp, unreadable to the group and others."""
+    png, mp4 = inputs(tmp_path, frames=2)
+    target = tmp_path / "runs" / "a.mp4"
+    target.parent.mkdir()
+    data.write_video(str(target), np.zeros((5, 32, 32, 3), np.uint8), 10)
+    os.symlink(target, tmp_path / "latest.mp4")
+    old = os.umask(0o022)
+    try:
+        assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "latest.mp4")) == 0
+    finally:
+        os.umask(old)
+    assert os.path.islink(tmp_path / "latest.mp4") and len(data.read_frames(str(target))) == 2
+    assert os.stat(target).st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(target.parent)) == ["a.mp4"]
+
+
+def test_hidden_files_in_a_frame_folder_are_not_frames(ckpt, tmp_path):
+    """A frame folder copied from a macOS disk has ._000000.png (AppleDouble) beside each frame and .DS_Store:
+    the run failed on "cannot identify image file '._000000.png'"."""
+    folder = tmp_path / "clip"
+    data.write_video(str(folder), np.full((3, 32, 32, 3), 90, np.uint8))
+    for name in ("._000000.png", "._000001.png"):
+        (folder / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    assert data.read_frames(str(folder)).shape == (3, 32, 32, 3)
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(folder), tmp_path / "o.mp4")) == 0
