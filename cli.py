@@ -97,7 +97,7 @@ def run_command(run, args, memory_hint=None):
         return fail(e, memory_hint=memory_hint)
     except KeyboardInterrupt as e:
         signum = getattr(e, "signum", signal.SIGINT)
-        print(f"\ninterrupted ({signal.Signals(signum).name}): nothing half-written is left", file=sys.stderr)
+        print(f"\ninterrupted ({signal.Signals(signum).name}); no temporary file is left behind", file=sys.stderr)
         return 128 + signum
     finally:
         if dist.is_available() and dist.is_initialized():

@@ -1063,30 +1063,29 @@ def main(argv=None):
     pv.add_argument("--root", default=None, help="VoxCeleb root (default: built-in faces)")
     pv.add_argument("--size", type=int, default=64)
     pv.add_argument("--n", type=int, default=6)
-    args = p.parse_args(argv)
-    try:
-        cli.check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
-                             "motion": ">= 0", "n": ">= 1"})
-        if args.cmd == "export":                                   # the output checked before any work
-            cli.check_writable(args.root, what="export ROOT", folder=True)
-        elif args.cmd == "preview":
-            ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
-            if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or ext not in IMAGE_EXTS:
-                raise ValueError(f"preview {args.out}: give an image file name ending in "
-                                 f"{', '.join(IMAGE_EXTS)} (e.g. preview.png)")
-            cli.check_writable(args.out, what="preview")
-        if args.cmd == "export":
-            export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
-        elif args.cmd == "landmarks":
-            c = extract_landmarks(args.root, overwrite=args.overwrite)
-            print(f"{c['done']} videos done, {c['skipped_existing']} already had landmarks, {c['broken']} unreadable, "
-                  f"{c['no_face_frames']} frames without a face (stored as NaN)")
-        else:
-            preview(args.out, args.root, args.size, args.n)
-    except cli.EXPECTED as err:
-        return cli.fail(err, memory_hint="lower --size or --n")
-    return 0
+    # Ctrl-C / SIGTERM / SIGHUP: exit 130 / 143 / 129 without a traceback or a temporary file (cli.run_command)
+    return cli.run_command(run, p.parse_args(argv), memory_hint="lower --size or --n")
 
+
+def run(args):
+    cli.check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
+                             "motion": ">= 0", "n": ">= 1"})
+    if args.cmd == "export":                                   # the output checked before any work
+        cli.check_writable(args.root, what="export ROOT", folder=True)
+    elif args.cmd == "preview":
+        ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
+        if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or ext not in IMAGE_EXTS:
+            raise ValueError(f"preview {args.out}: give an image file name ending in "
+                             f"{', '.join(IMAGE_EXTS)} (e.g. preview.png)")
+        cli.check_writable(args.out, what="preview")
+    if args.cmd == "export":
+        export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
+    elif args.cmd == "landmarks":
+        c = extract_landmarks(args.root, overwrite=args.overwrite)
+        print(f"{c['done']} videos done, {c['skipped_existing']} already had landmarks, {c['broken']} unreadable, "
+              f"{c['no_face_frames']} frames without a face (stored as NaN)")
+    else:
+        preview(args.out, args.root, args.size, args.n)
 
 
 if __name__ == "__main__":

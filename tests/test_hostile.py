@@ -1134,3 +1134,20 @@ def test_hidden_files_in_a_frame_folder_are_not_frames(ckpt, tmp_path):
     assert data.read_frames(str(folder)).shape == (3, 32, 32, 3)
     png, _ = inputs(tmp_path)
     assert reenact.main(render_args(ckpt, png, str(folder), tmp_path / "o.mp4")) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_data_cli_stopped_by_a_signal_exits_without_traceback_or_temporary_file(tmp_path, sig):
+    """`python data.py export|landmarks ROOT` (minutes on a real dataset) printed a KeyboardInterrupt traceback on
+    Ctrl-C, and SIGTERM left the .tmp_*.mp4 / .tmp_*.npy being written among the data."""
+    root = tmp_path / "vox"
+    p = subprocess.Popen([sys.executable, "data.py", "export", str(root), "--videos", "200", "--test-videos", "0",
+                          "--size", "32"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list(root.glob("train/*.mp4")) and p.poll() is None and time.time() - t0 < 60:
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig, (p.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr and f"interrupted ({signal.Signals(sig).name})" in stderr
+    assert not [n for n in os.listdir(root / "train") if n.startswith(cli.TEMP_PREFIX)]
