@@ -1151,3 +1151,13 @@ def test_data_cli_stopped_by_a_signal_exits_without_traceback_or_temporary_file(
     assert p.returncode == 128 + sig, (p.returncode, stderr[-2000:])
     assert "Traceback" not in stderr and f"interrupted ({signal.Signals(sig).name})" in stderr
     assert not [n for n in os.listdir(root / "train") if n.startswith(cli.TEMP_PREFIX)]
+
+
+def test_ctrl_c_while_train_loads_is_130_without_traceback(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the stop handlers are set (listing a large dataset, loading the model or checkpoint) ended
+    train.py with a KeyboardInterrupt traceback."""
+    def loading(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "context", loading)
+    assert train.main(["--phase", "0", "--out", str(tmp_path / "run"), *FAST]) == 130
+    assert "interrupted before training started" in capsys.readouterr().err
