@@ -695,7 +695,8 @@ def _rgb8(a):
 
 
 def read_image(path):
-    """-> np.uint8 [H,W,3] (16-bit scaled down, float gray as [0, 1] or 0-255, gray repeated, alpha dropped), upright (EXIF orientation), at most
+    """-> np.uint8 [H,W,3] (16-bit scaled down, float gray as [0, 1] or 0-255, gray repeated, alpha dropped),
+    upright (EXIF orientation), at most
     MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at 1/2, 1/4 or 1/8 of its size)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
@@ -855,22 +856,42 @@ def video_fps(path):
 
 @functools.lru_cache(maxsize=1 << 16)
 def _streams(path, version):
-    """(opened, stream descriptions) of ffmpeg's `-i` output for a file; cached per (size, mtime) version."""
+    """(opened, stream descriptions, duration in seconds or None) of ffmpeg's `-i` output for a file; cached per
+    (size, mtime) version."""
     import subprocess
     import imageio_ffmpeg
     try:
         text = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True,
                               text=True, errors="replace", timeout=60).stderr
     except subprocess.TimeoutExpired:                   # not media ffmpeg can describe: imageio will say why
-        return False, ()
-    return "Input #0" in text, tuple(re.findall(r"Stream #\S+?: ((?:Video|Audio|Subtitle|Data|Attachment): .*)", text))
+        return False, (), None
+    hms = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text)
+    streams = tuple(re.findall(r"Stream #\S+?: ((?:Video|Audio|Subtitle|Data|Attachment): .*)", text))
+    return ("Input #0" in text, streams,
+            int(hms.group(1)) * 3600 + int(hms.group(2)) * 60 + float(hms.group(3)) if hms else None)
 
 
 def media_streams(path):
     """ffmpeg's description of each stream of a media file ("Video: h264 ..., 25 fps, 25 tbr, ...", "Audio: ..."),
     as (opened, descriptions); opened is False when ffmpeg cannot read the file as media at all."""
+    return _described(path)[:2]
+
+
+def _described(path):
     st = os.stat(path)
     return _streams(os.path.abspath(path), (st.st_size, st.st_mtime_ns))
+
+
+def cut_short(path, frames, fps):
+    """A warning line when a video file decodes to clearly fewer frames than its header's duration holds (a file
+    cut short: an interrupted download, copy or recording), else None. Only for files without audio: ffmpeg's
+    duration is the longest stream's, and a sound track may outlast the picture."""
+    described = _described(path) if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS) else (0, (), None)
+    duration = None if any(d.startswith("Audio:") for d in described[1]) else described[2]
+    if duration and fps and frames < 0.9 * duration * fps - 1:
+        return (f"warning: {path}: its header says {duration:g} s ({round(duration * fps)} frames at {fps:g} fps) but "
+                f"only {frames} frames could be decoded: the file is probably cut short; the result has {frames}")
+    return None
 
 
 def video_rate(path):

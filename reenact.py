@@ -400,6 +400,10 @@ def user_inputs(args, S, device, log):
     driving = Driving(args.driving, max_frames=args.max_frames)
     for line in (line for path in (*args.source, args.driving) for line in data.input_notices(path)):
         log(line)                                       # a shrunk image, a resampled variable-rate video
+    short = None if args.max_frames and len(driving) >= args.max_frames else \
+        data.cut_short(args.driving, len(driving), driving.fps)
+    if short:                                           # fewer frames than the video's header promises
+        log(short)
     detector = landmark_detector(device, log) if args.crop == "auto" else None
     boxes = []
     for path, frames in zip(args.source, raw):

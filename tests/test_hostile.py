@@ -1161,3 +1161,23 @@ def test_ctrl_c_while_train_loads_is_130_without_traceback(tmp_path, capsys, mon
     monkeypatch.setattr(train, "context", loading)
     assert train.main(["--phase", "0", "--out", str(tmp_path / "run"), *FAST]) == 130
     assert "interrupted before training started" in capsys.readouterr().err
+
+
+def test_a_video_cut_short_mid_stream_is_rendered_with_a_warning(ckpt, tmp_path, capsys):
+    """The header (at the front) says 10 s, the frames stop after about a third: 33 frames were rendered with no
+    word; and a whole clip whose sound outlasts its picture is not taken for one."""
+    whole, sound = tmp_path / "whole.mp4", tmp_path / "sound.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x48:rate=10:duration=10", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           "-movflags", "+faststart", whole)
+    blob = whole.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(blob[:len(blob) * 6 // 10])
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(tmp_path / "cut.mp4"), tmp_path / "o.mp4")) == 0
+    n = len(data.read_frames(str(tmp_path / "o.mp4")))
+    warning = [l for l in capsys.readouterr().out.splitlines() if "cut short" in l]
+    assert 0 < n < 90 and len(warning) == 1 and warning[0].startswith("warning: ")
+    assert f"the result has {n}" in warning[0]
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x48:rate=10:duration=1", "-f", "lavfi", "-i", "sine=duration=3",
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", sound)
+    assert reenact.main(render_args(ckpt, png, str(sound), tmp_path / "o.mp4")) == 0
+    assert "cut short" not in capsys.readouterr().out
