@@ -696,8 +696,8 @@ def _rgb8(a):
 
 def read_image(path):
     """-> np.uint8 [H,W,3] (16-bit scaled down, float gray as [0, 1] or 0-255, gray repeated, alpha dropped),
-    upright (EXIF orientation), at most
-    MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at 1/2, 1/4 or 1/8 of its size)."""
+    upright (EXIF orientation), at most MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at
+    1/2, 1/4 or 1/8 of its size)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
     if os.path.getsize(path) == 0:
