@@ -1181,3 +1181,21 @@ def test_a_video_cut_short_mid_stream_is_rendered_with_a_warning(ckpt, tmp_path,
            "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", sound)
     assert reenact.main(render_args(ckpt, png, str(sound), tmp_path / "o.mp4")) == 0
     assert "cut short" not in capsys.readouterr().out
+
+
+def test_csim_says_no_face_was_found_rather_than_too_few_people(ckpt, tmp_path, capsys, monkeypatch):
+    """Test videos of 3 people with no face the embedding finds in their first frames: CSIM was "n/a -- needs 2
+    test videos of different people", which sends one looking for missing videos."""
+    class NoFace:
+        network = "the stub embedding"
+
+        def __call__(self, image):
+            return None
+    monkeypatch.setattr(metrics, "FaceEmbedding", NoFace)
+    root = tmp_path / "vox"
+    data.export(str(root), videos=0, test_videos=3, frames=12, size=32, progress=False)
+    assert metrics.main(["--checkpoint", ckpt, "--data", str(root), "--no-akd", "--out", str(tmp_path / "r.json")]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if "(CSIM)" in l]
+    assert line == ["identity similarity (CSIM): n/a -- the stub embedding found no face in the first frame of the 3 "
+                    "source video(s) of the pairs of different people"], line
+    assert json.loads((tmp_path / "r.json").read_text())["csim"]["pairs"] == 0
