@@ -670,6 +670,7 @@ def detect_faces(frames, n, detector, max_frames=16, max_side=640):
 
 DEFAULT_FPS = faces.FPS                  # frame folders and the built-in videos: VoxCeleb's 25 fps
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # images and frames of a folder
+IMAGE_EXTS += tuple(e for e in (".avif", ".heic") if e in Image.registered_extensions())  # where Pillow reads them
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")      # videos read with imageio-ffmpeg
 OUTPUT_EXTS = (".mp4", ".mov", ".gif")                                     # videos write_video writes
 MAX_SIDE = 4096     # images larger than this a side are shrunk while decoding (a 13000x13000 photo took 5 GB)
@@ -717,7 +718,8 @@ def read_image(path):
             else:
                 a = np.asarray(im) if im.mode in ("L", "LA", "RGB", "RGBA") else np.asarray(im.convert("RGB"))
     except Exception as e:
-        again = "; copy or export it again" if "truncated" in str(e) else ""
+        again = "; copy or export it again" if "truncated" in str(e) else \
+            ": not an image file, or one with the wrong extension" if "cannot identify" in str(e) else ""
         raise ValueError(f"{path}: cannot read image ({e}){again}") from None
     return _rgb8(a)
 

@@ -1199,3 +1199,18 @@ def test_csim_says_no_face_was_found_rather_than_too_few_people(ckpt, tmp_path, 
     assert line == ["identity similarity (CSIM): n/a -- the stub embedding found no face in the first frame of the 3 "
                     "source video(s) of the pairs of different people"], line
     assert json.loads((tmp_path / "r.json").read_text())["csim"]["pairs"] == 0
+
+
+def test_an_avif_photo_is_read_where_pillow_can_and_a_misnamed_file_says_so(ckpt, tmp_path, capsys):
+    """An .avif photo (phones, the web) was refused as "unknown file type" though Pillow reads it; an mp4 saved
+    as .png said only "cannot identify image file"."""
+    from PIL import Image
+    png, mp4 = inputs(tmp_path)
+    shutil.copy(mp4, tmp_path / "clip.png")
+    assert reenact.main(render_args(ckpt, str(tmp_path / "clip.png"), mp4, tmp_path / "o.mp4")) == 2
+    one_line(capsys.readouterr().err, "not an image file, or one with the wrong extension")
+    if ".avif" not in Image.registered_extensions():
+        pytest.skip("this Pillow has no AVIF codec")
+    Image.open(png).save(tmp_path / "photo.avif", quality=90)
+    assert data.read_image(str(tmp_path / "photo.avif")).shape == (40, 40, 3)
+    assert reenact.main(render_args(ckpt, str(tmp_path / "photo.avif"), mp4, tmp_path / "o.mp4")) == 0
