@@ -21,7 +21,9 @@ import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -976,8 +978,9 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
     """frames [T,H,W,3] or any iterable of [H,W,3] frames (uint8, or float in [0, 1]) -> .mp4/.mov (H.264),
     .gif, or (any other name) a folder of PNG frames. An iterable is written as it comes (streaming), except
     for a GIF, whose frames are collected first. A video is written to a temporary file and renamed
-    (cli.atomic_path); a folder keeps no frame files of an earlier, longer output and has one writer at a time
-    (cli.only_writer). audio: a media file whose first audio track an .mp4/.mov gets, cut to the video's length
+    (cli.atomic_path); a folder's frames into a hidden temporary folder inside it, moved into place (replacing
+    all frame files of an earlier output) only once the last is written, so a stopped write leaves the earlier
+    output whole; it has one writer at a time (cli.only_writer). audio: a media file whose first audio track an .mp4/.mov gets, cut to the video's length
     (none there: silent). -> the number of frames."""
     frames = (_rgb8(np.asarray(fr)) for fr in frames)
     ext = os.path.splitext(path)[1].lower()
@@ -985,11 +988,20 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
     if is_frame_folder(path):
         os.makedirs(path, exist_ok=True)
         with cli.only_writer(path):                         # a second run into the folder is refused
-            for n, fr in enumerate(frames, 1):
-                Image.fromarray(fr).save(os.path.join(path, f"{n - 1:06d}.png"))
-            for name in os.listdir(path):                   # frames of an earlier, longer output
-                if FRAME_NAME.fullmatch(name) and int(name[:6]) >= n:
-                    os.remove(os.path.join(path, name))
+            for name in os.listdir(path):                   # staging folders of killed writers (none is alive)
+                if name.startswith(cli.TEMP_PREFIX) and os.path.isdir(os.path.join(path, name)):
+                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+            staging = tempfile.mkdtemp(prefix=cli.TEMP_PREFIX, dir=path)
+            try:
+                for n, fr in enumerate(frames, 1):
+                    Image.fromarray(fr).save(os.path.join(staging, f"{n - 1:06d}.png"))
+                for name in os.listdir(path):               # the earlier output, all of its frames
+                    if FRAME_NAME.fullmatch(name):
+                        os.remove(os.path.join(path, name))
+                for name in os.listdir(staging):
+                    os.replace(os.path.join(staging, name), os.path.join(path, name))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return n
     import imageio.v2 as imageio
     with cli.atomic_path(path) as tmp:

@@ -1214,3 +1214,22 @@ def test_an_avif_photo_is_read_where_pillow_can_and_a_misnamed_file_says_so(ckpt
     Image.open(png).save(tmp_path / "photo.avif", quality=90)
     assert data.read_image(str(tmp_path / "photo.avif")).shape == (40, 40, 3)
     assert reenact.main(render_args(ckpt, str(tmp_path / "photo.avif"), mp4, tmp_path / "o.mp4")) == 0
+
+
+def test_a_stopped_write_into_a_frame_folder_leaves_the_earlier_output_whole(tmp_path):
+    """Ctrl-C / SIGTERM in the middle of rendering into a frame folder left the first frames new and the rest
+    of the earlier output: a clip of two runs. Now the earlier frames stay until the last new one is written."""
+    folder = tmp_path / "frames"
+    data.write_video(str(folder), np.full((5, 16, 16, 3), 30, np.uint8))
+    (folder / ".tmp_killed").mkdir()                      # the staging folder of a writer killed with -9
+
+    def stopped():
+        yield from np.full((2, 16, 16, 3), 220, np.uint8)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        data.write_video(str(folder), stopped())
+    got = data.read_frames(str(folder))
+    assert len(got) == 5 and (got == 30).all()
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)]
+    assert data.write_video(str(folder), np.full((3, 16, 16, 3), 220, np.uint8)) == 3
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(3)]
