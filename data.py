@@ -1005,10 +1005,12 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
         return n
     import imageio.v2 as imageio
     with cli.atomic_path(path) as tmp:
-        if ext == ".gif":
-            import imageio.v3 as iio
+        if ext == ".gif":   # delays are whole 1/100 s, >= 2 (players show shorter ones at 1/10 s): the frames
+            import imageio.v3 as iio                        # shown at that pace, so the clip keeps its duration
             stack = np.stack(list(frames))
-            iio.imwrite(tmp, stack, duration=1000.0 / fps, loop=0)
+            cs = max(2, round(100 / fps))
+            shown = np.floor(np.arange(0, len(stack) / fps - 1e-9, cs / 100) * fps + 1e-6).astype(int)
+            iio.imwrite(tmp, stack[np.minimum(shown, len(stack) - 1)], duration=cs * 10, loop=0)
             n = len(stack)
         else:
             with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=2,

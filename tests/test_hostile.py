@@ -1233,3 +1233,15 @@ def test_a_stopped_write_into_a_frame_folder_leaves_the_earlier_output_whole(tmp
     assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)]
     assert data.write_video(str(folder), np.full((3, 16, 16, 3), 220, np.uint8)) == 3
     assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(3)]
+
+
+@pytest.mark.parametrize("fps,frames", [(30000 / 1001, 30), (240, 24), (10, 7)])
+def test_a_gif_output_keeps_the_clips_duration(tmp_path, fps, frames):
+    """GIF delays are whole hundredths of a second: 29.97 fps became 30 ms a frame (the GIF 10 % short), 240 fps
+    0-ms frames (players show those at 100 ms: 10x long)."""
+    from PIL import Image
+    clip = np.stack([np.full((16, 16, 3), 8 * k % 256, np.uint8) for k in range(frames)])
+    assert data.write_video(str(tmp_path / "o.gif"), clip, fps) == frames
+    with Image.open(tmp_path / "o.gif") as im:
+        delays = [(im.seek(k), im.info["duration"])[1] for k in range(im.n_frames)]
+    assert min(delays) >= 20 and sum(delays) / 1000 == pytest.approx(frames / fps, abs=0.021), delays
