@@ -980,8 +980,8 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
     for a GIF, whose frames are collected first. A video is written to a temporary file and renamed
     (cli.atomic_path); a folder's frames into a hidden temporary folder inside it, moved into place (replacing
     all frame files of an earlier output) only once the last is written, so a stopped write leaves the earlier
-    output whole; it has one writer at a time (cli.only_writer). audio: a media file whose first audio track an .mp4/.mov gets, cut to the video's length
-    (none there: silent). -> the number of frames."""
+    output whole; it has one writer at a time (cli.only_writer). audio: a media file whose first audio track an
+    .mp4/.mov gets, cut to the video's length (none there: silent). -> the number of frames."""
     frames = (_rgb8(np.asarray(fr)) for fr in frames)
     ext = os.path.splitext(path)[1].lower()
     n = 0
