@@ -420,6 +420,8 @@ def extract_landmarks(root, detector=None, overwrite=False, progress=True):
         raise ValueError(f"{root}: neither train/ nor test/ found; {VOX_LAYOUT}")
     videos = [v for s in splits for v in list_videos(root, s)[0]]
     todo = [v for v in videos if overwrite or not os.path.exists(landmark_path(v))]
+    for folder in dict.fromkeys(os.path.dirname(landmark_path(v)) for v in todo):   # before any detection
+        cli.check_writable(folder, what="landmarks (written beside the videos) in", folder=True)
     if detector is None and todo:
         detector = LandmarkDetector()
     counts = dict(videos=len(videos), skipped_existing=len(videos) - len(todo), done=0, broken=0, no_face_frames=0)

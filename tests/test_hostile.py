@@ -1245,3 +1245,24 @@ def test_a_gif_output_keeps_the_clips_duration(tmp_path, fps, frames):
     with Image.open(tmp_path / "o.gif") as im:
         delays = [(im.seek(k), im.info["duration"])[1] for k in range(im.n_frames)]
     assert min(delays) >= 20 and sum(delays) / 1000 == pytest.approx(frames / fps, abs=0.021), delays
+
+
+def test_landmarks_of_a_read_only_dataset_are_refused_before_any_detection(tmp_path, capsys, monkeypatch):
+    """Datasets are often mounted read-only: `data.py landmarks ROOT` ran the detector over the first video, then
+    failed on "[Errno 30] Read-only file system: '.../.tmp_lpzahkt5.npy'". (The mount is simulated here.)"""
+    import errno
+    import tempfile
+    root = tmp_path / "vox"
+    data.export(str(root), videos=2, test_videos=0, frames=4, size=32, progress=False)
+    for f in root.glob("train/*.landmarks.npy"):
+        f.unlink()
+    real = tempfile.TemporaryFile
+
+    def read_only(*a, dir=None, **k):
+        if dir and str(dir).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(data, "LandmarkDetector", lambda *a, **k: pytest.fail("detector built before refusing"))
+    assert data.main(["landmarks", str(root)]) == 2
+    one_line(capsys.readouterr().err, f"landmarks (written beside the videos) in {root / 'train'}: cannot write")
