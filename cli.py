@@ -10,6 +10,8 @@ import glob
 import math
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -72,15 +74,27 @@ def _raise_stopped(signum, frame):
 @contextlib.contextmanager
 def stopped_by_exception():
     """While inside, SIGTERM and SIGHUP raise Stopped (a signal already ignored, as under nohup, stays ignored;
-    only the main thread can set handlers, elsewhere this does nothing); the handlers from before are restored."""
-    previous = {}
+    only the main thread can set handlers, elsewhere this does nothing); the handlers from before are restored.
+    A stop raised where Python cannot propagate it is delivered again instead of printed and lost: a signal that
+    lands while a subprocess (ffmpeg) is being started runs its handler inside an at-fork hook of the logging
+    module, which prints "Exception ignored ... KeyboardInterrupt" and carries on."""
+    previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         for s in (getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)):
             if signal.getsignal(s) is signal.SIG_DFL:
                 previous[s] = signal.signal(s, _raise_stopped)
+
+    def again(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):       # sent again from a thread, 10 ms later: the
+            signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)   # main thread is out of the hook then
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        else:
+            hook(unraisable)
+    sys.unraisablehook = again
     try:
         yield
     finally:
+        sys.unraisablehook = hook
         for s, handler in previous.items():
             signal.signal(s, handler)
 
@@ -208,37 +222,44 @@ TEMP_PREFIX = ".tmp_"
 
 @contextlib.contextmanager
 def atomic_path(path, suffix=None):
-    """A temporary path beside `path`, unique to this call (two runs writing the same `path` never share one);
-    on a normal exit it replaces `path` (os.replace: atomic on POSIX and Windows), after an error or an
-    interruption it is removed, so `path` is never half-written. suffix: the temporary's extension (default:
-    that of `path`, for writers that choose the format by it). A symbolic link at `path` is written through (its
-    target replaced, the link kept); the file gets the permissions a plain open() would give (mkstemp's are 0600)."""
+    """A temporary path beside `path`, unique to this call (two runs writing the same `path` never share one):
+    a file in a hidden temporary folder. On a normal exit it replaces `path` (os.replace: atomic on POSIX and
+    Windows); after an error or an interruption the folder is removed, so `path` is never half-written, and a
+    writer that outlives us (an ffmpeg started just as Ctrl-C came) cannot create the file again. suffix: the
+    temporary's extension (default: that of `path`, for writers that choose the format by it). A symbolic link
+    at `path` is written through (its target replaced, the link kept); the file gets the permissions a plain
+    open() gives (umask), not mkstemp's 0600."""
     path = os.path.realpath(path) if os.path.islink(path) else path
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1] if suffix is None else suffix,
-                               dir=folder)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    # the folder is made inside `try`, so that a signal landing just after still has it removed
+    staging = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(6))
+    tmp = os.path.join(staging, "file" + (os.path.splitext(path)[1] if suffix is None else suffix))
     try:
+        os.mkdir(staging)
         yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):                                             # only after a failure
-            os.remove(tmp)
+        for _ in range(100):        # a writer that outlived an interruption may add its file while we remove
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.exists(staging):
+                break
+            time.sleep(0.01)
 
 
 def remove_stale_temp(folder, log=print):
-    """Remove the `.tmp_*.pt` files of checkpoint writes that were killed (atomic_path writes beside the
-    checkpoint, then renames). Call it only while holding the folder's RunLock: then no writer is alive."""
-    stale = glob.glob(os.path.join(glob.escape(folder), TEMP_PREFIX + "*.pt"))
+    """Remove what checkpoint writes that were killed left (atomic_path writes beside the checkpoint, then
+    renames): `.tmp_*/` folders holding at most a .pt file, and `.tmp_*.pt` files of older versions. Call it
+    only while holding the folder's RunLock: then no checkpoint writer is alive."""
+    stale = [p for p in glob.glob(os.path.join(glob.escape(folder), TEMP_PREFIX + "*"))
+             if p.endswith(".pt") and os.path.isfile(p) or os.path.isdir(p) and all(n.endswith(".pt")
+                                                                                    for n in os.listdir(p))]
     size = 0
     for p in stale:
         try:
-            size += os.path.getsize(p)
-            os.remove(p)
+            files = [os.path.join(p, n) for n in os.listdir(p)] if os.path.isdir(p) else [p]
+            size += sum(os.path.getsize(f) for f in files)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
         except OSError:
             pass
     if stale:
