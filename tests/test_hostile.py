@@ -1289,3 +1289,12 @@ def test_a_stop_signal_landing_while_ffmpeg_starts_is_not_lost(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
     assert r.returncode == 130 and "finished" not in r.stdout, (r.returncode, r.stderr[-2000:])
     assert r.stderr.strip() == "interrupted (SIGINT); no temporary file is left behind", r.stderr
+
+
+def test_the_temporary_folder_of_a_killed_checkpoint_write_is_removed_at_start(run0, capsys):
+    """atomic_path writes in a hidden folder now: a kill -9 during a checkpoint write leaves .tmp_*/file.pt."""
+    (run0 / ".tmp_killed01").mkdir()
+    (run0 / ".tmp_killed01" / "file.pt").write_bytes(b"x" * 1000)
+    assert train.main(["--phase", "0", "--steps", "2", "--out", str(run0), *FAST]) == 0
+    assert not (run0 / ".tmp_killed01").exists()
+    assert "removed 1 temporary checkpoint file" in capsys.readouterr().out
