@@ -2,7 +2,8 @@
 bounded memory on long videos, clean stops (exit codes, a second signal), temporary files of killed writers,
 unreadable test videos, option checks, early write checks and one-line errors. Issue 25 (its case numbers in
 the section titles): concurrent writers, stops of a process group, odd media (EXIF, variable frame rate, huge
-images, no video stream), tampered and wrong weights files, run-folder and phase mix-ups, data.py's outputs."""
+images, no video stream), tampered and wrong weights files, run-folder and phase mix-ups, data.py's outputs.
+Its second sweep (the sections 2.x at the end): other formats, other signals, other concurrent pairs, paths."""
 import copy
 import json
 import math
