@@ -10,10 +10,13 @@ import glob
 import math
 import os
 import re
+import secrets
+import shutil
 import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -54,18 +57,62 @@ def fail(err, code=2, memory_hint=None):
     return code
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP raised in the main thread as Ctrl-C raises KeyboardInterrupt: the `finally` blocks run
+    (atomic_path removes its temporary file), so a command stopped by `kill`, Slurm, `timeout` or a closed
+    terminal leaves no half-written output behind."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def stopped_by_exception():
+    """While inside, SIGTERM and SIGHUP raise Stopped (a signal already ignored, as under nohup, stays ignored;
+    only the main thread can set handlers, elsewhere this does nothing); the handlers from before are restored.
+    A stop raised where Python cannot propagate it is delivered again instead of printed and lost: a signal that
+    lands while a subprocess (ffmpeg) is being started runs its handler inside an at-fork hook of the logging
+    module, which prints "Exception ignored ... KeyboardInterrupt" and carries on."""
+    previous, hook = {}, sys.unraisablehook
+    if threading.current_thread() is threading.main_thread():
+        for s in (getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)):
+            if signal.getsignal(s) is signal.SIG_DFL:
+                previous[s] = signal.signal(s, _raise_stopped)
+
+    def again(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):       # sent again from a thread, 10 ms later: the
+            signum = getattr(unraisable.exc_value, "signum", signal.SIGINT)   # main thread is out of the hook then
+            threading.Timer(0.01, os.kill, (os.getpid(), signum)).start()
+        else:
+            hook(unraisable)
+    sys.unraisablehook = again
+    try:
+        yield
+    finally:
+        sys.unraisablehook = hook
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def run_command(run, args, memory_hint=None):
     """run(args) as a command line's exit code: 0 when it returns, one `error:` line and 2 for an expected
-    failure (out of memory: with `memory_hint`), 130 after Ctrl-C; a torchrun process group is left in every
-    case."""
+    failure (out of memory: with `memory_hint`), 128 + the signal's number after Ctrl-C (130), SIGTERM (143) or
+    SIGHUP (129), with no temporary output left; a torchrun process group is left in every case."""
     try:
-        run(args)
+        with stopped_by_exception():
+            run(args)
         return 0
     except EXPECTED as e:
         return fail(e, memory_hint=memory_hint)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"\ninterrupted ({signal.Signals(signum).name}); no temporary file is left behind", file=sys.stderr)
+        return 128 + signum
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -175,32 +222,44 @@ TEMP_PREFIX = ".tmp_"
 
 @contextlib.contextmanager
 def atomic_path(path, suffix=None):
-    """A temporary path beside `path`, unique to this call (two runs writing the same `path` never share one);
-    on a normal exit it replaces `path` (os.replace: atomic on POSIX and Windows), after an error or an
-    interruption it is removed, so `path` is never half-written. suffix: the temporary's extension (default:
-    that of `path`, for writers that choose the format by it)."""
+    """A temporary path beside `path`, unique to this call (two runs writing the same `path` never share one):
+    a file in a hidden temporary folder. On a normal exit it replaces `path` (os.replace: atomic on POSIX and
+    Windows); after an error or an interruption the folder is removed, so `path` is never half-written, and a
+    writer that outlives us (an ffmpeg started just as Ctrl-C came) cannot create the file again. suffix: the
+    temporary's extension (default: that of `path`, for writers that choose the format by it). A symbolic link
+    at `path` is written through (its target replaced, the link kept); the file gets the permissions a plain
+    open() gives (umask), not mkstemp's 0600."""
+    path = os.path.realpath(path) if os.path.islink(path) else path
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=os.path.splitext(path)[1] if suffix is None else suffix,
-                               dir=folder)
-    os.close(fd)
+    # the folder is made inside `try`, so that a signal landing just after still has it removed
+    staging = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(6))
+    tmp = os.path.join(staging, "file" + (os.path.splitext(path)[1] if suffix is None else suffix))
     try:
+        os.mkdir(staging)
         yield tmp
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):                                             # only after a failure
-            os.remove(tmp)
+        for _ in range(100):        # a writer that outlived an interruption may add its file while we remove
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.exists(staging):
+                break
+            time.sleep(0.01)
 
 
 def remove_stale_temp(folder, log=print):
-    """Remove the `.tmp_*.pt` files of checkpoint writes that were killed (atomic_path writes beside the
-    checkpoint, then renames). Call it only while holding the folder's RunLock: then no writer is alive."""
-    stale = glob.glob(os.path.join(glob.escape(folder), TEMP_PREFIX + "*.pt"))
+    """Remove what checkpoint writes that were killed left (atomic_path writes beside the checkpoint, then
+    renames): `.tmp_*/` folders holding at most a .pt file, and `.tmp_*.pt` files of older versions. Call it
+    only while holding the folder's RunLock: then no checkpoint writer is alive."""
+    stale = [p for p in glob.glob(os.path.join(glob.escape(folder), TEMP_PREFIX + "*"))
+             if p.endswith(".pt") and os.path.isfile(p) or os.path.isdir(p) and all(n.endswith(".pt")
+                                                                                    for n in os.listdir(p))]
     size = 0
     for p in stale:
         try:
-            size += os.path.getsize(p)
-            os.remove(p)
+            files = [os.path.join(p, n) for n in os.listdir(p)] if os.path.isdir(p) else [p]
+            size += sum(os.path.getsize(f) for f in files)
+            shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
         except OSError:
             pass
     if stale:
@@ -285,14 +344,20 @@ def end_workers():
         p.join(5)
 
 
+# the signals that stop a run: Ctrl-C; kill, Slurm, systemd, `timeout`; a closed terminal or ssh session
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
 class StopSignals:
-    """From construction on, the first SIGINT/SIGTERM sets `signum` and prints `message`; the default action is
-    restored for both signals, so a second one ends the process at once (exit 130 / 143, even inside a long
-    computation). Data-loader workers call `ignore()`: the main process decides when to stop."""
+    """From construction on, the first SIGINT/SIGTERM/SIGHUP sets `signum` and prints `message`; the default
+    action is restored for them, so a second one ends the process at once (exit 130 / 143 / 129, even inside a
+    long computation). A signal ignored before (SIGHUP under nohup) stays ignored. Data-loader workers call
+    `ignore()`: the main process decides when to stop."""
 
     def __init__(self, message):
         self.signum, self.message = 0, message
-        self.previous = {s: signal.signal(s, self._handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        self.previous = {s: signal.signal(s, self._handler) for s in STOP_SIGNALS
+                         if signal.getsignal(s) is not signal.SIG_IGN}
         atexit.unregister(end_workers)
         atexit.register(end_workers)         # after multiprocessing's exit function, so it runs before it
 
@@ -303,8 +368,8 @@ class StopSignals:
 
     def _handler(self, signum, frame):
         self.signum = signum
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for s in self.previous:
+            signal.signal(s, signal.SIG_DFL)
         print(f"\n{self.message}", file=sys.stderr, flush=True)
 
     def __bool__(self):
@@ -316,11 +381,11 @@ class StopSignals:
         terminal's Ctrl-C; Slurm, systemd, `timeout`) to the main process, which finishes its step and writes a
         checkpoint. (A worker cannot tell its main process's SIGTERM from the group's: end_workers kills the ones
         left at exit.)"""
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
 
     def exit_code(self):
-        """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143)."""
+        """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
         return 128 + int(self.signum)
 
 

@@ -17,10 +17,13 @@ import argparse
 import functools
 import importlib.util
 import itertools
+import logging
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import dataclass
 
@@ -417,6 +420,8 @@ def extract_landmarks(root, detector=None, overwrite=False, progress=True):
         raise ValueError(f"{root}: neither train/ nor test/ found; {VOX_LAYOUT}")
     videos = [v for s in splits for v in list_videos(root, s)[0]]
     todo = [v for v in videos if overwrite or not os.path.exists(landmark_path(v))]
+    for folder in dict.fromkeys(os.path.dirname(landmark_path(v)) for v in todo):   # before any detection
+        cli.check_writable(folder, what="landmarks (written beside the videos) in", folder=True)
     if detector is None and todo:
         detector = LandmarkDetector()
     counts = dict(videos=len(videos), skipped_existing=len(videos) - len(todo), done=0, broken=0, no_face_frames=0)
@@ -669,10 +674,15 @@ def detect_faces(frames, n, detector, max_frames=16, max_side=640):
 
 DEFAULT_FPS = faces.FPS                  # frame folders and the built-in videos: VoxCeleb's 25 fps
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # images and frames of a folder
+IMAGE_EXTS += tuple(e for e in (".avif", ".heic") if e in Image.registered_extensions())  # where Pillow reads them
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")      # videos read with imageio-ffmpeg
 OUTPUT_EXTS = (".mp4", ".mov", ".gif")                                     # videos write_video writes
 MAX_SIDE = 4096     # images larger than this a side are shrunk while decoding (a 13000x13000 photo took 5 GB)
 MAX_RATE = 120      # frames per second a variable-rate video is resampled to at most
+
+# imageio-ffmpeg warns on stderr when a video's frames, read upright as players show them (a phone's rotation
+# metadata), are not of its stored size: that is the rotation applied, nothing for a person to act on
+logging.getLogger("imageio_ffmpeg").addFilter(lambda r: "different from the source frame size" not in r.getMessage())
 
 
 def _rgb8(a):
@@ -690,10 +700,13 @@ def _rgb8(a):
 
 
 def read_image(path):
-    """-> np.uint8 [H,W,3] (16-bit scaled down, gray repeated, alpha dropped), upright (EXIF orientation), at most
-    MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at 1/2, 1/4 or 1/8 of its size)."""
+    """-> np.uint8 [H,W,3] (16-bit scaled down, float gray as [0, 1] or 0-255, gray repeated, alpha dropped),
+    upright (EXIF orientation), at most MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at
+    1/2, 1/4 or 1/8 of its size)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path}: the file is empty (0 bytes); copy or export the image again")
     try:
         with Image.open(path) as raw:
             if max(raw.size) > MAX_SIDE:       # a JPEG decodes at the scale that keeps >= MAX_SIDE / 2 a side
@@ -703,15 +716,35 @@ def read_image(path):
             im = ImageOps.exif_transpose(raw)   # upright as photo viewers show it (EXIF orientation)
             if im.mode.startswith("I"):         # 16-bit (or 32-bit int holding 16-bit) gray
                 a = np.clip(np.asarray(im), 0, 65535).astype(np.uint16)
+            elif im.mode == "F":                # 32-bit float gray: in [0, 1], or 0-255 when it goes past 1
+                a = np.nan_to_num(np.asarray(im, dtype=np.float32))
+                a = a / 255.0 if a.max(initial=0) > 1 else a
             else:
                 a = np.asarray(im) if im.mode in ("L", "LA", "RGB", "RGBA") else np.asarray(im.convert("RGB"))
     except Exception as e:
-        raise ValueError(f"{path}: cannot read image ({e})") from None
+        again = "; copy or export it again" if "truncated" in str(e) else \
+            ": not an image file, or one with the wrong extension" if "cannot identify" in str(e) else ""
+        raise ValueError(f"{path}: cannot read image ({e}){again}") from None
     return _rgb8(a)
 
 
+def is_animated(path):
+    """Whether an image file (an animated WebP or PNG) holds several frames: it is then read as a video."""
+    if os.path.splitext(path)[1].lower() not in (".webp", ".png") or not os.path.isfile(path):
+        return False
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) > 1
+    except Exception:                   # not an image: read_image says why
+        return False
+
+
 def _frame_files(folder):
-    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS))
+    """The image files of a frame folder in the order of the numbers in their names (frame2 before frame10); hidden
+    files (macOS's ._000001.png beside each frame copied from its disks) are not frames."""
+    natural = lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n.lower())]
+    return sorted((n for n in os.listdir(folder) if n.lower().endswith(IMAGE_EXTS) and not n.startswith(".")),
+                  key=natural)
 
 
 def read_frames(path, indices=None):
@@ -721,6 +754,7 @@ def read_frames(path, indices=None):
         indices = range(len(files)) if indices is None else indices
         if not files or max(indices, default=0) >= len(files):
             raise too_short(path, len(files), max(indices, default=0))
+        indices = list(indices)
         frames = [read_image(os.path.join(path, files[i])) for i in indices]
     else:
         want, got, n = (None if indices is None else set(int(i) for i in indices)), {}, 0
@@ -737,10 +771,20 @@ def read_frames(path, indices=None):
         missing = [] if want is None else sorted(want - set(got))
         if not got or missing:
             raise too_short(path, n, missing[-1] if missing else 0)
-        frames = [got[k] for k in (sorted(got) if indices is None else indices)]
-    if len({f.shape for f in frames}) > 1:
-        raise ValueError(f"{path}: frames of different sizes")
+        indices = sorted(got) if indices is None else list(indices)
+        frames = [got[k] for k in indices]
+    for i, f in zip(indices, frames):
+        if f.shape != frames[0].shape:
+            raise different_sizes(path, i, f.shape, indices[0], frames[0].shape)
     return np.stack(frames)
+
+
+def different_sizes(path, k, shape, k0, shape0):
+    """The ValueError for frame k of a video or folder whose size differs from frame k0's (naming the file of a
+    frame folder)."""
+    name = f" ({_frame_files(path)[k]})" if os.path.isdir(path) else ""
+    return ValueError(f"{path}: frame {k}{name} is {shape[1]}x{shape[0]} but frame {k0} is {shape0[1]}x{shape0[0]}; "
+                      f"the frames of a clip must have one size: resize or remove the odd ones")
 
 
 def too_short(path, n, frame):
@@ -751,14 +795,27 @@ def too_short(path, n, frame):
     return err
 
 
+# ffmpeg's lines that never say why: its banner, progress and the threads' bookkeeping
+FFMPEG_NOISE = re.compile(r"ffmpeg version|built with|configuration:|lib\w+ +\d|Error opening input file|frame=|"
+                          r"Conversion failed|Task finished|Terminating thread|Nothing was written|Could not open "
+                          r"encoder|Press \[q\]")
+# ffmpeg's words for a file that ends too early
+TRUNCATED = re.compile(r"partial file|moov atom not found|reached eof|error reading header|End of file")
+
+
 def video_error(path, err):
-    """ValueError for an unreadable video giving ffmpeg's reason (the last lines of its stderr), not its banner."""
+    """ValueError for an unreadable video giving ffmpeg's reason (its stderr's telling lines), not its banner; an
+    empty or cut-short file (an interrupted download, copy or recording) is said to be one."""
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        return ValueError(f"{path}: the file is empty (0 bytes); copy or export the video again")
     head, _, tail = str(err).partition("=== stderr ===")
-    lines = [re.sub(r"^\[[^]]*\]\s*", "", l).strip() for l in tail.splitlines()]
-    lines = [l for l in lines if l and not re.match(r"ffmpeg version|built with|configuration:|lib\w+ +\d|"
-                                                    r"Error opening input file", l)]
-    reason = "; ".join(dict.fromkeys([" ".join(head.split())] + lines[-2:]))
-    return ValueError(f"{path}: cannot read video ({type(err).__name__}: {reason[:300]})")
+    lines = [re.sub(r"^(\[[^]]*\]\s*)+", "", l).strip() for l in tail.splitlines()]
+    lines = [l for l in lines if l and not FFMPEG_NOISE.match(l)]
+    cut = [l for l in lines if TRUNCATED.search(l)][:1]
+    reason = "; ".join(dict.fromkeys([" ".join(head.split())] + cut + lines[-2:]))
+    hint = ": the file is cut short or damaged (an interrupted download, copy or recording?); copy or export it " \
+           "again" if cut else ""
+    return ValueError(f"{path}: cannot read video ({type(err).__name__}: {reason[:300]}){hint}")
 
 
 def iter_frames(path):
@@ -767,7 +824,7 @@ def iter_frames(path):
     if os.path.isdir(path):
         for name in _frame_files(path):
             yield read_image(os.path.join(path, name))
-    elif os.path.splitext(path)[1].lower() in IMAGE_EXTS:
+    elif os.path.splitext(path)[1].lower() in IMAGE_EXTS and not is_animated(path):
         yield read_image(path)
     else:
         with open_video(path) as reader:
@@ -805,22 +862,42 @@ def video_fps(path):
 
 @functools.lru_cache(maxsize=1 << 16)
 def _streams(path, version):
-    """(opened, stream descriptions) of ffmpeg's `-i` output for a file; cached per (size, mtime) version."""
+    """(opened, stream descriptions, duration in seconds or None) of ffmpeg's `-i` output for a file; cached per
+    (size, mtime) version."""
     import subprocess
     import imageio_ffmpeg
     try:
         text = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True,
                               text=True, errors="replace", timeout=60).stderr
     except subprocess.TimeoutExpired:                   # not media ffmpeg can describe: imageio will say why
-        return False, ()
-    return "Input #0" in text, tuple(re.findall(r"Stream #\S+?: ((?:Video|Audio|Subtitle|Data|Attachment): .*)", text))
+        return False, (), None
+    hms = re.search(r"Duration: (\d+):(\d+):([\d.]+)", text)
+    streams = tuple(re.findall(r"Stream #\S+?: ((?:Video|Audio|Subtitle|Data|Attachment): .*)", text))
+    return ("Input #0" in text, streams,
+            int(hms.group(1)) * 3600 + int(hms.group(2)) * 60 + float(hms.group(3)) if hms else None)
 
 
 def media_streams(path):
     """ffmpeg's description of each stream of a media file ("Video: h264 ..., 25 fps, 25 tbr, ...", "Audio: ..."),
     as (opened, descriptions); opened is False when ffmpeg cannot read the file as media at all."""
+    return _described(path)[:2]
+
+
+def _described(path):
     st = os.stat(path)
     return _streams(os.path.abspath(path), (st.st_size, st.st_mtime_ns))
+
+
+def cut_short(path, frames, fps):
+    """A warning line when a video file decodes to clearly fewer frames than its header's duration holds (a file
+    cut short: an interrupted download, copy or recording), else None. Only for files without audio: ffmpeg's
+    duration is the longest stream's, and a sound track may outlast the picture."""
+    described = _described(path) if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS) else (0, (), None)
+    duration = None if any(d.startswith("Audio:") for d in described[1]) else described[2]
+    if duration and fps and frames < 0.9 * duration * fps - 1:
+        return (f"warning: {path}: its header says {duration:g} s ({round(duration * fps)} frames at {fps:g} fps) but "
+                f"only {frames} frames could be decoded: the file is probably cut short; the result has {frames}")
+    return None
 
 
 def video_rate(path):
@@ -882,16 +959,19 @@ def input_notices(path):
     return []
 
 
+# names of files, not folders: a frame folder called results.json or phase1.pt is a mistaken --out
+NOT_FRAME_FOLDERS = (".json", ".jsonl", ".pt", ".pth", ".tar", ".npy", ".npz", ".txt", ".csv", ".wav", ".mp3", ".m4a")
 FRAME_NAME = re.compile(r"\d{6}\.png")    # the files of a frame-folder output: 000000.png, 000001.png, ...
 
 
 def is_frame_folder(out):
     """Whether write_video writes `out` as a folder of PNG frames: any name without a video extension it writes
-    (.mp4, .mov, .gif), dots included (results.v2); a video or image type it cannot write is refused."""
+    (.mp4, .mov, .gif), dots included (results.v2); a video or image type it cannot write, or the extension of
+    another kind of file (.json, .pt, .npy, ...), is refused."""
     ext = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
     if ext in OUTPUT_EXTS:
         return False
-    if ext in VIDEO_EXTS or ext in IMAGE_EXTS:
+    if ext in VIDEO_EXTS or ext in IMAGE_EXTS or ext in NOT_FRAME_FOLDERS:
         raise ValueError(f"--out {out}: cannot write '{ext}'; use .mp4, .mov, .gif or a folder name (PNG frames)")
     return True
 
@@ -900,36 +980,55 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
     """frames [T,H,W,3] or any iterable of [H,W,3] frames (uint8, or float in [0, 1]) -> .mp4/.mov (H.264),
     .gif, or (any other name) a folder of PNG frames. An iterable is written as it comes (streaming), except
     for a GIF, whose frames are collected first. A video is written to a temporary file and renamed
-    (cli.atomic_path); a folder keeps no frame files of an earlier, longer output and has one writer at a time
-    (cli.only_writer). audio: a media file whose first audio track an .mp4/.mov gets, cut to the video's length
-    (none there: silent). -> the number of frames."""
+    (cli.atomic_path); a folder's frames into a hidden temporary folder inside it, moved into place (replacing
+    all frame files of an earlier output) only once the last is written, so a stopped write leaves the earlier
+    output whole; it has one writer at a time (cli.only_writer). audio: a media file whose first audio track an
+    .mp4/.mov gets, cut to the video's length (none there: silent). -> the number of frames."""
     frames = (_rgb8(np.asarray(fr)) for fr in frames)
     ext = os.path.splitext(path)[1].lower()
     n = 0
     if is_frame_folder(path):
         os.makedirs(path, exist_ok=True)
         with cli.only_writer(path):                         # a second run into the folder is refused
-            for n, fr in enumerate(frames, 1):
-                Image.fromarray(fr).save(os.path.join(path, f"{n - 1:06d}.png"))
-            for name in os.listdir(path):                   # frames of an earlier, longer output
-                if FRAME_NAME.fullmatch(name) and int(name[:6]) >= n:
-                    os.remove(os.path.join(path, name))
+            for name in os.listdir(path):                   # staging folders of killed writers (none is alive)
+                if name.startswith(cli.TEMP_PREFIX) and os.path.isdir(os.path.join(path, name)):
+                    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+            staging = tempfile.mkdtemp(prefix=cli.TEMP_PREFIX, dir=path)
+            try:
+                for n, fr in enumerate(frames, 1):
+                    Image.fromarray(fr).save(os.path.join(staging, f"{n - 1:06d}.png"))
+                for name in os.listdir(path):               # the earlier output, all of its frames
+                    if FRAME_NAME.fullmatch(name):
+                        os.remove(os.path.join(path, name))
+                for name in os.listdir(staging):
+                    os.replace(os.path.join(staging, name), os.path.join(path, name))
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return n
     import imageio.v2 as imageio
     with cli.atomic_path(path) as tmp:
-        if ext == ".gif":
-            import imageio.v3 as iio
+        if ext == ".gif":   # delays are whole 1/100 s, >= 2 (players show shorter ones at 1/10 s): the frames
+            import imageio.v3 as iio                        # shown at that pace, so the clip keeps its duration
             stack = np.stack(list(frames))
-            iio.imwrite(tmp, stack, duration=1000.0 / fps, loop=0)
+            cs = max(2, round(100 / fps))
+            shown = np.floor(np.arange(0, len(stack) / fps - 1e-9, cs / 100) * fps + 1e-6).astype(int)
+            iio.imwrite(tmp, stack[np.minimum(shown, len(stack) - 1)], duration=cs * 10, loop=0)
             n = len(stack)
         else:
             with imageio.get_writer(tmp, format="FFMPEG", fps=fps, codec="libx264", quality=9, macro_block_size=2,
                                     ffmpeg_log_level="error") as w:
                 for n, fr in enumerate(frames, 1):
-                    w.append_data(fr)
+                    w.append_data(_even(fr))
             if audio is not None and n:
                 add_audio(tmp, audio, n / fps)
     return n
+
+
+def _even(fr):
+    """H.264 needs even sides: an odd-sided frame gets its last row / column repeated (imageio would stretch it,
+    with a warning on stderr)."""
+    H, W = fr.shape[:2]
+    return np.pad(fr, ((0, H % 2), (0, W % 2), (0, 0)), mode="edge") if H % 2 or W % 2 else fr
 
 
 def add_audio(video, media, seconds):
@@ -1003,30 +1102,29 @@ def main(argv=None):
     pv.add_argument("--root", default=None, help="VoxCeleb root (default: built-in faces)")
     pv.add_argument("--size", type=int, default=64)
     pv.add_argument("--n", type=int, default=6)
-    args = p.parse_args(argv)
-    try:
-        cli.check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
-                             "motion": ">= 0", "n": ">= 1"})
-        if args.cmd == "export":                                   # the output checked before any work
-            cli.check_writable(args.root, what="export ROOT", folder=True)
-        elif args.cmd == "preview":
-            ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
-            if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or ext not in IMAGE_EXTS:
-                raise ValueError(f"preview {args.out}: give an image file name ending in "
-                                 f"{', '.join(IMAGE_EXTS)} (e.g. preview.png)")
-            cli.check_writable(args.out, what="preview")
-        if args.cmd == "export":
-            export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
-        elif args.cmd == "landmarks":
-            c = extract_landmarks(args.root, overwrite=args.overwrite)
-            print(f"{c['done']} videos done, {c['skipped_existing']} already had landmarks, {c['broken']} unreadable, "
-                  f"{c['no_face_frames']} frames without a face (stored as NaN)")
-        else:
-            preview(args.out, args.root, args.size, args.n)
-    except cli.EXPECTED as err:
-        return cli.fail(err, memory_hint="lower --size or --n")
-    return 0
+    # Ctrl-C / SIGTERM / SIGHUP: exit 130 / 143 / 129 without a traceback or a temporary file (cli.run_command)
+    return cli.run_command(run, p.parse_args(argv), memory_hint="lower --size or --n")
 
+
+def run(args):
+    cli.check_numbers(args, {"videos": ">= 0", "test_videos": ">= 0", "frames": ">= 1", "size": ">= 1",
+                             "motion": ">= 0", "n": ">= 1"})
+    if args.cmd == "export":                                   # the output checked before any work
+        cli.check_writable(args.root, what="export ROOT", folder=True)
+    elif args.cmd == "preview":
+        ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
+        if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or ext not in IMAGE_EXTS:
+            raise ValueError(f"preview {args.out}: give an image file name ending in "
+                             f"{', '.join(IMAGE_EXTS)} (e.g. preview.png)")
+        cli.check_writable(args.out, what="preview")
+    if args.cmd == "export":
+        export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
+    elif args.cmd == "landmarks":
+        c = extract_landmarks(args.root, overwrite=args.overwrite)
+        print(f"{c['done']} videos done, {c['skipped_existing']} already had landmarks, {c['broken']} unreadable, "
+              f"{c['no_face_frames']} frames without a face (stored as NaN)")
+    else:
+        preview(args.out, args.root, args.size, args.n)
 
 
 if __name__ == "__main__":

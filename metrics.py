@@ -588,17 +588,21 @@ def evaluate_csim(videos, model, embed, max_videos=None, render=None):
     """CSIM of cross-reenactment: source A (video i's first frame) driven by B (video i+1, another person) with
     relative motion from B's frame 0, at B's protocol frames; the mean cosine between the embeddings of A and
     of each output frame (frames where no face is found in the output are counted, not scored). For scale,
-    the same figure between A and B's own frames (a different person). -> dict, or None without a pair."""
+    the same figure between A and B's own frames (a different person). -> dict (pairs 0 when no source frame
+    of such a pair shows a face the embedding finds: no_source_face of them), or None without a pair."""
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
-    ours, driver, missing, pairs = [], [], 0, 0
+    ours, driver, missing, pairs, faceless = [], [], 0, 0, 0
     for i in range(n if n >= 2 else 0):
         try:
             a, b = videos[i], videos[(i + 1) % n]
         except (ValueError, OSError):   # an unreadable video: evaluate_self warned and counted it
             continue
         _, drv_idx = protocol_frames(len(b["frames"]), 1)
+        if a["identity"] == b["identity"] or not drv_idx:
+            continue
         source_id = embed(data.to_uint8(a["frames"][0]))
-        if a["identity"] == b["identity"] or not drv_idx or source_id is None:
+        faceless += source_id is None
+        if source_id is None:
             continue
         pairs += 1
         out = reenact(model, a["frames"][:1], b["frames"][[0] + drv_idx], relative=model.cfg.use_keypoints,
@@ -608,11 +612,11 @@ def evaluate_csim(videos, model, embed, max_videos=None, render=None):
             missing += e is None
             ours += [cosine(source_id, e)] if e is not None else []
             driver += [cosine(source_id, d)] if d is not None else []
-    if not pairs:
+    if not pairs and not faceless:
         return None
     mean = lambda v: float(np.mean(v)) if v else math.nan
     return {"csim": mean(ours), "csim_driver": mean(driver), "frames": len(ours) + missing, "no_face": missing,
-            "pairs": pairs, "network": embed.network}
+            "pairs": pairs, "no_source_face": faceless, "network": embed.network}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -772,6 +776,10 @@ def check_options(args):
         except (ValueError, UnicodeDecodeError):
             raise ValueError(f"--out {args.out} exists and is not a JSON file of results (it would be replaced): "
                              f"choose another --out") from None
+    ext = os.path.splitext(args.out)[1].lower()
+    if ext in data.VIDEO_EXTS + data.IMAGE_EXTS + (".pt", ".pth", ".npy"):   # e.g. reenact.py's --out, pasted
+        raise ValueError(f"--out {args.out}: metrics.py writes JSON, not a '{ext}' file; give a .json name "
+                         f"(default results.json)")
     cli.check_writable(args.out)          # now, not after the whole evaluation
 
 
@@ -806,6 +814,10 @@ def report_identity(out, args, model, videos, render):
     res = out["csim"] = evaluate_csim(videos, model, embed, args.max_videos, render)
     if res is None:
         print("\nidentity similarity (CSIM): n/a -- needs 2 test videos of different people")
+        return
+    if not res["pairs"]:
+        print(f"\nidentity similarity (CSIM): n/a -- {res['network']} found no face in the first frame of the "
+              f"{res['no_source_face']} source video(s) of the pairs of different people")
         return
     print(f"\nidentity similarity (CSIM) of cross-reenactment, relative motion, {res['pairs']} pairs: cosine of "
           f"{res['network']} between the source and each output frame: {format_number(res['csim'], 3)} "

@@ -192,11 +192,12 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
 # command line: inputs, outputs, processes
 
 def check_input(path):
-    """An image, a video or a folder of frames that exists -> 'image' or 'frames' (a ValueError otherwise)."""
+    """An image, a video or a folder of frames that exists -> 'image' or 'frames' (a video: also an animated WebP
+    or PNG); a ValueError otherwise."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     ext = os.path.splitext(path)[1].lower()
-    if os.path.isdir(path) or ext in data.VIDEO_EXTS:
+    if os.path.isdir(path) or ext in data.VIDEO_EXTS or data.is_animated(path):
         return "frames"
     if ext in data.IMAGE_EXTS:
         return "image"
@@ -257,9 +258,9 @@ class Driving:
             yield from (self.frames[t:t + self.CHUNK] for t in range(start, self.n, self.CHUNK))
             return
         block, shape = [], None
-        for f in self.raw(start):
+        for k, f in enumerate(self.raw(start), start):
             if shape is not None and f.shape != shape:
-                raise ValueError(f"{self.path}: frames of different sizes")
+                raise data.different_sizes(self.path, k, f.shape, start, shape)
             shape = f.shape
             block.append(data.crop_square(f, self.box or data.centre_box(*f.shape[:2]), S))
             if len(block) == self.CHUNK:
@@ -333,6 +334,10 @@ def check_options(args):
     cli.check_device(args.device)
     if args.size is not None and args.size > 4096:
         raise ValueError(f"--size {args.size}: at most 4096 (the frame is decoded pixel by pixel)")
+    if args.size is not None and args.size % 2 and not args.paste_back and args.out and \
+            os.path.splitext(args.out)[1].lower() in (".mp4", ".mov"):
+        raise ValueError(f"--size {args.size}: a .mp4 / .mov (H.264) needs even sides; use --size {args.size - 1} or "
+                         f"{args.size + 1}, or write a .gif or a folder of PNG frames")
     if (args.source is None) != (args.driving is None):
         raise ValueError("give both --source and --driving, or neither for the built-in demo")
     if args.paste_back and (args.source is None or args.side_by_side):
@@ -395,6 +400,10 @@ def user_inputs(args, S, device, log):
     driving = Driving(args.driving, max_frames=args.max_frames)
     for line in (line for path in (*args.source, args.driving) for line in data.input_notices(path)):
         log(line)                                       # a shrunk image, a resampled variable-rate video
+    short = None if args.max_frames and len(driving) >= args.max_frames else \
+        data.cut_short(args.driving, len(driving), driving.fps)
+    if short:                                           # fewer frames than the video's header promises
+        log(short)
     detector = landmark_detector(device, log) if args.crop == "auto" else None
     boxes = []
     for path, frames in zip(args.source, raw):

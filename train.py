@@ -1207,9 +1207,12 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) != 0:   # torchrun: the first process says it once
             return 2
         return cli.fail(e, memory_hint=MEMORY_HINT)
-    stop = cli.StopSignals("stopping after the step in flight and writing a checkpoint (exit code 130, or 143 for "
-                           "SIGTERM); rerun the same command to resume. Ctrl-C again quits at once, keeping the "
-                           "last checkpoint written")
+    except KeyboardInterrupt:                       # Ctrl-C while the data, model or checkpoint is loading
+        print("\ninterrupted before training started; nothing was written", file=sys.stderr)
+        return 130
+    stop = cli.StopSignals("stopping after the step in flight and writing a checkpoint (exit code 130; 143 for "
+                           "SIGTERM, 129 for SIGHUP); rerun the same command to resume. Ctrl-C again quits at once, "
+                           "keeping the last checkpoint written")
     stopped = False
     try:
         phases = phases_to_run(ctx.args, ctx.log)

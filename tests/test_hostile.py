@@ -2,7 +2,8 @@
 bounded memory on long videos, clean stops (exit codes, a second signal), temporary files of killed writers,
 unreadable test videos, option checks, early write checks and one-line errors. Issue 25 (its case numbers in
 the section titles): concurrent writers, stops of a process group, odd media (EXIF, variable frame rate, huge
-images, no video stream), tampered and wrong weights files, run-folder and phase mix-ups, data.py's outputs."""
+images, no video stream), tampered and wrong weights files, run-folder and phase mix-ups, data.py's outputs.
+Its second sweep (the sections 2.x at the end): other formats, other signals, other concurrent pairs, paths."""
 import copy
 import json
 import math
@@ -951,3 +952,351 @@ def test_an_out_that_is_a_device_or_a_fifo_is_refused(ckpt, tmp_path, capsys, mo
     assert metrics.main(["--checkpoint", ckpt, "--no-akd", "--out", str(tmp_path / "fifo")]) == 2
     one_line(capsys.readouterr().err, "is not a regular file")
     assert not os.path.isfile(tmp_path / "fifo")
+
+
+# ================================================================ issue 25, second sweep: what the fixes touched
+
+# ---------------------------------------------------------------- 2.1 SIGHUP, SIGTERM while rendering
+
+def test_sighup_stops_training_with_a_checkpoint_and_129(tmp_path):
+    """A closed terminal or ssh session (SIGHUP) killed the run before: the steps since the last checkpoint lost."""
+    out = tmp_path / "run"
+    p = _start(["--phase", "0", "--steps", "100000", "--out", str(out), *FAST], out / "log.jsonl", '"step": 1,')
+    p.send_signal(signal.SIGHUP)
+    stdout, stderr = p.communicate(timeout=120)
+    assert p.returncode == 129, (p.returncode, stderr[-2000:])
+    assert "stopped at step" in stdout and torch.load(out / "phase0.pt", weights_only=True)["step"] >= 1
+
+
+def test_sigterm_while_reenact_renders_leaves_no_temporary_file(ckpt, tmp_path):
+    """SIGTERM killed reenact.py mid-render: its .tmp_*.mp4 (and ffmpeg's partial video in it) stayed in --out's
+    folder. Now the signal unwinds as Ctrl-C does: exit 143, one line, nothing left."""
+    png, mp4 = inputs(tmp_path, frames=200)
+    out = tmp_path / "out"
+    out.mkdir()
+    p = subprocess.Popen([sys.executable, "reenact.py", *render_args(ckpt, png, mp4, out / "r.mp4", "--size", "128",
+                                                                     "--precision", "fp32")],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not os.listdir(out) and p.poll() is None and time.time() - t0 < 60:     # its temporary file exists
+        time.sleep(0.05)
+    time.sleep(1)
+    p.send_signal(signal.SIGTERM)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 143, (p.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr and "interrupted (SIGTERM)" in stderr
+    assert os.listdir(out) == []
+
+
+# ---------------------------------------------------------------- 2.2 odd media: formats, damage, frame order
+
+def test_a_float_tiff_source_is_read_with_its_values_not_black(tmp_path):
+    """A 32-bit float gray TIFF (mode F, values in [0, 1]) was converted by Pillow to 0 / 1 of 255: black."""
+    from PIL import Image
+    gray = np.random.default_rng(0).random((20, 30), dtype=np.float32)
+    Image.fromarray(gray).save(tmp_path / "f.tif")
+    Image.fromarray(gray * 255).save(tmp_path / "f255.tif")                   # the other convention: 0-255
+    for name in ("f.tif", "f255.tif"):
+        a = data.read_image(str(tmp_path / name))
+        assert a.shape == (20, 30, 3) and np.abs(a[..., 1].astype(int) - np.round(gray * 255)).max() <= 1, name
+
+
+@pytest.mark.parametrize("ext", ["webp", "png"])
+def test_an_animated_webp_or_png_is_read_as_a_clip(ckpt, tmp_path, ext):
+    """An animated WebP / PNG driving file was read as one still frame at 25 fps (3 frames at 10 fps here)."""
+    from PIL import Image
+    frames = [Image.fromarray(np.full((32, 32, 3), v, np.uint8)) for v in (20, 120, 220)]
+    anim = tmp_path / f"anim.{ext}"
+    frames[0].save(anim, save_all=True, append_images=frames[1:], duration=100, loop=0, lossless=True)
+    got = data.read_frames(str(anim))
+    assert got.shape == (3, 32, 32, 3) and np.abs(got.reshape(3, -1).mean(1) - [20, 120, 220]).max() < 3
+    png, _ = inputs(tmp_path)
+    out = tmp_path / "o.mp4"
+    assert reenact.main(render_args(ckpt, png, str(anim), out)) == 0
+    frames, fps = data.read_video(str(out))
+    assert len(frames) == 3 and fps == pytest.approx(10)
+    assert reenact.main(render_args(ckpt, str(anim), png, out, "--source-frames", "0", "-1")) == 0   # a video source
+
+
+def test_empty_and_cut_short_files_say_so(ckpt, tmp_path, capsys):
+    """A 0-byte video said "moov atom not found", a 0-byte image "cannot identify image file"; a cut-short mp4
+    (index first, the frames cut) gave ffmpeg's progress line "frame= 0 fps=0.0 ... Conversion failed!"."""
+    png, _ = inputs(tmp_path)
+    whole = tmp_path / "whole.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x48:rate=10:duration=2", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           "-movflags", "+faststart", whole)
+    blob = whole.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(blob[:len(blob) * 2 // 3])
+    for name in ("empty.mp4", "empty.png"):
+        (tmp_path / name).write_bytes(b"")
+    cases = [(png, "empty.mp4", "empty.mp4: the file is empty (0 bytes)"),
+             ("empty.png", str(whole), "empty.png: the file is empty (0 bytes)"),
+             (png, "cut.mp4", "partial file")]
+    for source, driving, needle in cases:
+        args = render_args(ckpt, str(tmp_path / source), str(tmp_path / driving), tmp_path / "o.mp4")
+        assert reenact.main(args) == 2
+        line = one_line(capsys.readouterr().err, needle)
+        assert "frame=" not in line and "Conversion failed" not in line
+        assert "empty" in line or "cut short or damaged" in line
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_a_frame_folder_is_read_in_the_order_of_its_numbers_and_names_an_odd_sized_frame(ckpt, tmp_path, capsys):
+    """frame1.png ... frame12.png were read as frame1, frame10, frame11, frame12, frame2, ...: scrambled motion;
+    a frame of another size said only "frames of different sizes", not which."""
+    from PIL import Image
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for i in range(12):
+        im = Image.fromarray(np.full((16, 16, 3), i * 20, np.uint8))
+        im.save(folder / f"frame{i + 1}.{'jpg' if i == 3 else 'png'}", quality=100)       # mixed extensions
+    got = data.read_frames(str(folder))[:, 0, 0, 0].astype(int)
+    assert np.abs(got - np.arange(12) * 20).max() <= 2, got
+    Image.new("RGB", (12, 16)).save(folder / "frame13.png")
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(folder), tmp_path / "o.mp4")) == 2
+    one_line(capsys.readouterr().err, "frame 12 (frame13.png) is 12x16 but frame 0 is 16x16")
+
+
+def test_a_rotated_phone_video_is_read_upright_without_imageio_warnings(ckpt, tmp_path):
+    """A 64x32 clip with a 90-degree display rotation: read upright (32 wide, 64 high), but imageio-ffmpeg
+    printed "The frame size for reading (32, 64) is different from the source frame size (64, 32)." twice."""
+    wide, rot = tmp_path / "wide.mp4", tmp_path / "rot.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=64x32:rate=10:duration=0.5", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           wide)
+    ffmpeg("-display_rotation", "90", "-i", wide, "-c", "copy", rot)
+    png, _ = inputs(tmp_path)
+    r = subprocess.run([sys.executable, "reenact.py", *render_args(ckpt, png, str(rot), tmp_path / "o.mp4")],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert "rot.mp4 is 32x64" in r.stdout and data.read_frames(str(rot)).shape[1:3] == (64, 32)
+
+
+# ---------------------------------------------------------------- 2.3 output names and sizes
+
+def test_odd_output_sides_are_refused_or_padded_never_stretched(ckpt, tmp_path, capsys):
+    """--size 33 into an .mp4 was stretched to 34x34 with an imageio warning on stderr; --paste-back into a 39x33
+    photo as well (to 40x34). Now an odd --size is refused for .mp4/.mov and odd frames get an edge row/column."""
+    png, mp4 = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "o.mp4", "--size", "33")) == 2
+    one_line(capsys.readouterr().err, "--size 33: a .mp4 / .mov (H.264) needs even sides; use --size 32 or 34")
+    assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "o.gif", "--size", "33")) == 0
+    assert data.read_frames(str(tmp_path / "o.gif")).shape[1:3] == (33, 33)
+    frame = np.zeros((33, 39, 3), np.uint8)
+    frame[:, 20:] = 200                                     # an edge at column 20: stretching would move it
+    capsys.readouterr()
+    assert data.write_video(str(tmp_path / "odd.mp4"), [frame] * 2, 10) == 2
+    got = data.read_frames(str(tmp_path / "odd.mp4"))[0].astype(int)
+    assert got.shape == (34, 40, 3) and capsys.readouterr().err == ""
+    assert got[:33, 18].mean() < 40 and got[:33, 22].mean() > 160      # not moved
+
+
+def test_an_out_with_the_extension_of_another_kind_of_file_is_refused(ckpt, tmp_path, capsys, monkeypatch):
+    """reenact.py --out results.json made a folder of PNG frames called results.json; metrics.py --out X.mp4 wrote
+    its JSON as X.mp4 (with reenact.py writing X.mp4 at the same time, one replaced the other)."""
+    png, mp4 = inputs(tmp_path)
+    monkeypatch.setattr(reenact, "reenact", lambda *a, **k: pytest.fail("rendered before refusing"))
+    monkeypatch.setattr(metrics, "evaluate_self", lambda *a, **k: pytest.fail("evaluated before refusing"))
+    for name in ("results.json", "phase1.pt"):
+        assert reenact.main(render_args(ckpt, png, mp4, tmp_path / name)) == 2
+        one_line(capsys.readouterr().err, f"cannot write '{os.path.splitext(name)[1]}'")
+    assert metrics.main(["--checkpoint", ckpt, "--no-akd", "--out", str(tmp_path / "X.mp4")]) == 2
+    one_line(capsys.readouterr().err, "metrics.py writes JSON, not a '.mp4' file")
+    assert sorted(os.listdir(tmp_path)) == ["a.png", "d.mp4"]
+
+
+# ---------------------------------------------------------------- 2.4 paths: links, permissions, hidden files
+
+def test_an_out_that_is_a_symlink_is_written_through_with_ordinary_permissions(ckpt, tmp_path):
+    """--out latest.mp4 -> runs/a.mp4: the link was replaced by a file (runs/a.mp4 kept its old frames), and every
+    output (videos, checkpoints, JSON) was created 0600 by mkstemp, unreadable to the group and others."""
+    png, mp4 = inputs(tmp_path, frames=2)
+    target = tmp_path / "runs" / "a.mp4"
+    target.parent.mkdir()
+    data.write_video(str(target), np.zeros((5, 32, 32, 3), np.uint8), 10)
+    os.symlink(target, tmp_path / "latest.mp4")
+    old = os.umask(0o022)
+    try:
+        assert reenact.main(render_args(ckpt, png, mp4, tmp_path / "latest.mp4")) == 0
+    finally:
+        os.umask(old)
+    assert os.path.islink(tmp_path / "latest.mp4") and len(data.read_frames(str(target))) == 2
+    assert os.stat(target).st_mode & 0o777 == 0o644
+    assert sorted(os.listdir(target.parent)) == ["a.mp4"]
+
+
+def test_hidden_files_in_a_frame_folder_are_not_frames(ckpt, tmp_path):
+    """A frame folder copied from a macOS disk has ._000000.png (AppleDouble) beside each frame and .DS_Store:
+    the run failed on "cannot identify image file '._000000.png'"."""
+    folder = tmp_path / "clip"
+    data.write_video(str(folder), np.full((3, 32, 32, 3), 90, np.uint8))
+    for name in ("._000000.png", "._000001.png"):
+        (folder / name).write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X")
+    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    assert data.read_frames(str(folder)).shape == (3, 32, 32, 3)
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(folder), tmp_path / "o.mp4")) == 0
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_data_cli_stopped_by_a_signal_exits_without_traceback_or_temporary_file(tmp_path, sig):
+    """`python data.py export|landmarks ROOT` (minutes on a real dataset) printed a KeyboardInterrupt traceback on
+    Ctrl-C, and SIGTERM left the .tmp_*.mp4 / .tmp_*.npy being written among the data."""
+    root = tmp_path / "vox"
+    code = ("import sys, numpy as np, data\n"      # faces drawn as flat frames: the time goes to the video files
+            "data.faces.render_face = lambda identity, pose, expr, size: np.full((size, size, 3), 90, np.uint8)\n"
+            "sys.exit(data.main(sys.argv[1:]))")
+    p = subprocess.Popen([sys.executable, "-c", code, "export", str(root), "--videos", "400", "--test-videos", "0",
+                          "--size", "32"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not list(root.glob("train/*.mp4")) and p.poll() is None and time.time() - t0 < 60:
+        time.sleep(0.05)
+    p.send_signal(sig)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 128 + sig, (p.returncode, stderr[-2000:])
+    assert "Traceback" not in stderr and f"interrupted ({signal.Signals(sig).name})" in stderr
+    assert not [n for n in os.listdir(root / "train") if n.startswith(cli.TEMP_PREFIX)]
+
+
+def test_ctrl_c_while_train_loads_is_130_without_traceback(tmp_path, capsys, monkeypatch):
+    """Ctrl-C before the stop handlers are set (listing a large dataset, loading the model or checkpoint) ended
+    train.py with a KeyboardInterrupt traceback."""
+    def loading(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, "context", loading)
+    assert train.main(["--phase", "0", "--out", str(tmp_path / "run"), *FAST]) == 130
+    assert "interrupted before training started" in capsys.readouterr().err
+
+
+def test_a_video_cut_short_mid_stream_is_rendered_with_a_warning(ckpt, tmp_path, capsys):
+    """The header (at the front) says 10 s, the frames stop after about a third: 33 frames were rendered with no
+    word; and a whole clip whose sound outlasts its picture is not taken for one."""
+    whole, sound = tmp_path / "whole.mp4", tmp_path / "sound.mp4"
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x48:rate=10:duration=10", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+           "-movflags", "+faststart", whole)
+    blob = whole.read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(blob[:len(blob) * 6 // 10])
+    png, _ = inputs(tmp_path)
+    assert reenact.main(render_args(ckpt, png, str(tmp_path / "cut.mp4"), tmp_path / "o.mp4")) == 0
+    n = len(data.read_frames(str(tmp_path / "o.mp4")))
+    warning = [l for l in capsys.readouterr().out.splitlines() if "cut short" in l]
+    assert 0 < n < 90 and len(warning) == 1 and warning[0].startswith("warning: ")
+    assert f"the result has {n}" in warning[0]
+    ffmpeg("-f", "lavfi", "-i", "testsrc=size=48x48:rate=10:duration=1", "-f", "lavfi", "-i", "sine=duration=3",
+           "-c:v", "libx264", "-pix_fmt", "yuv420p", "-c:a", "aac", sound)
+    assert reenact.main(render_args(ckpt, png, str(sound), tmp_path / "o.mp4")) == 0
+    assert "cut short" not in capsys.readouterr().out
+
+
+def test_csim_says_no_face_was_found_rather_than_too_few_people(ckpt, tmp_path, capsys, monkeypatch):
+    """Test videos of 3 people with no face the embedding finds in their first frames: CSIM was "n/a -- needs 2
+    test videos of different people", which sends one looking for missing videos."""
+    class NoFace:
+        network = "the stub embedding"
+
+        def __call__(self, image):
+            return None
+    monkeypatch.setattr(metrics, "FaceEmbedding", NoFace)
+    root = tmp_path / "vox"
+    data.export(str(root), videos=0, test_videos=3, frames=12, size=32, progress=False)
+    assert metrics.main(["--checkpoint", ckpt, "--data", str(root), "--no-akd", "--out", str(tmp_path / "r.json")]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if "(CSIM)" in l]
+    assert line == ["identity similarity (CSIM): n/a -- the stub embedding found no face in the first frame of the 3 "
+                    "source video(s) of the pairs of different people"], line
+    assert json.loads((tmp_path / "r.json").read_text())["csim"]["pairs"] == 0
+
+
+def test_an_avif_photo_is_read_where_pillow_can_and_a_misnamed_file_says_so(ckpt, tmp_path, capsys):
+    """An .avif photo (phones, the web) was refused as "unknown file type" though Pillow reads it; an mp4 saved
+    as .png said only "cannot identify image file"."""
+    from PIL import Image
+    png, mp4 = inputs(tmp_path)
+    shutil.copy(mp4, tmp_path / "clip.png")
+    assert reenact.main(render_args(ckpt, str(tmp_path / "clip.png"), mp4, tmp_path / "o.mp4")) == 2
+    one_line(capsys.readouterr().err, "not an image file, or one with the wrong extension")
+    if ".avif" not in Image.registered_extensions():
+        pytest.skip("this Pillow has no AVIF codec")
+    Image.open(png).save(tmp_path / "photo.avif", quality=90)
+    assert data.read_image(str(tmp_path / "photo.avif")).shape == (40, 40, 3)
+    assert reenact.main(render_args(ckpt, str(tmp_path / "photo.avif"), mp4, tmp_path / "o.mp4")) == 0
+
+
+def test_a_stopped_write_into_a_frame_folder_leaves_the_earlier_output_whole(tmp_path):
+    """Ctrl-C / SIGTERM in the middle of rendering into a frame folder left the first frames new and the rest
+    of the earlier output: a clip of two runs. Now the earlier frames stay until the last new one is written."""
+    folder = tmp_path / "frames"
+    data.write_video(str(folder), np.full((5, 16, 16, 3), 30, np.uint8))
+    (folder / ".tmp_killed").mkdir()                      # the staging folder of a writer killed with -9
+
+    def stopped():
+        yield from np.full((2, 16, 16, 3), 220, np.uint8)
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        data.write_video(str(folder), stopped())
+    got = data.read_frames(str(folder))
+    assert len(got) == 5 and (got == 30).all()
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(5)]
+    assert data.write_video(str(folder), np.full((3, 16, 16, 3), 220, np.uint8)) == 3
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(3)]
+
+
+@pytest.mark.parametrize("fps,frames", [(30000 / 1001, 30), (240, 24), (10, 7)])
+def test_a_gif_output_keeps_the_clips_duration(tmp_path, fps, frames):
+    """GIF delays are whole hundredths of a second: 29.97 fps became 30 ms a frame (the GIF 10 % short), 240 fps
+    0-ms frames (players show those at 100 ms: 10x long)."""
+    from PIL import Image
+    clip = np.stack([np.full((16, 16, 3), 8 * k % 256, np.uint8) for k in range(frames)])
+    assert data.write_video(str(tmp_path / "o.gif"), clip, fps) == frames
+    with Image.open(tmp_path / "o.gif") as im:
+        delays = [(im.seek(k), im.info["duration"])[1] for k in range(im.n_frames)]
+    assert min(delays) >= 20 and sum(delays) / 1000 == pytest.approx(frames / fps, abs=0.021), delays
+
+
+def test_landmarks_of_a_read_only_dataset_are_refused_before_any_detection(tmp_path, capsys, monkeypatch):
+    """Datasets are often mounted read-only: `data.py landmarks ROOT` ran the detector over the first video, then
+    failed on "[Errno 30] Read-only file system: '.../.tmp_lpzahkt5.npy'". (The mount is simulated here.)"""
+    import errno
+    import tempfile
+    root = tmp_path / "vox"
+    data.export(str(root), videos=2, test_videos=0, frames=4, size=32, progress=False)
+    for f in root.glob("train/*.landmarks.npy"):
+        f.unlink()
+    real = tempfile.TemporaryFile
+
+    def read_only(*a, dir=None, **k):
+        if dir and str(dir).startswith(str(root)):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **k)
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(data, "LandmarkDetector", lambda *a, **k: pytest.fail("detector built before refusing"))
+    assert data.main(["landmarks", str(root)]) == 2
+    one_line(capsys.readouterr().err, f"landmarks (written beside the videos) in {root / 'train'}: cannot write")
+
+
+def test_a_stop_signal_landing_while_ffmpeg_starts_is_not_lost(tmp_path):
+    """A SIGINT whose handler runs inside an at-fork hook (the logging module's, while imageio starts ffmpeg for
+    each video) was printed as "Exception ignored ... KeyboardInterrupt" and lost: the command ran on to the end
+    and exited 0. The hook's KeyboardInterrupt stands in for the signal here."""
+    code = ("import os, subprocess, sys, time, cli\n"
+            "armed = [True]\n"
+            "def hook():\n"
+            "    if armed.pop() if armed else False:\n"
+            "        raise KeyboardInterrupt\n"
+            "os.register_at_fork(after_in_parent=hook)\n"
+            "def run(args):\n"
+            "    subprocess.run(['true'], preexec_fn=lambda: None)\n"
+            "    time.sleep(5)\n"
+            "    print('finished')\n"
+            "sys.exit(cli.run_command(run, None))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 130 and "finished" not in r.stdout, (r.returncode, r.stderr[-2000:])
+    assert r.stderr.strip() == "interrupted (SIGINT); no temporary file is left behind", r.stderr
+
+
+def test_the_temporary_folder_of_a_killed_checkpoint_write_is_removed_at_start(run0, capsys):
+    """atomic_path writes in a hidden folder now: a kill -9 during a checkpoint write leaves .tmp_*/file.pt."""
+    (run0 / ".tmp_killed01").mkdir()
+    (run0 / ".tmp_killed01" / "file.pt").write_bytes(b"x" * 1000)
+    assert train.main(["--phase", "0", "--steps", "2", "--out", str(run0), *FAST]) == 0
+    assert not (run0 / ".tmp_killed01").exists()
+    assert "removed 1 temporary checkpoint file" in capsys.readouterr().out
