@@ -18,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -99,10 +100,21 @@ def stopped_by_exception():
             signal.signal(s, handler)
 
 
+def one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """warnings.showwarning for the command lines: `warning: <message>` in one line (Python's own format adds
+    the source file, line number and the line of code, which say nothing to the user), on a line of its own
+    when a progress bar is showing (tqdm.write)."""
+    from tqdm import tqdm
+    tqdm.write(f"warning: {message}", file=file or sys.stderr)
+
+
 def run_command(run, args, memory_hint=None):
     """run(args) as a command line's exit code: 0 when it returns, one `error:` line and 2 for an expected
     failure (out of memory: with `memory_hint`), 128 + the signal's number after Ctrl-C (130), SIGTERM (143) or
-    SIGHUP (129), with no temporary output left; a torchrun process group is left in every case."""
+    SIGHUP (129), with no temporary output left; a torchrun process group is left in every case. Warnings are
+    printed as one line each (one_line_warning)."""
+    shown = warnings.showwarning
+    warnings.showwarning = one_line_warning
     try:
         with stopped_by_exception():
             run(args)
@@ -114,6 +126,7 @@ def run_command(run, args, memory_hint=None):
         print(f"\ninterrupted ({signal.Signals(signum).name}); no temporary file is left behind", file=sys.stderr)
         return 128 + signum
     finally:
+        warnings.showwarning = shown
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
 
