@@ -417,6 +417,26 @@ def evaluate_expression_paths(model, identities=16, seed=0, chunk=None) -> dict:
     return {way: mean_responses(sc, identities) for way, sc in scores.items()}
 
 
+
+@torch.no_grad()
+def expression_picture(model, path, identities=4, test="mouth_open", seed=0, scale=3):
+    """A PNG of evaluate_expression's faces, a row per identity: the neutral source | the driver, same face with
+    the `test` expression | the output | the output with only e from the driver (the neutral frame's keypoints),
+    each enlarged `scale` times (nearest pixel)."""
+    device, dtype = model_device(model), next(model.parameters()).dtype
+    i = list(EXPRESSION_TESTS).index(test) + 1
+    rows = []
+    for truth in expression_faces(identities, seed, model.cfg.image_size):
+        x = truth.to(device, dtype)
+        kp, e = model.keypoints_and_expression(x)
+        set_latents = model.encode(x[:1][None], kp[:1][None], e[:1][None])
+        full = reenact(model, truth[:1], truth)[i]
+        e_only = model.render(set_latents, kp[:1], e[i:i + 1]).float().clamp(0, 1)[0].cpu()
+        rows.append(np.concatenate([data.to_uint8(f) for f in (truth[0], truth[i], full, e_only)], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    with cli.atomic_path(path) as tmp:
+        Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(tmp)
+
 # ----------------------------------------------------------------------------------------------------------
 # disentanglement probe: what a linear map can read out of the expression vector e
 
@@ -781,6 +801,12 @@ def check_options(args):
         raise ValueError(f"--out {args.out}: metrics.py writes JSON, not a '{ext}' file; give a .json name "
                          f"(default results.json)")
     cli.check_writable(args.out)          # now, not after the whole evaluation
+    if args.expression_png:
+        if args.data is not None:
+            raise ValueError("--expression-png draws the built-in faces (their ground truth): leave out --data")
+        if not args.expression_png.lower().endswith(".png"):
+            raise ValueError(f"--expression-png {args.expression_png}: give a .png file name")
+        cli.check_writable(args.expression_png)
 
 
 def report_self(out, args, model, videos, render):
@@ -857,6 +883,10 @@ def report_builtin_expression(out, args, model, videos, render):
         cross = out["expression_cross"] = evaluate_expression(model, render=render, cross=True)
         print("  cross (another, relative):   " + row(cross))
     paths = out["expression_paths"] = evaluate_expression_paths(model, chunk=render.chunk)
+    if args.expression_png:
+        expression_picture(model, args.expression_png)
+        print(f"  wrote {args.expression_png}: neutral source | driver with its mouth open | output | output with "
+              f"only e from the driver")
     print("  self, only e from the driver: " + row(paths["e"]) + "\n  self, only its keypoints:     "
           + row(paths["keypoints"]))
     size = model.cfg.image_size
@@ -903,6 +933,8 @@ def main(argv=None) -> int:
                         "probe of e could read at this image size (built-in data; renders 11,000 faces first)")
     p.add_argument("--probe-alpha", type=float, default=None,
                    help="ridge penalty (default: chosen by cross-validation over training identities)")
+    p.add_argument("--expression-png", default=None, metavar="FILE.png",
+                   help="built-in data: a picture of the expression transfer (metrics.expression_picture)")
     p.add_argument("--chunk", type=int, default=None, help="pixels decoded per chunk")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="bf16 = bfloat16 autocast; auto (default): bf16 where it is faster than fp32 here")

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import metrics
@@ -439,6 +440,19 @@ def test_expression_paths_change_one_input_each_and_see_a_decoder_blind_to_it():
         assert abs(blind[way]["mean"]) < 0.01 * abs(paths[way]["mean"]), (way, blind[way], paths[way])   # float noise
         with torch.no_grad():
             weight.copy_(kept)
+
+
+def test_expression_picture_shows_source_driver_output_and_e_only(tmp_path, ckpt):
+    model = weights.model_from_checkpoint(ckpt).eval()
+    S = model.cfg.image_size
+    metrics.expression_picture(model, str(tmp_path / "x.png"), identities=2, scale=2)
+    grid = np.asarray(Image.open(tmp_path / "x.png"))
+    assert grid.shape == (2 * S * 2, 4 * S * 2, 3)
+    truth = next(metrics.expression_faces(1, 0, S))
+    first = grid[:2 * S:2, :4 * S:2]                                       # row 0: neutral source | mouth open
+    assert np.array_equal(first[:, :S], data.to_uint8(truth[0])) and \
+        np.array_equal(first[:, S:], data.to_uint8(truth[1]))
+    assert metrics.main(["--checkpoint", ckpt, "--data", str(tmp_path), "--expression-png", "x.png"]) == 2
 
 
 class _BrightnessDetector(torch.nn.Module):
