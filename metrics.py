@@ -883,12 +883,12 @@ def report_builtin_expression(out, args, model, videos, render):
         cross = out["expression_cross"] = evaluate_expression(model, render=render, cross=True)
         print("  cross (another, relative):   " + row(cross))
     paths = out["expression_paths"] = evaluate_expression_paths(model, chunk=render.chunk)
+    print("  self, only e from the driver: " + row(paths["e"]) + "\n  self, only its keypoints:     "
+          + row(paths["keypoints"]))
     if args.expression_png:
         expression_picture(model, args.expression_png)
         print(f"  wrote {args.expression_png}: neutral source | driver with its mouth open | output | output with "
               f"only e from the driver")
-    print("  self, only e from the driver: " + row(paths["e"]) + "\n  self, only its keypoints:     "
-          + row(paths["keypoints"]))
     size = model.cfg.image_size
     if not args.no_probe:
         train = data.VideoSet(root=None, split="train", size=size)
