@@ -71,7 +71,8 @@ def get_args(argv=None):
     p.add_argument("--preset", default="auto", choices=("auto", "tiny", "paper"),
                    help="auto = paper on CUDA, tiny on CPU")
     p.add_argument("--out", default=None, help="run folder (default runs/<preset>)")
-    p.add_argument("--init", default=None, help="fsrt checkpoint to start this phase from (model weights)")
+    p.add_argument("--init", default=None, help="fsrt checkpoint to start this phase from (model weights; in phase "
+                   "1 with --lm-pretrain, X from --out's phase0.pt: a fine-tune of a trained model, RESULTS.md)")
     p.add_argument("--kp-checkpoint", default=None, help="FOMM vox-cpk.pth.tar: use its detector, skip phase 0")
     p.add_argument("--vgg-weights", default=None,
                    help="torchvision vgg19-dcbb9e9d.pth for phases II/III; 'random' = untrained VGG (tests only)")
@@ -1055,6 +1056,9 @@ def restore(run, ctx):
                              f"start phase {args.phase} from a phase-1 (or later) checkpoint")
         run.model.load_state_dict(ck["model"])
         restore_landmark_head(run, ctx, ck)
+        head_start = os.path.join(args.out, "phase0.pt")    # --lm-pretrain's X, trained on this --init's detector
+        if args.phase == 1 and args.lm_pretrain != "off" and os.path.exists(head_start):
+            restore_landmark_head(run, ctx, weights.load_checkpoint(head_start), head_start=True)
     elif args.phase >= 1:
         prev = os.path.join(args.out, f"phase{args.phase - 1}.pt")
         if os.path.exists(prev) and args.phase == 1:   # phase 0 trained the detector alone: take just it

@@ -564,3 +564,23 @@ def test_lm_pretrain_gives_e_the_expression_on_held_out_faces(tmp_path):
     assert len(r2) == 2 and abs(r2[0]) < 0.05 and r2[1] > 0.1, r2
     det = {k: v for k, v in train.weights.load_checkpoint(demo)["model"].items() if k.startswith("kp_detector.")}
     assert max_diff(det, torch.load(out / "phase0.pt", weights_only=True)["model"]) == 0   # frozen throughout
+
+
+def test_a_trained_model_fine_tuned_with_a_head_started_x(tmp_path):
+    """The demo's recipe (RESULTS.md): phase 0 trains X + head on a trained model's detector (--kp-checkpoint),
+    phase 1 starts from that model (--init) with X from phase 0: after a step at lr 1e-12 X is phase 0's, the
+    rest the --init model's, and the detector unchanged."""
+    demo = os.path.join(ROOT, "checkpoints", "builtin_64.pt")
+    out = tmp_path / "ft"
+    common = ["--out", str(out), "--lm-pretrain", "frozen", "--batch-size", "2", "--eval-videos", "0",
+              "--sample-every", "1000", "--precision", "fp32"]
+    assert train.main(["--phase", "0", "--kp-checkpoint", demo, "--lm-steps", "2", *common]) == 0
+    assert train.main(["--phase", "1", "--init", demo, "--steps", "1", "--lr", "1e-12", "--warmup", "0",
+                       "--loss-weights", "lm=1", *common]) == 0
+    got = torch.load(out / "phase1.pt", weights_only=True)["model"]
+    x0, init = torch.load(out / "phase0.pt", weights_only=True)["model"], train.weights.load_checkpoint(demo)["model"]
+    for k, v in got.items():
+        want = x0[k] if k.startswith("expression.") else init[k]
+        assert torch.allclose(v.float(), want.float(), atol=1e-6), k
+    assert max_diff({k: v for k, v in x0.items() if k.startswith("expression.")},
+                    {k: v for k, v in init.items() if k.startswith("expression.")}) > 0.01   # X really was trained
