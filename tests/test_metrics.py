@@ -3,6 +3,7 @@ an end-to-end run on a tiny random checkpoint."""
 import dataclasses
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ import metrics
 import srt
 import builtin_faces as faces
 import weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ---------------------------------------------------------------- image metrics with known answers
@@ -477,3 +480,17 @@ def test_readout_ceiling_reads_what_the_detector_shows_and_nothing_else(monkeypa
         torch.full((1, 3, size, size), 0.5), None))
     r2 = metrics.readout_ceiling(model, frames=300, steps=400, test_frames=200, progress=False)
     assert all(v < 0.15 for v in r2.values()), r2
+
+
+def test_the_demo_opens_its_mouth_through_e():
+    """Issue 23's factorisation on the committed demo (a fixed small setting: 4 test identities, 2 s): rendered
+    with the driver's e and the NEUTRAL frame's keypoints the output makes a clear share of the open mouth
+    (0.22 when committed), with the driver's keypoints and the neutral e next to none (0.01). Fails when e stops
+    reaching the decoder or stops carrying the mouth (X, Eq. 7's query, the demo's weights)."""
+    model = weights.model_from_checkpoint(os.path.join(ROOT, "checkpoints", "builtin_64.pt")).eval()
+    paths = metrics.evaluate_expression_paths(model, identities=4)
+    assert paths["e"]["mouth_open"] > 0.12, paths["e"]
+    assert abs(paths["keypoints"]["mouth_open"]) < 0.05, paths["keypoints"]
+    with torch.no_grad():                                                   # e cut from the decoder's query
+        model.decoder.query_mlp[0].weight[:, model.cfg.pix_dim + model.cfg.key_dim:] = 0
+    assert abs(metrics.evaluate_expression_paths(model, identities=4)["e"]["mouth_open"]) < 0.01
