@@ -395,43 +395,44 @@ def evaluate_expression(model, identities=16, seed=0, render=None, cross=False) 
 
 
 @torch.no_grad()
+def render_paths(model, truth, chunk=None):
+    """truth [n, 3, S, S] (neutral first) rendered from the neutral frame's set-latents with each frame's e and
+    the NEUTRAL frame's keypoints ("e"), and with each frame's keypoints and the neutral e ("keypoints")
+    -> {way: [n, 3, S, S] float32 in [0, 1], on the CPU} (absolute motion, the model's dtype)."""
+    x = truth.to(model_device(model), next(model.parameters()).dtype)          # [n, 3, S, S], neutral first
+    kp, e = model.keypoints_and_expression(x)                                 # [n, K, 2], [n, E]
+    set_latents = model.encode(x[:1][None], kp[:1][None], e[:1][None])       # the neutral source
+    kv = model.latent_kv(set_latents)
+    n = len(x)
+    ways = {"e": (kp[:1].expand(n, -1, -1), e), "keypoints": (kp, e[:1].expand(n, -1))}
+    return {way: model.render(set_latents, k, ex, chunk=chunk, kv=kv).float().clamp(0, 1).cpu()
+            for way, (k, ex) in ways.items()}
+
+
+@torch.no_grad()
 def evaluate_expression_paths(model, identities=16, seed=0, chunk=None) -> dict:
     """Through which input the self-reenactment expression transfer goes (FSRT factorises the expression into
-    e, Sec. 3.1): each face of evaluate_expression rendered from its neutral frame's set-latents with the
-    driver's e and the NEUTRAL frame's keypoints ("e"), and with the neutral frame's e and the driver's
-    keypoints ("keypoints") -> {"e": {...}, "keypoints": {...}} in evaluate_expression's layout. The share through
-    e is e's figure over evaluate_expression's (absolute motion, fp32)."""
-    device, dtype = model_device(model), next(model.parameters()).dtype
+    e, Sec. 3.1): each face of evaluate_expression rendered by render_paths, with only e or only the keypoints
+    from the driver -> {"e": {...}, "keypoints": {...}} in evaluate_expression's layout. The share through e is
+    e's figure over evaluate_expression's."""
     scores = {w: {k: [] for k in EXPRESSION_TESTS} for w in ("e", "keypoints")}
     model.eval()
     for truth in expression_faces(identities, seed, model.cfg.image_size):
-        x = truth.to(device, dtype)                                               # [n, 3, S, S], neutral first
-        kp, e = model.keypoints_and_expression(x)                                 # [n, K, 2], [n, E]
-        set_latents = model.encode(x[:1][None], kp[:1][None], e[:1][None])       # the neutral source
-        kv = model.latent_kv(set_latents)
-        n = len(x)
-        ways = {"e": (kp[:1].expand(n, -1, -1), e), "keypoints": (kp, e[:1].expand(n, -1))}
-        for way, (k, ex) in ways.items():
-            out = model.render(set_latents, k, ex, chunk=chunk, kv=kv).float().clamp(0, 1).cpu()
+        for way, out in render_paths(model, truth, chunk).items():
             add_responses(scores[way], out, truth)
     return {way: mean_responses(sc, identities) for way, sc in scores.items()}
-
 
 
 @torch.no_grad()
 def expression_picture(model, path, identities=4, test="mouth_open", seed=0, scale=3):
     """A PNG of evaluate_expression's faces, a row per identity: the neutral source | the driver, same face with
-    the `test` expression | the output | the output with only e from the driver (the neutral frame's keypoints),
-    each enlarged `scale` times (nearest pixel)."""
-    device, dtype = model_device(model), next(model.parameters()).dtype
+    the `test` expression | the output (reenact) | the output with only e from the driver (render_paths), each
+    enlarged `scale` times (nearest pixel)."""
     i = list(EXPRESSION_TESTS).index(test) + 1
+    model.eval()
     rows = []
     for truth in expression_faces(identities, seed, model.cfg.image_size):
-        x = truth.to(device, dtype)
-        kp, e = model.keypoints_and_expression(x)
-        set_latents = model.encode(x[:1][None], kp[:1][None], e[:1][None])
-        full = reenact(model, truth[:1], truth)[i]
-        e_only = model.render(set_latents, kp[:1], e[i:i + 1]).float().clamp(0, 1)[0].cpu()
+        full, e_only = reenact(model, truth[:1], truth)[i], render_paths(model, truth)["e"][i]
         rows.append(np.concatenate([data.to_uint8(f) for f in (truth[0], truth[i], full, e_only)], axis=1))
     grid = np.concatenate(rows, axis=0)
     with cli.atomic_path(path) as tmp:

@@ -392,14 +392,13 @@ def part_mask(lm, crop, size):
     (pixels of the uncropped frames), in the crop the decoder renders (crop [B,4] normalised) -> [B, S*S] bool,
     row-major as pixel_grid; all False where the landmarks are NaN."""
     p = to_pixels(data.map_to_crop(to_normalized(lm.float().cpu(), size), crop.float().cpu()), size)  # (B,68,2)
-    ys, xs = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    xy = torch.stack((xs, ys), -1).flatten(0, 1).float()                               # (S*S, 2) as (x, y)
-    mask = torch.zeros(len(p), size * size, dtype=torch.bool)
-    pad = max(1, size // 32)
+    axis, pad = torch.arange(size, dtype=torch.float32), max(1, size // 32)
+    mask = torch.zeros(len(p), size, size, dtype=torch.bool)                           # (B, y, x)
     for part in FACE_PARTS:
-        lo, hi = p[:, part].amin(1) - pad, p[:, part].amax(1) + pad                     # (B, 2)
-        mask |= ((xy >= lo[:, None]) & (xy <= hi[:, None])).all(-1)
-    return mask
+        lo, hi = p[:, part].amin(1) - pad, p[:, part].amax(1) + pad                     # (B, 2) as (x, y)
+        inside = (axis >= lo[..., None]) & (axis <= hi[..., None])                      # (B, 2, S)
+        mask |= inside[:, 1, :, None] & inside[:, 0, None, :]                           # rows x columns
+    return mask.flatten(1)
 
 
 def sample_pixels(n_pixels, n, g, focus=0.0, mask=None):
