@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from keypoints import antialias_downsample, pixel_grid
+from keypoints import KP_LANDMARKS, antialias_downsample, pixel_grid
 
 
 @dataclass
@@ -117,15 +117,15 @@ def l_reg(e_src_a1, e_src_a2, e_drv, e_drv_omega, weights=None):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1b. Landmark-shape supervision of e, L_lm. NOT IN THE PAPER (issue 23): a documented departure, off unless
+# 1b. Landmark-shape supervision of e, L_lm. NOT IN THE PAPER: a documented departure (RESULTS.md), off unless
 # lambda_lm > 0 or train.py --lm-pretrain. The 68 landmarks phase 0 trains the detector on also carry the
 # mouth, eyelids and brows; their pose-free shape is a target a linear head on e regresses (the head is
 # training state only: reenactment never uses it). It needs only the landmarks (real VoxCeleb has them).
 
-LM_RIGID = (0, 16, 27, 30, 31, 35, 36, 39, 42, 45)          # = keypoints.KP_LANDMARKS: still under expression
+LM_RIGID = KP_LANDMARKS   # the phase-0 keypoints' landmarks: they stay still under expression
 LM_EXPRESSIVE = tuple(range(17, 27)) + tuple(range(36, 48)) + tuple(range(48, 68))
 # brows 17-26, eyes 36-47, mouth 48-67: 42 points -> 84 numbers (the nose 30-35 is left out: under yaw its
-# residual is pose, not expression; the probe of issue 23 found these 10 rigid points align best).
+# residual is pose, not expression; of the sets probed, these 10 rigid points align best: RESULTS.md).
 
 
 def fit_affine(src, dst):
