@@ -829,7 +829,7 @@ def video_fps(path):
 
 @functools.lru_cache(maxsize=1 << 16)
 def _streams(path, version):
-    """(opened, stream descriptions, duration in seconds or None) of ffmpeg's `-i` output, cached per version."""
+    """media_streams of an absolute path, cached per (size, mtime) version."""
     import subprocess
     import imageio_ffmpeg
     try:
@@ -844,12 +844,8 @@ def _streams(path, version):
 
 
 def media_streams(path):
-    """ffmpeg's description of each stream of a media file ("Video: h264 ..., 25 fps, 25 tbr, ...", "Audio: ..."),
-    as (opened, descriptions); opened is False when ffmpeg cannot read the file as media at all."""
-    return _described(path)[:2]
-
-
-def _described(path):
+    """ffmpeg's `-i` description of a media file: (opened, the description of each stream ("Video: h264 ..., 25 fps,
+    25 tbr, ...", "Audio: ..."), duration in seconds or None); opened is False when it is not media at all."""
     st = os.stat(path)
     return _streams(os.path.abspath(path), (st.st_size, st.st_mtime_ns))
 
@@ -857,7 +853,7 @@ def _described(path):
 def cut_short(path, frames, fps):
     """A warning line when a video file decodes to clearly fewer frames than its header's duration holds, else
     None. Only for files without audio: ffmpeg's duration is the longest stream's, and sound may outlast picture."""
-    described = _described(path) if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS) else (0, (), None)
+    described = media_streams(path) if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS) else (0, (), None)
     duration = None if any(d.startswith("Audio:") for d in described[1]) else described[2]
     if duration and fps and frames < 0.9 * duration * fps - 1:
         return (f"warning: {path}: its header says {duration:g} s ({round(duration * fps)} frames at {fps:g} fps) but "
@@ -873,7 +869,7 @@ def video_rate(path):
     own delays). A file with streams but no video stream is refused."""
     if path.lower().endswith(".gif"):
         return None, None
-    opened, streams = media_streams(path)
+    opened, streams, _ = media_streams(path)
     video = [d for d in streams if d.startswith("Video:") and "attached pic" not in d]   # cover art is not video
     if opened and not video:
         kinds = ", ".join(d.split(":")[0].lower() for d in streams) or "none"
