@@ -281,9 +281,7 @@ def model_from_checkpoint(path_or_dict, device="cpu", kp_detector=None):
         raise ValueError(f"{where} does not match this srt.py ({len(missing)} missing keys, e.g. {missing[:2]}; "
                          f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): it was written by another "
                          "version of the code; retrain or use the matching version")
-    if ckpt.get("phase", 1) >= 1:
-        model.freeze_detector()
-    return model.to(device).eval()
+    return model.freeze_detector().to(device).eval()          # phase >= 1: the detector stays as phase 0 left it
 
 
 def weights_config(d):
