@@ -43,9 +43,6 @@ class Identity:
     background_kind: int = 0        # 0 plain, 1 gradient, 2 stripes, 3 smooth blobs
     background_seed: int = 0
 
-    def vector(self):               # numeric features for probes (background_seed left out)
-        return np.array([v for x in astuple(self)[:-1] for v in np.atleast_1d(x)], np.float64)
-
 
 @dataclass(frozen=True)
 class Pose:
@@ -142,8 +139,8 @@ def face_points_3d(identity, expression):
     p[27:31] = _xyz(0 * t, 0.42 - 0.55 * I.nose_length * t, 0.92 + 0.33 * I.nose_length * t)
     p[31:36] = _xyz(np.array([-0.2, -0.1, 0, 0.1, 0.2]), p[30, 1] - 0.1 * np.array([1, 1.2, 1.3, 1.2, 1]),
                      np.array([0.95, 1.03, 1.1, 1.03, 0.95]))
-    up = eh * (1 - E.blink_l) - 0.3 * eh * E.blink_l               # eye 36..41 (image left)
-    lo = -0.75 * eh * (1 - E.blink_l) - 0.3 * eh * E.blink_l
+    lids = lambda blink: (eh * (1 - blink) - 0.3 * eh * blink, -0.75 * eh * (1 - blink) - 0.3 * eh * blink)
+    up, lo = lids(E.blink_l)                                        # eye 36..41 (image left)
     p[36:42] = _xyz(-es + ew * np.array([-1, -1 / 3, 1 / 3, 1, 1 / 3, -1 / 3]),
                      0.35 + np.array([0, up, up, 0, lo, lo]), np.array([0.8, 0.86, 0.86, 0.82, 0.86, 0.86]))
     ym, mw, o, sm = -0.62, 0.36 * I.mouth_width * (1 + 0.12 * E.smile), E.mouth_open, E.smile
@@ -157,12 +154,12 @@ def face_points_3d(identity, expression):
                      np.array([low_in[2] - 0.09, low_in[1] - 0.13, low_in[1] - 0.14, low_in[1] - 0.13,
                                low_in[0] - 0.09]), np.array([0.93, 0.98, 1.0, 0.98, 0.93]) - 0.05 * o)
     p[60:65] = _xyz(mw * np.array([-0.85, -0.35, 0, 0.35, 0.85]),
-                     ym + np.array([0.07 * sm, 0.03 * o + .02 * sm, 0.03 * o + .01 * sm, 0.03 * o + .02 * sm, 0.07 * sm]),
+                     ym + np.array([0.07 * sm, 0.03 * o + .02 * sm, 0.03 * o + .01 * sm, 0.03 * o + .02 * sm,
+                                    0.07 * sm]),
                      np.array([0.86, 0.97, 0.99, 0.97, 0.86]))
     p[65:68] = _xyz(mw * np.array([0.35, 0, -0.35]), low_in[::-1], np.array([0.96, 0.98, 0.96]) - 0.05 * o)
     p[22:27] = p[21:16:-1] * [-1, 1, 1]                             # mirror brows and the right eye
-    up = eh * (1 - E.blink_r) - 0.3 * eh * E.blink_r
-    lo = -0.75 * eh * (1 - E.blink_r) - 0.3 * eh * E.blink_r
+    up, lo = lids(E.blink_r)
     p[42:48] = p[[39, 38, 37, 36, 41, 40]] * [-1, 1, 1]
     p[[43, 44], 1], p[[46, 47], 1] = 0.35 + up, 0.35 + lo
     low = p[:, 1] < 0.35                                            # face length stretches below the eyes
@@ -316,9 +313,8 @@ def _draw_features(cv, identity, expression, P, unit):
 
 def render_face(identity, pose, expression, size=64):
     """-> (image np.float32 [S,S,3] in [0,1], landmarks np.float32 [68,2] in pixels, pixel centre i at x=i).
-
-    Painter's order: background, the head (_draw_head), then the face's features (_draw_features).
-    Anti-aliased by drawing at `_supersample(size)` x the size and box-downsampling."""
+    Painter's order: background, the head, the face's features; drawn at `_supersample(size)` x the size and
+    box-downsampled (anti-aliasing)."""
     f = _supersample(size)
     C = size * f
     R = rotation(pose)

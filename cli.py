@@ -24,11 +24,9 @@ import torch
 import torch.distributed as dist
 
 # -----------------------------------------------------------------------------
-# errors: one line for a person, anything unexpected keeps its traceback
+# errors: one line for a person, anything unexpected (a bug) keeps its traceback
 
-# exceptions that end a command line with one line (anything else is a bug and keeps its traceback)
-EXPECTED = (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError)
-
+EXPECTED = (ValueError, FileNotFoundError, RuntimeError, OSError, MemoryError)   # the exceptions ended in one line
 
 # a data-loader worker's exception as the main process re-raises it (torch's ExceptionWrapper): the
 # original message is the part after the traceback's last "ExcType: "
@@ -74,11 +72,10 @@ def _raise_stopped(signum, frame):
 
 @contextlib.contextmanager
 def stopped_by_exception():
-    """While inside, SIGTERM and SIGHUP raise Stopped (a signal already ignored, as under nohup, stays ignored;
-    only the main thread can set handlers, elsewhere this does nothing); the handlers from before are restored.
-    A stop raised where Python cannot propagate it is delivered again instead of printed and lost: a signal that
-    lands while a subprocess (ffmpeg) is being started runs its handler inside an at-fork hook of the logging
-    module, which prints "Exception ignored ... KeyboardInterrupt" and carries on."""
+    """While inside, SIGTERM and SIGHUP raise Stopped (in the main thread; a signal ignored, as under nohup, stays
+    ignored). A stop raised where Python cannot propagate it is delivered again instead of lost: a signal landing
+    while a subprocess (ffmpeg) starts runs its handler inside an at-fork hook of the logging module, which prints
+    "Exception ignored ... KeyboardInterrupt" and carries on."""
     previous, hook = {}, sys.unraisablehook
     if threading.current_thread() is threading.main_thread():
         for s in (getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n)):
@@ -101,9 +98,8 @@ def stopped_by_exception():
 
 
 def one_line_warning(message, category, filename, lineno, file=None, line=None):
-    """warnings.showwarning for the command lines: `warning: <message>` in one line (Python's own format adds
-    the source file, line number and the line of code, which say nothing to the user), on a line of its own
-    when a progress bar is showing (tqdm.write)."""
+    """warnings.showwarning for the command lines: `warning: <message>` in one line, without Python's source file
+    and line (nothing to the user), on a line of its own under a progress bar (tqdm.write)."""
     from tqdm import tqdm
     tqdm.write(f"warning: {message}", file=file or sys.stderr)
 
@@ -111,8 +107,7 @@ def one_line_warning(message, category, filename, lineno, file=None, line=None):
 def run_command(run, args, memory_hint=None):
     """run(args) as a command line's exit code: 0 when it returns, one `error:` line and 2 for an expected
     failure (out of memory: with `memory_hint`), 128 + the signal's number after Ctrl-C (130), SIGTERM (143) or
-    SIGHUP (129), with no temporary output left; a torchrun process group is left in every case. Warnings are
-    printed as one line each (one_line_warning)."""
+    SIGHUP (129), with no temporary output left; a torchrun process group is left in every case."""
     shown = warnings.showwarning
     warnings.showwarning = one_line_warning
     try:
@@ -180,9 +175,8 @@ def available_memory(device):
 
 
 def check_writable(path, what="--out", folder=False):
-    """Fail now, before long work, if `path` (a file, or with folder=True a folder of files; missing parent
-    folders will be created) cannot be written, or its name is longer than the file system allows.
-    -> ValueError with the reason."""
+    """A ValueError now, before long work, if `path` (a file, or with folder=True a folder; missing parents will be
+    created) cannot be written, or its name is longer than the file system allows."""
     p = os.path.abspath(path)
     if os.path.isdir(p) and not folder:
         raise ValueError(f"{what} {path} is a folder; give a file name")
@@ -235,13 +229,11 @@ TEMP_PREFIX = ".tmp_"
 
 @contextlib.contextmanager
 def atomic_path(path, suffix=None):
-    """A temporary path beside `path`, unique to this call (two runs writing the same `path` never share one):
-    a file in a hidden temporary folder. On a normal exit it replaces `path` (os.replace: atomic on POSIX and
-    Windows); after an error or an interruption the folder is removed, so `path` is never half-written, and a
-    writer that outlives us (an ffmpeg started just as Ctrl-C came) cannot create the file again. suffix: the
-    temporary's extension (default: that of `path`, for writers that choose the format by it). A symbolic link
-    at `path` is written through (its target replaced, the link kept); the file gets the permissions a plain
-    open() gives (umask), not mkstemp's 0600."""
+    """A temporary path beside `path`, unique to this call, in a hidden folder; on a normal exit it replaces `path`
+    (os.replace: atomic). After an error or an interruption the folder is removed, so `path` is never
+    half-written, and a writer that outlives us (an ffmpeg started just as Ctrl-C came) cannot create the file
+    again. suffix: the temporary's extension (default: that of `path`, for writers that choose the format by it).
+    A symbolic link at `path` is written through; the file gets umask's permissions, not mkstemp's 0600."""
     path = os.path.realpath(path) if os.path.islink(path) else path
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -261,9 +253,8 @@ def atomic_path(path, suffix=None):
 
 
 def remove_stale_temp(folder, log=print):
-    """Remove what checkpoint writes that were killed left (atomic_path writes beside the checkpoint, then
-    renames): `.tmp_*/` folders holding at most a .pt file, and `.tmp_*.pt` files of older versions. Call it
-    only while holding the folder's RunLock: then no checkpoint writer is alive."""
+    """Remove what killed checkpoint writes left: `.tmp_*/` folders holding only .pt files, and `.tmp_*.pt` files of
+    older versions. Call it only while holding the folder's RunLock: then no checkpoint writer is alive."""
     stale = [p for p in glob.glob(os.path.join(glob.escape(folder), TEMP_PREFIX + "*"))
              if p.endswith(".pt") and os.path.isfile(p) or os.path.isdir(p) and all(n.endswith(".pt")
                                                                                     for n in os.listdir(p))]
@@ -283,9 +274,8 @@ def remove_stale_temp(folder, log=print):
 
 @contextlib.contextmanager
 def only_writer(folder, what="--out"):
-    """While writing into `folder` (a folder of output files, e.g. PNG frames): an exclusive flock on the folder
-    itself (no file added to it; the OS drops it when the process dies); a second writer gets one line instead
-    of mixing its files with ours. No-op where fcntl is missing (Windows)."""
+    """While writing into `folder` (e.g. PNG frames): an exclusive flock on the folder itself (the OS drops it when
+    the process dies); a second writer gets one line instead of mixing its files with ours. No-op without fcntl."""
     try:
         import fcntl
     except ImportError:
@@ -306,7 +296,7 @@ def only_writer(folder, what="--out"):
 class RunLock:
     """FOLDER/.lock, locked with flock and holding the owner's pid. The OS drops the lock when its process
     dies (even by kill -9), so a lock file left behind by a dead run is taken over, with a notice; while the
-    owner runs, another process refuses with one line naming it. No-op where fcntl is missing (Windows)."""
+    owner runs, another process refuses with one line naming it. No-op without fcntl (Windows)."""
 
     def __init__(self, folder, log=print):
         if os.path.exists(folder) and not os.path.isdir(folder):
@@ -390,15 +380,13 @@ class StopSignals:
 
     @staticmethod
     def ignore(*_):
-        """For data-loader workers (worker_init_fn): leave SIGINT and SIGTERM sent to the whole process group (a
-        terminal's Ctrl-C; Slurm, systemd, `timeout`) to the main process, which finishes its step and writes a
-        checkpoint. (A worker cannot tell its main process's SIGTERM from the group's: end_workers kills the ones
-        left at exit.)"""
+        """For data-loader workers (worker_init_fn): leave the stop signals sent to the whole process group to the
+        main process, which finishes its step and writes a checkpoint (end_workers kills the workers left at exit)."""
         for s in STOP_SIGNALS:
             signal.signal(s, signal.SIG_IGN)
 
     def exit_code(self):
-        """The shell's code for a run stopped by a signal: 128 + signal number (SIGINT 130, SIGTERM 143, SIGHUP 129)."""
+        """The shell's code for a run stopped by a signal: 128 + its number."""
         return 128 + int(self.signum)
 
 

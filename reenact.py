@@ -8,30 +8,15 @@ Face reenactment with a trained FSRT model (paper Sec. 3.4): source image(s) + d
     python reenact.py                                  # built-in demo (checkpoints/builtin_64.pt)
     torchrun --nproc_per_node 2 reenact.py ...         # frames split across processes, rank 0 writes
 
-Motion transfer (Sec. 3.4, following FOMM [38]):
-  absolute (default)  k = k_D                                   driving keypoints as-is
-  relative            k = k_S + (k_D - k_D,init) * s            s = 1, or with --adapt-scale
-                      s = sqrt(hull area of k_S) / sqrt(hull area of k_D,init)
-  The initial driving frame is frame 0, --best-frame N, or with --find-best-frame the frame whose
-  face-alignment landmarks (centred, divided by the square root of their hull area) are closest to the
-  source's. FOMM animates forward and backward from that frame; FSRT renders every frame independently
-  (no recurrent state), so that is the same as using it as k_D,init for all frames. The expression vector
-  of each driving frame is always used as-is (Sec. 3.4: expression is encoded absolutely).
+Motion transfer (Sec. 3.4, following FOMM [38]): absolute k = k_D (default), or relative
+k = k_S + (k_D - k_D,init) * s (relative_keypoints), k_D,init from driving frame 0, --best-frame N or
+--find-best-frame (find_best_frame). FOMM animates forward and backward from that frame; FSRT renders every frame
+independently (no recurrent state), so that is the same as using it as k_D,init for all frames. The expression
+vector of each driving frame is always used as-is (Sec. 3.4: expression is encoded absolutely).
 
-The per-frame loop `reenact()` is shared with metrics.py: the sources are encoded once (set-latents and
-the decoder's attention keys/values once per source set), then per batch of driving frames: keypoints and
-expression, motion transfer, chunked decoding of all pixels. Its output is clamped to [0, 1].
-
-Inputs: PNG/JPG images, mp4/gif/mov videos or folders of frames, any size (centre-cropped to a square and
-resized to the model's size, with a notice), gray/RGBA/16-bit converted (data.read_image). Output by the
-extension of --out (.mp4/.mov/.gif, or a folder of PNGs) at the driving video's frame rate. The driving
-video is streamed: read and resized frame by frame, rendered and written 32 frames at a time, so memory is
-bounded by the model, not by the clip (a GIF's output frames are collected before writing). An --out that
-is, or lies inside, an input is refused. Errors end with one line `error: ...` on stderr and exit code 2.
-
-Checkpoints are recognised by content: train.py's, or the authors' release (vox256.pt, vox256_2Source.pt)
-with --kp-detector kp_detector.pt (weights.load_release; 256x256). --precision auto (default) decodes in
-bfloat16 where a short matmul probe shows bf16 faster than fp32 on this machine, in fp32 elsewhere.
+Inputs of any size are cropped around the face (--crop) and resized to the model's size; the driving video is
+streamed (Driving), so memory is bounded by the model, not by the clip. The output's kind follows the extension
+of --out, at the driving video's frame rate. Errors end with one line `error: ...` on stderr and exit code 2.
 """
 import argparse
 import itertools
@@ -56,8 +41,7 @@ BUILTIN_CKPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "checkpo
 # motion functions (pure)
 
 def hull_area(points):
-    """Area of the convex hull of 2-d points [N, 2] (keypoints.convex_hull + the shoelace formula).
-    Degenerate sets (fewer than 3 distinct points, or all collinear) have area 0."""
+    """Area of the convex hull of 2-d points [N, 2] (the shoelace formula); 0 for degenerate sets."""
     hull = convex_hull(points)
     if len(hull) < 3:
         return 0.0
@@ -133,21 +117,17 @@ class Render:
 
 @torch.no_grad()
 def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_frame=0, frames=None, render=None):
-    """Animate the source image(s) with the driving frames.
-
-    sources [N, 3, S, S] (or [3, S, S]) and driving [T, 3, S, S], float in [0, 1], S = model.cfg.image_size.
-    relative: k = k_S + (k_D - k_D,init)*s with k_D,init from driving[initial_frame] and k_S from the first
-    source (else absolute k = k_D). frames: optional slice or index list of driving frames to render (k_D,init
-    is still driving[initial_frame]; used to split a video across processes). render: Render settings.
-    Returns [T', 3, R, R] float32 on driving's device (R = render.size or S), CLAMPED to [0, 1] (render itself
-    is not clamped; every user of this function wants displayable frames).
-    """
+    """Animate the source image(s) with the driving frames -> [T', 3, R, R] float32 on driving's device (R =
+    render.size or S), CLAMPED to [0, 1] (model.render is not; every user wants displayable frames).
+    sources [N, 3, S, S] (or [3, S, S]), driving [T, 3, S, S] in [0, 1], S = model.cfg.image_size. relative:
+    k_D,init from driving[initial_frame], k_S from the first source. frames: a slice or index list of the driving
+    frames to render (to split a video across processes). The sources are encoded once, the driving frames
+    decoded `render.batch` at a time."""
     render = render or Render()
     device, dtype = next(model.parameters()).device, next(model.parameters()).dtype   # inputs follow the model
     S = model.cfg.image_size
     R = render.size or S
-    if sources.dim() == 3:
-        sources = sources[None]
+    sources = sources[None] if sources.dim() == 3 else sources
     if sources.dim() != 4 or sources.shape[1:] != (3, S, S) or driving.dim() != 4 or driving.shape[1:] != (3, S, S):
         raise ValueError(f"reenact expects sources [N,3,{S},{S}] and driving [T,3,{S},{S}], "
                          f"got {tuple(sources.shape)} and {tuple(driving.shape)}")
@@ -192,8 +172,7 @@ def reenact(model, sources, driving, relative=False, adapt_scale=False, initial_
 # command line: inputs, outputs, processes
 
 def check_input(path):
-    """An image, a video or a folder of frames that exists -> 'image' or 'frames' (a video: also an animated WebP
-    or PNG); a ValueError otherwise."""
+    """An image, a video or a folder of frames that exists -> 'image' or 'frames' (also an animated WebP or PNG)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     ext = os.path.splitext(path)[1].lower()
@@ -217,7 +196,7 @@ def count_frames(path, limit=None):
 
 def load_source(path, indices):
     """A source image (indices must address its one frame) or frames `indices` of a video or folder ->
-    uint8 [n, H, W, 3]. Only the wanted frames are kept in memory."""
+    uint8 [n, H, W, 3]."""
     if check_input(path) == "image":
         pick_frames(1, indices, f"--source-frames for the still image {path}")
         return data.read_image(path)[None]
@@ -226,9 +205,8 @@ def load_source(path, indices):
 
 class Driving:
     """The driving frames: a file or folder is streamed from disk, each frame cropped with `box` (None: the
-    centred square) and resized to the model's size as soon as it is read (a long or large video is never held
-    in memory; with max_frames only that many frames are decoded); the built-in demo's frames are in memory
-    already (float [T, 3, S, S])."""
+    centred square) and resized as soon as it is read; with max_frames only that many are decoded. The built-in
+    demo's frames are in memory already (float [T, 3, S, S])."""
     CHUNK = 32      # frames rendered per call of reenact()
 
     def __init__(self, path=None, frames=None, max_frames=None):
@@ -248,9 +226,7 @@ class Driving:
         if self.frames is not None:
             yield from data.to_uint8(self.frames[start:])
             return
-        image = check_input(self.path) == "image"
-        yield from itertools.islice(iter([data.read_image(self.path)]) if image else data.iter_frames(self.path),
-                                    start, self.n)
+        yield from itertools.islice(data.iter_frames(self.path), start, self.n)
 
     def chunks(self, S, start=0):
         """float [n, 3, S, S] in [0, 1], CHUNK frames at a time (n < CHUNK for the last)."""
@@ -327,8 +303,7 @@ def load_model(path, device, kp_detector=None):
 
 
 def check_options(args):
-    """Every option checked before any work: numbers, device, the output's kind and place (never over an
-    input). -> the output path."""
+    """Every option checked before any work (the output never over an input). -> the output path."""
     cli.check_numbers(args, {"max_frames": ">= 1", "batch": ">= 1", "chunk": ">= 1", "size": ">= 8 (pixels)",
                              "crop_scale": "> 0"})
     cli.check_device(args.device)
@@ -395,14 +370,14 @@ def landmark_detector(device, log):
 
 def user_inputs(args, S, device, log):
     """--source / --driving, each source cropped around its face and the driving clip with one box for all of
-    its frames (--crop auto; --crop none or no face found: the centred square)."""
+    its frames (--crop none or no face found: the centred square)."""
     raw = [load_source(path, args.source_frames) for path in args.source]            # uint8 [n, H, W, 3] each
     driving = Driving(args.driving, max_frames=args.max_frames)
     for line in (line for path in (*args.source, args.driving) for line in data.input_notices(path)):
-        log(line)                                       # a shrunk image, a resampled variable-rate video
+        log(line)
     short = None if args.max_frames and len(driving) >= args.max_frames else \
         data.cut_short(args.driving, len(driving), driving.fps)
-    if short:                                           # fewer frames than the video's header promises
+    if short:
         log(short)
     detector = landmark_detector(device, log) if args.crop == "auto" else None
     boxes = []
@@ -531,9 +506,8 @@ class Motion:
 
 def render_stream(model, sources, driving, motion, render, compose, progress=True):
     """Yields the output frames on rank 0, compose(driving crop, result) each, Driving.CHUNK driving frames at a
-    time: memory is bounded by the model and the chunk, not by the clip's length. Each chunk is split across
-    the processes (contiguous, in order) and gathered on rank 0. The initial driving frame of relative motion
-    leads every chunk (k_D,init) and is not rendered."""
+    time, each chunk split across the processes and gathered on rank 0. The initial driving frame of relative
+    motion leads every chunk (k_D,init) and is not rendered."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     S, relative, lead = model.cfg.image_size, motion.relative, None
     if relative:

@@ -101,9 +101,8 @@ def check_file(path, hint, what="checkpoint"):
 
 
 def read(path, hint, mmap=True, map_location="cpu"):
-    """torch.load(weights_only=True); mmap: zip files memory-mapped, copy-on-write (the release's files
-    carry optimizer state we never copy); errors are one line naming the file (what it is, when torch cannot
-    read it), ending with `hint`."""
+    """torch.load(weights_only=True); mmap: zip files memory-mapped, copy-on-write (the release's files carry
+    optimizer state we never copy). Errors are one line naming the file and what it is, ending with `hint`."""
     path = check_file(path, hint)
     kind = what_file(path)
     if kind and (kind.endswith("image") or kind.endswith("video") or kind in ("empty", "a GIF")):
@@ -192,10 +191,8 @@ INIT_CHOICES = ("kaiming", "torch")
 
 def config_problem(ckpt):
     """What is wrong with a project checkpoint's config, phase and weights, in words ("config.image_size '32' is
-    not an int"), or None. Checked: the types of every field of FSRTConfig (and its KPConfig,
-    ExpressionConfig) against their defaults, every field that shapes the weights present (a default would
-    build another model silently), sizes >= 1, image_size a multiple of 8 in [8, 4096], phase 0-3, the
-    weights a dict of tensors, and the stored training options' image_size equal to the config's."""
+    not an int"), or None. Every field that shapes the weights must be there: a default would silently build
+    another model."""
     model, phase = ckpt["model"], ckpt.get("phase", 1)
     if not isinstance(model, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
         return f"its model is {_describe(model) if isinstance(model, dict) else 'a ' + type(model).__name__}, " \
@@ -215,7 +212,7 @@ def config_problem(ckpt):
 
 
 def _fields_problem(d, klass, where):
-    """The first malformed field of config dict `d` for dataclass `klass` (see config_problem), or None."""
+    """The first malformed field of config dict `d` for dataclass `klass` (nested ones too), or None."""
     if not isinstance(d, dict):
         return f"{where} is a {type(d).__name__}, not a dict"
     defaults = klass()
@@ -284,9 +281,7 @@ def model_from_checkpoint(path_or_dict, device="cpu", kp_detector=None):
         raise ValueError(f"{where} does not match this srt.py ({len(missing)} missing keys, e.g. {missing[:2]}; "
                          f"{len(unexpected)} unexpected, e.g. {unexpected[:2]}): it was written by another "
                          "version of the code; retrain or use the matching version")
-    if ckpt.get("phase", 1) >= 1:
-        model.freeze_detector()
-    return model.to(device).eval()
+    return model.freeze_detector().to(device).eval()          # phase >= 1: the detector stays as phase 0 left it
 
 
 def weights_config(d):
@@ -363,9 +358,8 @@ def _columns(model, key):
 
 
 def load_release(checkpoint, kp_detector, name=None):
-    """The authors' vox256.pt / vox256_2Source.pt (path or loaded dict) + kp_detector.pt (path or dict) ->
-    FSRT of the paper preset in eval mode with a frozen detector; the small decoder is recognised by its keys.
-    Loading stays weights_only; wrong files raise one-line errors saying what they are."""
+    """The authors' vox256.pt / vox256_2Source.pt + kp_detector.pt (paths or loaded dicts) -> FSRT of the paper
+    preset in eval mode with a frozen detector; the small decoder is recognised by its keys."""
     name = name or (os.fspath(checkpoint) if not isinstance(checkpoint, dict) else "the release checkpoint")
     ck = checkpoint if isinstance(checkpoint, dict) else read(checkpoint, "pass the authors' vox256.pt")
     if _kind(ck) != "release":
@@ -404,9 +398,8 @@ def load_release(checkpoint, kp_detector, name=None):
 
 
 def save_release(model, checkpoint, kp_detector):
-    """Write a paper-preset model in the release's format: checkpoint = {"encoder", "decoder",
-    "expression_encoder": state dicts} (the authors' demo.py loads it), kp_detector = the detector's state
-    dict. Exact inverse of load_release (keys in the release's order)."""
+    """Write a paper-preset model in the release's format (the authors' demo.py loads it): the exact inverse of
+    load_release, keys in the release's order."""
     cfg = model.cfg
     paper = FSRTConfig.paper(small_decoder=cfg.small_decoder)
     if weights_config(cfg.to_dict()) != weights_config(paper.to_dict()):   # init and chunk do not matter
@@ -445,7 +438,7 @@ def load_kp_detector(path, detector: KPDetector) -> KPDetector:
 
 
 def load_kp_state(obj, detector: KPDetector, where: str, expected: str = KP_FILES) -> KPDetector:
-    """load_kp_detector on an already loaded object; `where` names it in errors, `expected` says what fits."""
+    """load_kp_detector on a loaded object; `where` names it in errors, `expected` says what fits."""
     if not isinstance(obj, dict):
         raise ValueError(f"{where} holds a {type(obj).__name__}, not a state dict or checkpoint dict")
     if obj.get("format") == "fsrt":
@@ -487,11 +480,8 @@ def vgg19_weights_path():
 
 
 def load_vgg19(weights_path=None, random_weights=False):
-    """A frozen VGG19 with torchvision's ImageNet weights.
-
-    weights_path: a `vgg19-dcbb9e9d.pth` file; None -> torch hub cache (<hub dir>/checkpoints/), downloaded
-    there with torch.hub when missing and online.  random_weights=True: no file, random weights (tests,
-    CPU demos only -- the loss is then not a perceptual loss).  Never falls back silently."""
+    """A frozen VGG19 with torchvision's ImageNet weights from `weights_path`, else the torch hub cache (downloaded
+    there when missing and online); random_weights=True: no file (tests only: the loss is then not perceptual)."""
     vgg = losses.VGG19()
     if random_weights:
         return vgg
@@ -512,5 +502,6 @@ def load_vgg19(weights_path=None, random_weights=False):
     try:
         vgg.load_torchvision(sd)
     except RuntimeError as err:
-        raise RuntimeError(f"{weights_path or vgg19_weights_path()} is not torchvision's VGG19 state dict: {err}") from None
+        raise RuntimeError(f"{weights_path or vgg19_weights_path()} is not torchvision's VGG19 state dict: "
+                           f"{err}") from None
     return vgg
