@@ -106,7 +106,8 @@ def bench_decode(args, device, rows):
         outs, times = {}, {}
         for path, dtype in (("optimised", torch.float32), ("optimised", torch.bfloat16), ("naive", torch.float32)):
             def run():
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=dtype == torch.bfloat16):
                     if path == "naive":
                         return model.decode_naive(latents, pixels, kp, e, chunk=args.chunk)
                     return model.decode(latents, pixels, kp, e, chunk=args.chunk, kv=kv)
