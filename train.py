@@ -644,7 +644,7 @@ def save(run, ctx):
 RESUME = ("optimizer", "step", "iteration", "rng")     # the training state a resumed phase reads
 
 
-def load_phase(path, cfg, phase, log=print, need=()):
+def load_phase(path, cfg, phase, need=()):
     """A project checkpoint for this model (check_config); phase: the phase it must hold (None: any); need: the
     training-state entries read from it (RESUME). A resumed phase-III file needs the discriminator's state."""
     ck = weights.load_checkpoint(path)
@@ -850,8 +850,8 @@ class Monitor:
             self.write(step, {"eval_kp_err_px": evaluate_kp(model, self.videos), "minutes": minutes, **lm_r2})
         elif self.videos:
             ours, copy = evaluate(model, self.videos)
-            h = metrics.health(model, torch.stack([v["frames"][0] for v in self.videos]).to(self.ctx.device,
-                                                                                            self.ctx.dtype))
+            first_frames = torch.stack([v["frames"][0] for v in self.videos]).to(self.ctx.device, self.ctx.dtype)
+            h = metrics.health(model, first_frames)
             ex = metrics.evaluate_expression(model, 8) if args.data is None else None   # built-in data only
             ex_e = metrics.evaluate_expression_paths(model, 8)["e"] if ex is not None else None   # e alone
             self.write(step, {"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": minutes,
@@ -990,7 +990,7 @@ def restore(run, ctx):
     """Load the state this phase starts from (see build); refuse a checkpoint of another phase or model."""
     args, cfg = ctx.args, run.model.cfg
     if os.path.exists(run.path):                                        # resume this phase
-        ck = load_phase(run.path, cfg, args.phase, ctx.log, need=RESUME)
+        ck = load_phase(run.path, cfg, args.phase, need=RESUME)
         run.model.load_state_dict(ck["model"])
         run.opt.load_state_dict(ck["optimizer"])
         if run.disc is not None:
@@ -1008,7 +1008,7 @@ def restore(run, ctx):
             ctx.log(f"notice: resuming {run.path} with {', '.join(changed)}: the data order and the loss change "
                     f"from step {run.step} on")
     elif args.init:
-        ck = load_phase(args.init, cfg, None, ctx.log)
+        ck = load_phase(args.init, cfg, None)
         if args.phase >= 2 and ck.get("phase") == 0:
             raise ValueError(f"--init {args.init} is a phase-0 checkpoint (only its keypoint detector is trained): "
                              f"start phase {args.phase} from a phase-1 (or later) checkpoint")
@@ -1023,7 +1023,7 @@ def restore(run, ctx):
             weights.load_kp_detector(prev, run.model.kp_detector)
             restore_landmark_head(run, ctx, weights.load_checkpoint(prev), head_start=True)   # --lm-pretrain's X
         elif os.path.exists(prev):
-            ck = load_phase(prev, cfg, args.phase - 1, ctx.log, need=RESUME[:3])
+            ck = load_phase(prev, cfg, args.phase - 1, need=RESUME[:3])
             if unfinished(ck):
                 ctx.log(f"notice: {prev} stopped at step {ck['step']} of {ck['args']['steps']}; phase {args.phase} "
                         f"starts from it (rerun `--phase {args.phase - 1}` first to finish it)")
