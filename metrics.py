@@ -1,7 +1,6 @@
 """
-Evaluation of FSRT: the self-reenactment protocol and metrics of Sec. 4.1 (Table 1), plus two checks that
-only the built-in data makes possible because its ground truth is known: cross-reenactment scores and a
-disentanglement probe of the expression vector.
+Evaluation of FSRT: the self-reenactment protocol and metrics of Sec. 4.1 (Table 1), plus the checks that only the
+built-in data, whose ground truth is known, makes possible.
 
     python metrics.py --checkpoint runs/tiny/phase3.pt                # built-in test videos
     python metrics.py --checkpoint CKPT --data VOX --num-src 2 --out results.json
@@ -24,11 +23,11 @@ would add the detector's own error on drawn faces to the score, detector-vs-dete
 paper. Frames where the detector finds no face in the real or the generated image are counted and reported.
 The "copy the source" baseline predicts each driving frame by its nearest source frame (ties: the earlier).
 
-Built-in data only, as its ground truth is known (details in each function's docstring): cross-reenactment against
-the true frames (evaluate_cross), the identity leak (evaluate_leak), expression transfer (evaluate_expression), and
-a disentanglement probe: ridge maps from e to the expression, identity and pose parameters, fitted on train-split
-frames, R^2 on held-out identities (probe_r2; a well-disentangled e: expression high, identity and pose low), with
---readout-ceiling the most it could find at this image size (readout_ceiling).
+Built-in data only (details in each function's docstring): cross-reenactment against the true frames
+(evaluate_cross), the identity leak (evaluate_leak), expression transfer (evaluate_expression), and a
+disentanglement probe: ridge maps from e to the expression, identity and pose parameters, fitted on train-split
+frames, R^2 on held-out identities (probe_r2; a well-disentangled e: expression high, identity and pose low),
+with --readout-ceiling the most it could find at this image size (readout_ceiling).
 """
 import argparse
 import dataclasses
@@ -239,8 +238,8 @@ def relative_pose(pose_source, pose_driving, pose_driving_initial):
 def evaluate_cross(videos, model, num_src=1, max_videos=None, render=None, progress=True):
     """Cross-reenactment of identity A (video i) by B (video i+1, another identity) at B's protocol frames, scored
     (SSIM, PSNR, L1) against faces.render_face(A's identity, pose, B's expression), the pose being B's (absolute
-    motion) or A's first-frame pose moved by B's change since B's frame 0 (relative, relative_pose; the model runs
-    with initial_frame = B's frame 0), with the copy-the-source baseline against the absolute ground truth."""
+    motion) or A's first-frame pose moved by B's change since B's frame 0 (relative: relative_pose; the model runs
+    from B's frame 0, no scale adaption), with the copy-the-source baseline against the absolute ground truth."""
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     if n < 2:
         raise ValueError("cross-reenactment needs at least 2 videos (--max-videos >= 2)")
@@ -619,19 +618,17 @@ def evaluate_csim(videos, model, embed, max_videos=None, render=None):
 
 @torch.no_grad()
 def health(model, images):
-    """Diagnostics on single-source self-reconstruction (driving = source) of images [B,3,H,W], B >= 2:
-      active      fraction of channels of each patch-CNN conv (ReLU input) that are positive somewhere in the
-                  batch: a channel at 0 never passes gradient again (the "dead encoder" failure);
-      spread      std of the set-latents across the tokens of an image / their rms (0: every token the same);
-      latent_cos  mean cosine between the set-latents of two different images (1: the encoder ignores its input);
+    """Diagnostics on self-reconstruction (one source, driving = source) of images [B,3,H,W], B >= 2 -> dict of:
+      active      per patch-CNN conv, the share of channels (ReLU input) positive somewhere in the batch: a
+                  channel at 0 never passes gradient again (the "dead encoder" failure);
+      spread      std of the set-latents across an image's tokens / their rms (0: every token the same);
+      latent_cos  mean cosine between two images' set-latents (1: the encoder ignores its input);
       attn_entropy, attn_uniform  mean entropy (nats) of the first decoder block's attention, and log T (uniform);
-      attn_own    mean attention weight on the token whose 8x8 patch holds the pixel (1/T when uniform);
-      self_psnr   PSNR (dB) of the reconstruction with driving = source;
-      expr_spread std of the expression vectors e across the images / their rms (~0: e is one constant vector
-                  for every face, so the decoder can take no expression from it; NaN for |e| = 0);
-      expr_active fraction of each hidden layer's ReLU units of the expression MLP X_M that are positive for
-                  some image (ExpressionNet.active_units; [] for |e| = 0): the same dying-ReLU failure in X.
-    Returns a dict of floats (active as a list, one per conv)."""
+      attn_own    mean attention on the token whose 8x8 patch holds the pixel (1/T when uniform);
+      self_psnr   PSNR (dB) of the reconstruction;
+      expr_spread std of e across the images / their rms (~0: e one vector for every face; NaN for |e| = 0);
+      expr_active per hidden layer of X_M, the share of ReLU units positive for some image
+                  (ExpressionNet.active_units; [] for |e| = 0): the same dying-ReLU failure in X."""
     was_training = model.training
     model.eval()
     B, _, H, W = images.shape

@@ -534,7 +534,8 @@ def landmark_training(ctx, model):
     """What L_lm adds to a phase: (the LandmarkHead or None, the parameters it adds to the optimiser). Phase 0
     with --lm-pretrain: X and the head; phases I-III with lambda_lm > 0: the head (X trains there anyway)."""
     args = ctx.args
-    if not (args.lm_pretrain != "off" if args.phase == 0 else ctx.weights.lm > 0):
+    wanted = args.lm_pretrain != "off" if args.phase == 0 else ctx.weights.lm > 0
+    if not wanted:
         return None, []
     lm = make_landmark_head(ctx, model.cfg)
     return lm, (list(model.expression.parameters()) if args.phase == 0 else []) + list(lm.head.parameters())
