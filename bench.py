@@ -4,20 +4,19 @@ Speed and memory of fsrt on the machine at hand, measured in one run, printed as
     python bench.py                 # CPU-sized defaults (a few minutes on 2 cores)
     python bench.py --full          # every row at the paper's 256x256 on whole frames (GPU-sized)
 
-Rows:
-  decode   per-frame decode time at 256^2 for the full and the small decoder of the paper preset
-           (random weights, one source): fp32 and bf16 of this code's path (per-frame query part once,
-           keys/values once, chunked pixels), and fp32 of the naive reference path (full 480-d query
-           built per pixel, as the authors' release); the fraction of the machine's measured matmul
-           throughput decoding reaches. The header names the CPU, its bf16 support (/proc/cpuinfo flags)
-           and the path `--precision auto` of reenact.py / metrics.py picks here.
+Rows (--skip leaves some out):
   data     frames/s of the built-in procedural dataset at 64^2 and 256^2.
   sizes    reenact.py --size N: the demo checkpoint's time per frame at 64, 128, 256, 512 (any pixel grid).
   train    one training step's time and peak memory with and without gradient pixel sub-sampling.
-Target (checked here, never in timed tests): bf16 output within 40 dB PSNR of fp32 (PSNR(bf16, fp32) >= 40 dB).
-Both decode paths do the same FLOPs per pixel, so no speed-up of one over the other is targeted.
-On CPU the decode rows time a subset of the 65,536 pixels and scale linearly (every pixel is decoded
-independently, Eq. (2)); the table says how many pixels were timed.
+  decode   per-frame decode time at 256^2 of the paper preset's full and small decoder (random weights, one
+           source): fp32 and bf16 of this code's path (per-frame query part and keys/values once, chunked pixels)
+           and fp32 of the release's naive path (the full 480-d query per pixel), with the share of the measured
+           matmul throughput reached. On CPU a subset of the 65,536 pixels is timed (the table says how many) and
+           scaled: every pixel is decoded independently, Eq. (2). Target (checked here, never in timed tests):
+           PSNR(bf16, fp32) >= 40 dB; both paths do the same FLOPs per pixel, so no speed-up is targeted.
+  plan     FLOPs of a training step (counted) and Table 1's A100-hours at the utilisation measured here.
+The header names the CPU, its bf16 support (/proc/cpuinfo flags) and the precision `--precision auto` of
+reenact.py / metrics.py picks here.
 """
 import argparse
 import json
