@@ -4,20 +4,19 @@ Speed and memory of fsrt on the machine at hand, measured in one run, printed as
     python bench.py                 # CPU-sized defaults (a few minutes on 2 cores)
     python bench.py --full          # every row at the paper's 256x256 on whole frames (GPU-sized)
 
-Rows:
-  decode   per-frame decode time at 256^2 for the full and the small decoder of the paper preset
-           (random weights, one source): fp32 and bf16 of this code's path (per-frame query part once,
-           keys/values once, chunked pixels), and fp32 of the naive reference path (full 480-d query
-           built per pixel, as the authors' release); the fraction of the machine's measured matmul
-           throughput decoding reaches. The header names the CPU, its bf16 support (/proc/cpuinfo flags)
-           and the path `--precision auto` of reenact.py / metrics.py picks here.
+Rows (--skip leaves some out):
   data     frames/s of the built-in procedural dataset at 64^2 and 256^2.
   sizes    reenact.py --size N: the demo checkpoint's time per frame at 64, 128, 256, 512 (any pixel grid).
   train    one training step's time and peak memory with and without gradient pixel sub-sampling.
-Target (checked here, never in timed tests): bf16 output within 40 dB PSNR of fp32 (PSNR(bf16, fp32) >= 40 dB).
-Both decode paths do the same FLOPs per pixel, so no speed-up of one over the other is targeted.
-On CPU the decode rows time a subset of the 65,536 pixels and scale linearly (every pixel is decoded
-independently, Eq. (2)); the table says how many pixels were timed.
+  decode   per-frame decode time at 256^2 of the paper preset's full and small decoder (random weights, one
+           source): fp32 and bf16 of this code's path (per-frame query part and keys/values once, chunked pixels)
+           and fp32 of the release's naive path (the full 480-d query per pixel), with the share of the measured
+           matmul throughput reached. On CPU a subset of the 65,536 pixels is timed (the table says how many) and
+           scaled: every pixel is decoded independently, Eq. (2). Target (checked here, never in timed tests):
+           PSNR(bf16, fp32) >= 40 dB; both paths do the same FLOPs per pixel, so no speed-up is targeted.
+  plan     FLOPs of a training step (counted) and Table 1's A100-hours at the utilisation measured here.
+The header names the CPU, its bf16 support (/proc/cpuinfo flags) and the precision `--precision auto` of
+reenact.py / metrics.py picks here.
 """
 import argparse
 import json
@@ -53,28 +52,24 @@ def cpu_info(cpuinfo=None):
     return fields.get("model name", platform.processor() or "unknown CPU"), [f for f in BF16_FLAGS if f in flags]
 
 
-def timeit(fn, repeat=3, warmup=1, sync=None):
-    for _ in range(warmup):
-        fn()
+def timeit(fn, device, repeat=3):
+    """The least wall time of `repeat` calls of fn after one warm-up call, waiting for the GPU on CUDA."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    fn()
     times = []
     for _ in range(repeat):
-        if sync:
-            sync()
+        sync()
         t0 = time.perf_counter()
         fn()
-        if sync:
-            sync()
+        sync()
         times.append(time.perf_counter() - t0)
     return min(times)
 
 
 def matmul_flops(device, dtype, n=2048):
     """Measured dense matmul throughput of this machine (FLOP/s)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    t = timeit(lambda: a @ b, repeat=5, sync=sync)
-    return 2 * n ** 3 / t
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    return 2 * n ** 3 / timeit(lambda: a @ b, device, repeat=5)
 
 
 def decoder_flops_per_pixel(model, num_tokens):
@@ -82,61 +77,57 @@ def decoder_flops_per_pixel(model, num_tokens):
     keys/values (once per source set) and the per-frame columns of the query MLP's first layer (once per
     frame), plus q.k and attn.v over the num_tokens set-latents."""
     dec, cfg = model.decoder, model.cfg
-    flops = 0
-    for name, m in dec.named_modules():
-        if isinstance(m, torch.nn.Linear) and not name.endswith("c_kv"):
-            flops += 2 * m.in_features * m.out_features
+    flops = sum(2 * m.in_features * m.out_features for name, m in dec.named_modules()
+                if isinstance(m, torch.nn.Linear) and not name.endswith("c_kv"))
     first = dec.query_mlp[0]
     flops -= 2 * (first.in_features - cfg.pix_dim) * first.out_features
-    heads = dec.blocks[0].heads
-    flops += len(dec.blocks) * 2 * 2 * heads * cfg.dec_head_dim * num_tokens
-    return flops
+    return flops + len(dec.blocks) * 2 * 2 * dec.blocks[0].heads * cfg.dec_head_dim * num_tokens
+
+
+def encode_pair(model, src, drv):
+    """(set-latents of the sources src [B,N,3,S,S], keypoints and e of the driving frames drv [B,3,S,S])."""
+    kp_s, e_s = model.keypoints_and_expression(src[:, 0])
+    kp_d, e_d = model.keypoints_and_expression(drv)
+    return model.encode(src, kp_s[:, None], e_s[:, None]), kp_d, e_d
 
 
 def bench_decode(args, device, rows):
     px_total = args.size * args.size
+    npx = px_total if args.full or device.type == "cuda" else args.cpu_pixels
+    pixels = pixel_grid(args.size, args.size, device=device)[:npx]
     for small in (False, True):
-        cfg = srt.FSRTConfig.paper(image_size=args.size, small_decoder=small)
-        model = srt.FSRT(cfg).to(device).eval()
-        B, N = 1, 1
+        model = srt.FSRT(srt.FSRTConfig.paper(image_size=args.size, small_decoder=small)).to(device).eval()
         with torch.no_grad():
-            img = torch.rand(B, N, 3, args.size, args.size, device=device)
-            kp, e = model.keypoints_and_expression(img[:, 0])
-            latents = model.encode(img, kp[:, None], e[:, None])
+            img = torch.rand(1, 1, 3, args.size, args.size, device=device)
+            latents, kp, e = encode_pair(model, img, img[:, 0])
             kv = model.latent_kv(latents)
-        npx = px_total if args.full or device.type == "cuda" else args.cpu_pixels
-        pixels = pixel_grid(args.size, args.size, device=device)[:npx]
-        sync = torch.cuda.synchronize if device.type == "cuda" else None
         name = "small" if small else "full"
-        outs = {}
-        results = {}
+        outs, times = {}, {}
         for path, dtype in (("optimised", torch.float32), ("optimised", torch.bfloat16), ("naive", torch.float32)):
             def run():
-                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                     enabled=dtype == torch.bfloat16):
                     if path == "naive":
                         return model.decode_naive(latents, pixels, kp, e, chunk=args.chunk)
                     return model.decode(latents, pixels, kp, e, chunk=args.chunk, kv=kv)
-            t = timeit(run, repeat=args.repeat, sync=sync) * px_total / npx
-            outs[(path, dtype)] = run().float()
-            results[(path, dtype)] = t
+            t = times[path, dtype] = timeit(run, device, args.repeat) * px_total / npx
+            outs[path, dtype] = run().float()
             peak = matmul_flops(device, dtype)
             achieved = decoder_flops_per_pixel(model, latents.shape[1]) * px_total / t
             label = "naive (as the release)" if path == "naive" else "optimised"
             rows.append((f"decode {name} {label} {str(dtype).split('.')[-1]}", f"{t * 1000:.1f} ms/frame",
                          f"{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of matmul "
                          f"({peak / 1e9:.0f} GFLOP/s); timed {npx} px"))
-        ref = outs[("optimised", torch.float32)]
-        rng = (ref.max() - ref.min()).item() or 1.0
-        psnr = float(losses.psnr(outs[("optimised", torch.bfloat16)], ref, peak=rng))
-        speedup = results[("optimised", torch.float32)] / results[("optimised", torch.bfloat16)]
+        ref = outs["optimised", torch.float32]
+        psnr = float(losses.psnr(outs["optimised", torch.bfloat16], ref, peak=(ref.max() - ref.min()).item() or 1.0))
+        speedup = times["optimised", torch.float32] / times["optimised", torch.bfloat16]
         rows.append((f"decode {name} bf16 vs fp32", f"{speedup:.2f}x the speed",
                      f"PSNR(bf16, fp32) {psnr:.1f} dB (>= 40 dB: {'OK' if psnr >= 40 else 'MISSED'})"))
 
 
-def bench_data(args, rows):
+def bench_data(args, device, rows):
     import builtin_faces as faces
-    for size in (64, 256):
-        n = 200 if size == 64 else 40
+    for size, n in ((64, 200), (256, 40)):
         rng = np.random.default_rng(0)
         params = [(faces.sample_identity(rng), faces.sample_pose(rng), faces.sample_expression(rng)) for _ in range(n)]
         t0 = time.perf_counter()
@@ -156,11 +147,10 @@ def bench_sizes(args, device, rows):
     S = model.cfg.image_size
     src, drv = torch.rand(1, 3, S, S, device=device), torch.rand(8, 3, S, S, device=device)
     auto = pick_precision("auto", device)[0] == "bf16"
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
     base = None
     for size in (64, 128, 256, 512):
         times = [timeit(lambda: reenact.reenact(model, src, drv, render=reenact.Render(size=size, bf16=bf16)),
-                        repeat=args.repeat, sync=sync) / len(drv) for bf16 in sorted({False, auto})]
+                        device, args.repeat) / len(drv) for bf16 in sorted({False, auto})]
         base = base or times[0]
         rows.append((f"reenact --size {size} (demo model {S}^2)", f"{times[0] * 1000:.0f} ms/frame fp32",
                      (f"{times[-1] * 1000:.0f} ms bf16; " if auto else "") + f"{times[0] / base:.1f}x the 64^2 time "
@@ -183,7 +173,7 @@ def bench_train_step(args, device, rows):
 
 
 def _train_step_child(args):
-    import losses
+    """The child process of bench_train_step: times 3 phase-II steps, prints its one JSON line."""
     import train
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = (srt.FSRTConfig.paper if args.preset == "paper" else srt.FSRTConfig.tiny)(image_size=args.train_size)
@@ -192,14 +182,11 @@ def _train_step_child(args):
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     perc = losses.PerceptualLoss(losses.VGG19()).to(device)
     S, B = args.train_size, args.batch
-    src = torch.rand(B, 1, 3, S, S, device=device)
-    drv = torch.rand(B, 3, S, S, device=device)
+    src, drv = torch.rand(B, 1, 3, S, S, device=device), torch.rand(B, 3, S, S, device=device)
 
     def step():   # the forward under bf16 autocast with --_bf16, as train.py --precision bf16
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args._bf16):
-            kp_s, e_s = model.keypoints_and_expression(src[:, 0])
-            kp_d, e_d = model.keypoints_and_expression(drv)
-            latents = model.encode(src, kp_s[:, None], e_s[:, None])
+            latents, kp_d, e_d = encode_pair(model, src, drv)
             if args._train_step == 1:
                 pred = train.render_subsampled(model, latents, kp_d, e_d, (S, S), (0, 1)).float()
             else:
@@ -209,10 +196,9 @@ def _train_step_child(args):
         loss.backward()
         opt.step()
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t = timeit(step, repeat=3, sync=sync)
+    t = timeit(step, device, repeat=3)
     if device.type == "cuda":
         peak, kind = torch.cuda.max_memory_allocated() / 2 ** 20, "CUDA allocated"
     else:
@@ -230,7 +216,6 @@ def step_flops(phase, S=256, pixels=4096):
     (phase I: `pixels` sampled pixels; phase II/III: 1/4 of the image with gradient, 3/4 without),
     VGG19 at full resolution (phase II/III) and discriminator on real and fake images (phase III)."""
     from torch.utils.flop_counter import FlopCounterMode
-    import losses
     with torch.device("meta"):
         model = srt.FSRT(srt.FSRTConfig.paper(image_size=S))
         vgg = losses.VGG19() if phase >= 2 else None
@@ -239,9 +224,7 @@ def step_flops(phase, S=256, pixels=4096):
     src, drv = torch.rand(1, 1, 3, S, S, device="meta"), torch.rand(1, 3, S, S, device="meta")
     counter = FlopCounterMode(display=False)
     with counter:
-        kp_s, e_s = model.keypoints_and_expression(src[:, 0])
-        kp_d, e_d = model.keypoints_and_expression(drv)
-        z = model.encode(src, kp_s[:, None], e_s[:, None])
+        z, kp_d, e_d = encode_pair(model, src, drv)
         grid = pixel_grid(S, S, device="meta")
         n_grad = pixels if phase == 1 else S * S // 4
         loss = model.decode(z, grid[:n_grad], kp_d, e_d).pow(2).mean()
@@ -263,22 +246,17 @@ def bench_plan(args, device, rows):
     """Costed plan for Table 1: FLOPs per step (counted) and a measured step time on this machine give the
     fraction of matmul peak a training step reaches; GPU-hours assume an A100 reaching the same fraction."""
     fl = {p: step_flops(p) for p in (1, 2, 3)}
-    # measured: one phase-I sample of the paper preset at 256^2 on this machine
-    model = srt.FSRT(srt.FSRTConfig.paper()).to(device)
+    model = srt.FSRT(srt.FSRTConfig.paper()).to(device)   # measured: one phase-I sample of the paper preset, 256^2
     model.freeze_detector()
     S = 256
     src, drv = torch.rand(1, 1, 3, S, S, device=device), torch.rand(1, 3, S, S, device=device)
     pix = pixel_grid(S, S, device=device)[torch.randperm(S * S, device=device)[:4096]]
 
     def step():
-        kp_s, e_s = model.keypoints_and_expression(src[:, 0])
-        kp_d, e_d = model.keypoints_and_expression(drv)
-        z = model.encode(src, kp_s[:, None], e_s[:, None])
+        z, kp_d, e_d = encode_pair(model, src, drv)
         model.decode(z, pix, kp_d, e_d).pow(2).mean().backward()
-    sync = torch.cuda.synchronize if device.type == "cuda" else None
-    t = timeit(step, repeat=1, sync=sync)
-    peak = matmul_flops(device, torch.float32)
-    util = fl[1] / t / peak
+    t = timeit(step, device, repeat=1)
+    util = fl[1] / t / matmul_flops(device, torch.float32)
     rows.append(("plan: measured paper phase-I sample (fwd+bwd)", f"{t:.2f} s",
                  f"{fl[1] / 1e12:.2f} TFLOP -> {100 * util:.0f}% of this machine's fp32 matmul peak"))
     total = 0
@@ -293,6 +271,10 @@ def bench_plan(args, device, rows):
                  f"= {total / 3:,.0f} h on the paper's 3 A100s; each ablation row costs the same again"))
 
 
+BENCHES = {"data": bench_data, "sizes": bench_sizes, "train": bench_train_step, "decode": bench_decode,
+           "plan": bench_plan}   # the rows, in this order
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=256, help="decode image size (paper: 256)")
@@ -303,7 +285,7 @@ def main(argv=None):
     p.add_argument("--preset", default=None, help="train-step preset (default: paper on CUDA/--full, tiny on CPU)")
     p.add_argument("--train-size", type=int, default=None)
     p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--skip", nargs="*", default=[], choices=["decode", "data", "sizes", "train", "plan"])
+    p.add_argument("--skip", nargs="*", default=[], choices=list(BENCHES))
     p.add_argument("--_train-step", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--_bf16", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -315,16 +297,9 @@ def main(argv=None):
         return _train_step_child(args)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     rows = []
-    if "data" not in args.skip:
-        bench_data(args, rows)
-    if "sizes" not in args.skip:
-        bench_sizes(args, device, rows)
-    if "train" not in args.skip:
-        bench_train_step(args, device, rows)
-    if "decode" not in args.skip:
-        bench_decode(args, device, rows)
-    if "plan" not in args.skip:
-        bench_plan(args, device, rows)
+    for name, bench in BENCHES.items():
+        if name not in args.skip:
+            bench(args, device, rows)
     dev = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     model, flags = cpu_info()
     precision, why = pick_precision("auto", device)
@@ -333,8 +308,7 @@ def main(argv=None):
     print(f"--precision auto picks {precision} here ({why})")
     if hasattr(os, "getloadavg"):
         print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other processes slow every row)")
-    w0 = max(len(r[0]) for r in rows)
-    w1 = max(len(str(r[1])) for r in rows)
+    w0, w1 = max(len(r[0]) for r in rows), max(len(str(r[1])) for r in rows)
     for r in rows:
         print(f"{r[0]:<{w0}}  {str(r[1]):<{w1}}  {r[2]}")
 

@@ -1,7 +1,6 @@
 """
-Evaluation of FSRT: the self-reenactment protocol and metrics of Sec. 4.1 (Table 1), plus two checks that
-only the built-in data makes possible because its ground truth is known: cross-reenactment scores and a
-disentanglement probe of the expression vector.
+Evaluation of FSRT: the self-reenactment protocol and metrics of Sec. 4.1 (Table 1), plus the checks that only the
+built-in data, whose ground truth is known, makes possible.
 
     python metrics.py --checkpoint runs/tiny/phase3.pt                # built-in test videos
     python metrics.py --checkpoint CKPT --data VOX --num-src 2 --out results.json
@@ -24,19 +23,11 @@ would add the detector's own error on drawn faces to the score, detector-vs-dete
 paper. Frames where the detector finds no face in the real or the generated image are counted and reported.
 The "copy the source" baseline predicts each driving frame by its nearest source frame (ties: the earlier).
 
-Built-in data only (its ground truth is known; details in evaluate_cross and probe_features):
-  * cross-reenactment: identity A (test video i) driven by B (video i+1) is scored against render_face(A's
-    identity, B's pose, B's expression) for absolute motion, and for relative motion against A's first-frame
-    pose moved by B's pose change since B's frame 0 (relative_pose) with B's expression as-is.
-  * disentanglement probe: a ridge map from e (model.keypoints_and_expression) to the expression, identity
-    and pose parameters, fitted on train-split frames, R^2 on test-split frames (held-out identities). A
-    well-disentangled e gives high expression R^2 and low identity and pose R^2; the expression R^2 is the
-    mean over its five parameters, each printed too.
-  * identity leak (evaluate_leak): A driven by B and by C performing B's exact motion; PSNR between the two.
-  * expression transfer (evaluate_expression): a neutral face driven by itself with one expression (mouth
-    open, smile, blink, brows up); the share of the true change in the image that the output makes.
-  * --readout-ceiling STEPS (readout_ceiling): Eq. (8)-(10) trained supervised on the frozen detector, the
-    most the probe could find at this image size.
+Built-in data only (details in each function's docstring): cross-reenactment against the true frames
+(evaluate_cross), the identity leak (evaluate_leak), expression transfer (evaluate_expression), and a
+disentanglement probe: ridge maps from e to the expression, identity and pose parameters, fitted on train-split
+frames, R^2 on held-out identities (probe_r2; a well-disentangled e: expression high, identity and pose low),
+with --readout-ceiling the most it could find at this image size (readout_ceiling).
 """
 import argparse
 import dataclasses
@@ -100,12 +91,9 @@ def frame_scores(preds, targets) -> dict:
 # AKD: average keypoint distance between external 68-point landmarks
 
 def akd_scores(preds, targets, landmark_fn) -> dict:
-    """AKD over frame pairs. landmark_fn(uint8 [H,W,3]) -> [68,2] pixels or None (no face).
-
-    Returns {"akd": mean over frames with a face in both images (nan if none), "akd_frames": that count,
-    "akd_missing_real": frames without a face in the real image, "akd_missing_generated": the same for the
-    generated image}. A frame missing in both counts in both; missing frames are excluded from the mean.
-    """
+    """AKD over frame pairs; landmark_fn(uint8 [H,W,3]) -> [68,2] pixels or None (no face). -> {"akd": mean over the
+    frames with a face in both images (nan if none), "akd_frames": their count, "akd_missing_real" and
+    "akd_missing_generated": frames without a face in that image (one missing in both counts in both)}."""
     dists, miss_real, miss_gen = [], 0, 0
     for p, t in zip(preds, targets):
         lm_real, lm_gen = landmark_fn(data.to_uint8(t)), landmark_fn(data.to_uint8(p))
@@ -183,12 +171,9 @@ def mean_over_videos(rows) -> dict:
 @torch.no_grad()
 def evaluate_self(videos, model=None, num_src=1, landmark_fn=None, max_videos=None, render=None,
                   progress=True) -> dict:
-    """Self-reenactment on a sequence of videos (dicts with "frames" [T,3,S,S]), protocol of Sec. 4.1.
-
-    Returns {"model": row or None, "baseline": row, "videos": n, "videos_skipped": n (too short),
-    "videos_unreadable": n (broken files, skipped with a warning)}; a row holds ssim,
-    psnr, l1, frames (and the AKD entries when landmark_fn is given). model=None scores only the baseline.
-    """
+    """Self-reenactment on videos (dicts with "frames" [T,3,S,S]) by the protocol of Sec. 4.1 -> {"model": row (None
+    with model=None: the baseline only), "baseline": row, "videos", "videos_skipped" (too short), "videos_unreadable"
+    (skipped with a warning)}; a row holds ssim, psnr, l1, frames (and the AKD entries with landmark_fn)."""
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     rows_model, rows_base, skipped, unreadable = [], [], 0, 0
     for i in tqdm(range(n), desc="self-reenactment", disable=not progress):
@@ -237,10 +222,9 @@ def video_params(item):
 
 
 def relative_pose(pose_source, pose_driving, pose_driving_initial):
-    """The ground truth of relative motion (Sec. 3.4): the source's pose moved by the driving head's change
-    since the initial frame -- angles and translations add the difference, scale multiplies by the ratio.
-    This is what relative keypoint transfer k_S + (k_D - k_D,initial) approximates; the expression is the
-    driving frame's as-is (Sec. 3.4), so it is not made relative."""
+    """The ground truth of relative motion (Sec. 3.4), which k_S + (k_D - k_D,initial) approximates: the source's pose
+    moved by the driving head's change since the initial frame (angles and translations add the difference, scale
+    multiplies by the ratio); the expression is the driving frame's as-is (Sec. 3.4), not made relative."""
     values = {}
     for f in dataclasses.fields(pose_source):
         a, b, b0 = (np.asarray(getattr(p, f.name), np.float64)
@@ -252,12 +236,10 @@ def relative_pose(pose_source, pose_driving, pose_driving_initial):
 
 @torch.no_grad()
 def evaluate_cross(videos, model, num_src=1, max_videos=None, render=None, progress=True):
-    """Cross-reenactment of identity A (video i) by the motion of B (video i+1, another identity): the
-    driving frames are B's protocol frames (every 10th frame, same rule as self-reenactment), the ground
-    truth is faces.render_face(A's identity, pose, B's expression) with
-      absolute: B's pose;   relative: A's first-frame pose moved by B's change since B's frame 0
-    (relative_pose; the model runs with relative=True, initial_frame = B's frame 0, no scale adaption).
-    Scores: SSIM, PSNR, L1 for both, and the copy-the-source baseline against the absolute ground truth."""
+    """Cross-reenactment of identity A (video i) by B (video i+1, another identity) at B's protocol frames, scored
+    (SSIM, PSNR, L1) against faces.render_face(A's identity, pose, B's expression), the pose being B's (absolute
+    motion) or A's first-frame pose moved by B's change since B's frame 0 (relative: relative_pose; the model runs
+    from B's frame 0, no scale adaption), with the copy-the-source baseline against the absolute ground truth."""
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     if n < 2:
         raise ValueError("cross-reenactment needs at least 2 videos (--max-videos >= 2)")
@@ -292,18 +274,17 @@ def evaluate_cross(videos, model, num_src=1, max_videos=None, render=None, progr
 
 @torch.no_grad()
 def evaluate_leak(videos, model, max_videos=None, render=None, progress=True):
-    """The identity leak, measured directly: source A (video i's first frame) is driven by two different people
-    B (video i+1) and C (video i+2's identity) who perform the SAME pose and expression sequence (B's, at B's
-    protocol frames; C's frames are rendered with faces.render_frames). A model that takes only motion from the
-    driver gives the same output for both: the figure is PSNR(output driven by B, output driven by C) in dB
-    (inf = identical), for absolute and relative motion, with the PSNR between the two driving videos for scale.
-    Where the leak goes (absolute motion): 'via_e' swaps only the expression vector (k from B, e from C vs e
-    from B), 'via_k' only the keypoints; the lower figure is the wider path."""
+    """The identity leak: source A (video i's first frame) driven by B (video i+1) and by C (video i+2's identity,
+    rendered) performing B's exact motion at B's protocol frames. A model that takes only motion from the driver
+    gives the same output for both: PSNR(driven by B, driven by C) in dB (inf = identical), absolute and relative,
+    with the PSNR between the two driving videos for scale. Where it leaks (absolute motion): 'via_e' swaps only e
+    (B's k with C's e against B's e), 'via_k' only the keypoints; the lower figure is the wider path."""
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     if n < 3:
         raise ValueError("the identity-leak figure needs at least 3 videos (--max-videos >= 3)")
     modes = ("absolute", "relative") if model.cfg.use_keypoints else ("absolute",)
-    rows = {k: [] for k in (*modes, "drivers", "via_e", "via_k")}
+    rows = {k: [] for k in (*modes, "drivers", "via_e", "via_k")}   # PSNR per triple
+    mean_psnr = lambda xs, ys: float(np.mean([psnr(x, y) for x, y in zip(xs, ys)]))
     model.eval()
     for i in tqdm(range(n), desc="identity leak", disable=not progress):
         a, b, c = videos[i], videos[(i + 1) % n], videos[(i + 2) % n]
@@ -319,8 +300,8 @@ def evaluate_leak(videos, model, max_videos=None, render=None, progress=True):
         source = a["frames"][:1]
         for mode in modes:
             out = [reenact(model, source, d, relative=mode == "relative", render=render)[1:] for d in (drv_b, drv_c)]
-            rows[mode].append({"psnr": float(np.mean([psnr(x, y) for x, y in zip(*out)]))})
-        rows["drivers"].append({"psnr": float(np.mean([psnr(x, y) for x, y in zip(drv_b[1:], drv_c[1:])]))})
+            rows[mode].append(mean_psnr(*out))
+        rows["drivers"].append(mean_psnr(drv_b[1:], drv_c[1:]))
         # swap one conditioning input at a time (absolute motion)
         device = model_device(model)
         kp_s, e_s = model.keypoints_and_expression(source.to(device))
@@ -328,12 +309,11 @@ def evaluate_leak(videos, model, max_videos=None, render=None, progress=True):
         (k_b, e_b), (k_c, e_c) = (model.keypoints_and_expression(d[1:].to(device)) for d in (drv_b, drv_c))
         draw = lambda k, e: model.render(z, k, e, chunk=render and render.chunk).clamp(0, 1).cpu()
         ref = draw(k_b, e_b)
-        for key, other in (("via_e", draw(k_b, e_c)), ("via_k", draw(k_c, e_b))):
-            rows[key].append({"psnr": float(np.mean([psnr(x, y) for x, y in zip(ref, other)]))})
+        rows["via_e"].append(mean_psnr(ref, draw(k_b, e_c)))
+        rows["via_k"].append(mean_psnr(ref, draw(k_c, e_b)))
     if not rows["absolute"]:
         return None
-    mean = lambda r: float(np.mean([x["psnr"] for x in r])) if r else None
-    return {k: mean(v) for k, v in rows.items()} | {"triples": len(rows["absolute"])}
+    return {k: float(np.mean(v)) if v else None for k, v in rows.items()} | {"triples": len(rows["absolute"])}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,9 +333,8 @@ def expression_response(out, out_neutral, truth, truth_neutral) -> float:
 
 
 def expression_faces(identities, seed, size):
-    """The faces of the expression figures: for each of `identities` built-in test identities, at a near-frontal
-    pose (yaw within 10, pitch within 5 degrees), its frames [1 + tests, 3, S, S]: neutral first, then one
-    expression per EXPRESSION_TESTS entry, all at that pose."""
+    """Per built-in test identity, at a near-frontal pose (yaw within 10, pitch within 5 degrees): its frames
+    [1 + tests, 3, S, S], neutral first, then one per EXPRESSION_TESTS entry."""
     rng = np.random.default_rng(seed)
     exprs = [faces.Expression(), *EXPRESSION_TESTS.values()]
     for j in range(identities):
@@ -365,8 +344,7 @@ def expression_faces(identities, seed, size):
 
 
 def add_responses(scores, out, truth):
-    """Append each test's expression_response of the output frames `out` [1 + tests, ...] (neutral first) to
-    `scores` {test: list}, against the true frames `truth` of the same layout."""
+    """Append to scores {test: list} each test's expression_response of out against truth (expression_faces layout)."""
     for i, k in enumerate(EXPRESSION_TESTS, 1):
         scores[k].append(expression_response(out[i], out[0], truth[i], truth[0]))
 
@@ -378,12 +356,10 @@ def mean_responses(scores, identities) -> dict:
 
 @torch.no_grad()
 def evaluate_expression(model, identities=16, seed=0, render=None, cross=False) -> dict:
-    """Expression transfer: a neutral face (expression_faces) driven by a face with one expression per test
-    -> {test: mean expression_response, "mean": over the tests, "identities": n}. Self (default): driven by
-    itself, absolute motion. cross: driven by the NEXT test identity (another person, at its own pose), relative
-    motion from that person's neutral frame (Sec. 3.4), against the source's own face with that expression. A
-    model that takes the expression from the driver scores near 1; one that renders the source's expression (or
-    a blur of all expressions) near 0. Not in the paper: the built-in data's ground truth makes it measurable."""
+    """Expression transfer (not in the paper): a neutral face (expression_faces) driven by a face with one expression
+    per test -> {test: mean expression_response, "mean": over the tests, "identities": n}; near 1 when the output
+    takes the driver's expression, near 0 for the source's (or a blur). Self: driven by itself, absolute motion.
+    cross: by the next identity, relative motion from its neutral frame, against the source with that expression."""
     if cross and identities < 2:
         raise ValueError("the cross-reenactment expression figure needs at least 2 identities")
     truths = list(expression_faces(identities, seed, model.cfg.image_size))
@@ -411,10 +387,8 @@ def render_paths(model, truth, chunk=None):
 
 @torch.no_grad()
 def evaluate_expression_paths(model, identities=16, seed=0, chunk=None) -> dict:
-    """Through which input the self-reenactment expression transfer goes (FSRT factorises the expression into
-    e, Sec. 3.1): each face of evaluate_expression rendered by render_paths, with only e or only the keypoints
-    from the driver -> {"e": {...}, "keypoints": {...}} in evaluate_expression's layout. The share through e is
-    e's figure over evaluate_expression's."""
+    """Through which input self-reenactment's expression transfer goes (FSRT factorises it into e, Sec. 3.1):
+    {"e": evaluate_expression with only e from the driver (render_paths), "keypoints": with only its keypoints}."""
     scores = {w: {k: [] for k in EXPRESSION_TESTS} for w in ("e", "keypoints")}
     model.eval()
     for truth in expression_faces(identities, seed, model.cfg.image_size):
@@ -437,6 +411,7 @@ def expression_picture(model, path, identities=4, test="mouth_open", seed=0, sca
     grid = np.concatenate(rows, axis=0)
     with cli.atomic_path(path) as tmp:
         Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(tmp)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # disentanglement probe: what a linear map can read out of the expression vector e
@@ -529,11 +504,9 @@ EXPRESSION_PARAMS = [f.name for f in dataclasses.fields(faces.Expression)]   # m
 
 
 def readout_ceiling(model, frames=10000, steps=1500, batch=64, seed=0, test_frames=1000, progress=True):
-    """What Eq. (8)-(10) CAN read from this detector: a fresh expression network (the model's configuration)
-    and a linear head trained, supervised, to regress the true expression parameters from the frozen
-    detector's output on rendered frames of random identities, poses and expressions at the model's size.
-    -> {parameter: held-out R^2}. An upper bound for the probe of e: where it is low, the detector's features
-    (and so e) cannot show that part of the expression at this resolution, however FSRT is trained."""
+    """What Eq. (8)-(10) CAN read from this detector -> {parameter: held-out R^2}: a fresh expression network and a
+    linear head trained, supervised, on the frozen detector's output for rendered random faces at the model's size.
+    An upper bound for the probe of e: where it is low, the detector cannot show that part at this resolution."""
     from expression import ExpressionNet
     if model.expression.cfg.expr_dim == 0:
         return {k: math.nan for k in EXPRESSION_PARAMS}
@@ -606,11 +579,10 @@ def cosine(a, b):
 
 @torch.no_grad()
 def evaluate_csim(videos, model, embed, max_videos=None, render=None):
-    """CSIM of cross-reenactment: source A (video i's first frame) driven by B (video i+1, another person) with
-    relative motion from B's frame 0, at B's protocol frames; the mean cosine between the embeddings of A and
-    of each output frame (frames where no face is found in the output are counted, not scored). For scale,
-    the same figure between A and B's own frames (a different person). -> dict (pairs 0 when no source frame
-    of such a pair shows a face the embedding finds: no_source_face of them), or None without a pair."""
+    """CSIM of cross-reenactment: the mean cosine between the embeddings of source A (video i's first frame) and of
+    each output frame driven by B (video i+1, another person; relative motion, B's protocol frames), and for scale
+    between A and B's own frames. Output frames without a face are counted, not scored. -> dict (pairs 0 when no
+    source frame shows a face: no_source_face of them), or None without a pair."""
     n = len(videos) if max_videos is None else min(len(videos), max_videos)
     ours, driver, missing, pairs, faceless = [], [], 0, 0, 0
     for i in range(n if n >= 2 else 0):
@@ -646,19 +618,17 @@ def evaluate_csim(videos, model, embed, max_videos=None, render=None):
 
 @torch.no_grad()
 def health(model, images):
-    """Diagnostics on single-source self-reconstruction (driving = source) of images [B,3,H,W], B >= 2:
-      active      fraction of channels of each patch-CNN conv (ReLU input) that are positive somewhere in the
-                  batch: a channel at 0 never passes gradient again (the "dead encoder" failure);
-      spread      std of the set-latents across the tokens of an image / their rms (0: every token the same);
-      latent_cos  mean cosine between the set-latents of two different images (1: the encoder ignores its input);
+    """Diagnostics on self-reconstruction (one source, driving = source) of images [B,3,H,W], B >= 2 -> dict of:
+      active      per patch-CNN conv, the share of channels (ReLU input) positive somewhere in the batch: a
+                  channel at 0 never passes gradient again (the "dead encoder" failure);
+      spread      std of the set-latents across an image's tokens / their rms (0: every token the same);
+      latent_cos  mean cosine between two images' set-latents (1: the encoder ignores its input);
       attn_entropy, attn_uniform  mean entropy (nats) of the first decoder block's attention, and log T (uniform);
-      attn_own    mean attention weight on the token whose 8x8 patch holds the pixel (1/T when uniform);
-      self_psnr   PSNR (dB) of the reconstruction with driving = source;
-      expr_spread std of the expression vectors e across the images / their rms (~0: e is one constant vector
-                  for every face, so the decoder can take no expression from it; NaN for |e| = 0);
-      expr_active fraction of each hidden layer's ReLU units of the expression MLP X_M that are positive for
-                  some image (ExpressionNet.active_units; [] for |e| = 0): the same dying-ReLU failure in X.
-    Returns a dict of floats (active as a list, one per conv)."""
+      attn_own    mean attention on the token whose 8x8 patch holds the pixel (1/T when uniform);
+      self_psnr   PSNR (dB) of the reconstruction;
+      expr_spread std of e across the images / their rms (~0: e one vector for every face; NaN for |e| = 0);
+      expr_active per hidden layer of X_M, the share of ReLU units positive for some image
+                  (ExpressionNet.active_units; [] for |e| = 0): the same dying-ReLU failure in X."""
     was_training = model.training
     model.eval()
     B, _, H, W = images.shape
@@ -739,8 +709,7 @@ def format_row(name, num_src, row):
 
 
 def jsonable(x):
-    """x with every NaN and infinity replaced by None: strict JSON parsers accept neither (json writes them as
-    NaN / Infinity by default)."""
+    """x with every NaN and infinity replaced by None (json writes NaN / Infinity, which strict parsers refuse)."""
     if isinstance(x, dict):
         return {k: jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
@@ -875,7 +844,8 @@ def report_cross(out, args, model, videos, render):
 
 def report_builtin_expression(out, args, model, videos, render):
     """Expression transfer, the probe of e and (with --readout-ceiling) what e could carry (built-in data)."""
-    row = lambda r: "   ".join(f"{k} {format_number(r[k], 2, lead_zero=True)}" for k in (*EXPRESSION_TESTS, "mean"))
+    line = lambda r, digits=3: "   ".join(f"{k} {format_number(v, digits, lead_zero=True)}" for k, v in r.items())
+    row = lambda r: line({k: r[k] for k in (*EXPRESSION_TESTS, "mean")}, 2)
     ex = out["expression"] = evaluate_expression(model, render=render)
     print(f"\nexpression transfer: a neutral face driven by a face with one expression, share of the true change "
           f"the output makes (1 = all, 0 = none; {ex['identities']} identities)\n  self (itself):               "
@@ -902,14 +872,13 @@ def report_builtin_expression(out, args, model, videos, render):
                         "train_identities": len(set(g_tr.tolist())), "test_identities": len(set(g_te.tolist()))}
         print(f"\ndisentanglement probe: ridge map from e to the true parameters, R^2 on held-out identities "
               f"({len(X_tr)} train / {len(X_te)} test frames; want expression high, identity and pose low)")
-        print("  " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in r2.items()))
-        print("  expression, per parameter: " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in
-                                                         expr_r2.items()))
+        print("  " + line(r2))
+        print("  expression, per parameter: " + line(expr_r2))
     if args.readout_ceiling:
         out["readout_ceiling"] = ceil = readout_ceiling(model, steps=args.readout_ceiling)
         print(f"\nreadout ceiling: Eq. (8)-(10) trained supervised on this detector ({args.readout_ceiling} steps), "
               f"R^2 per expression parameter (what e could carry at {size}x{size})")
-        print("  " + "   ".join(f"{k} {format_number(v, 3, lead_zero=True)}" for k, v in ceil.items()))
+        print("  " + line(ceil))
 
 
 def main(argv=None) -> int:

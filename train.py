@@ -12,10 +12,9 @@ Phases (each starts from the previous phase's checkpoint in --out, or from --ini
   III + keypoint-aware discriminator, LSGAN and feature matching (Eq. 18), after a discriminator warm-up.
 From phase I on the detector is frozen (eval mode, no gradient, not in the optimiser), as in the paper.
 
-Presets: --preset auto (default) is `paper` on CUDA and `tiny` on CPU; every option overrides the preset.
-tiny is the CPU recipe: the tiny model at 64x64, batch 16, 256 pixels, Adam 3e-4 after 100 warm-up steps
-(phase 0: 1e-3), bf16 autocast where it is faster here.
-Built-in data only: --motion scales the pose/expression range, --motion-start/--motion-ramp make a curriculum.
+Presets (PRESETS): --preset auto (default) is `paper` on CUDA and `tiny`, the CPU recipe, on CPU; every option
+overrides the preset. Built-in data only: --motion scales the pose/expression range, --motion-start/--motion-ramp
+make a curriculum.
 The run folder (--out) holds phase{P}.pt (one checkpoint per phase; rerunning the same command resumes it),
 log.jsonl, samples/phase{P}_{step}.png (sources | driving (Omega crop) | prediction | ground truth) and
 curves_phase{P}.png (loss and held-out self-reenactment PSNR against copying the source).
@@ -50,10 +49,8 @@ import weights
 from keypoints import KP_LANDMARKS, pixel_grid, to_normalized, to_pixels
 
 # training values per preset; a tuple is one value per phase (0, I, II, III); paper = the release's (README).
-# tiny is the CPU recipe on the built-in faces: 64x64 images with the detector on the whole image (smaller images
-# leave no expression readable), bf16 autocast where this machine's bf16 matmul is faster ('auto'), 256 pixels per
-# driving frame, the detector (phase 0) at lr 1e-3, FSRT at 3e-4 after a short warm-up (more of the He-initialised
-# patch CNN stays alive than at 1e-3). The measurements behind each choice: RESULTS.md.
+# tiny (the measurements behind it: RESULTS.md): 64x64, as smaller images leave no expression readable; FSRT's lr
+# 3e-4 after a warm-up, as more of the He-initialised patch CNN stays alive than at 1e-3.
 PRESETS = {
     "tiny": dict(image_size=64, batch_size=16, pixels=256, lr=(1e-3, 3e-4, 3e-4, 3e-4), warmup=100,
                  steps=(300, 10000, 500, 500), disc_warmup=50, precision="auto"),
@@ -82,16 +79,14 @@ def get_args(argv=None):
     p.add_argument("--loss-weights", default="", metavar="K=V,...",
                    help="override lambdas of Eq. (16)/(18), e.g. 'cov=0,var=0' (names: losses.LossWeights)")
     p.add_argument("--lm-pretrain", default="off", choices=("off", "frozen", "joint"),
-                   help="not in the paper (issue 23): phase 0 also trains the expression network X and a linear head "
+                   help="not in the paper (RESULTS.md): phase 0 also trains the expression network X and a linear head "
                         "e -> the pose-free shape of the brow, eye and mouth landmarks (losses.l_lm) for --lm-steps: "
                         "'frozen' after the detector's own steps, on its fixed output; 'joint' with it, its gradient "
                         "reaching the detector too. Phase I starts X from it; --loss-weights lm=... keeps the term")
     p.add_argument("--lm-steps", type=int, default=1000, help="with --lm-pretrain: phase 0's steps of X + head, "
                    "added to its --steps of the detector (none with --kp-checkpoint)")
-    p.add_argument("--focus", type=float, default=0.0,
-                   help="not in the paper (issue 23): the share of phase I's --pixels drawn inside the driving frame's "
-                        "brow, eye and mouth boxes (its 68 landmarks), where the expression is; 0 = the paper's "
-                        "uniform draw")
+    p.add_argument("--focus", type=float, default=0.0, help="not in the paper (RESULTS.md): the share of phase I's "
+                   "--pixels drawn in the driving frame's brow, eye and mouth boxes; 0 = the paper's uniform draw")
     p.add_argument("--num-src", type=int, default=1)
     p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
@@ -107,7 +102,7 @@ def get_args(argv=None):
                    help="expression-network initialisation (expression.ExpressionNet); 'torch' is the release's")
     p.add_argument("--motion", type=float, default=1.0, help="built-in data: pose/expression range scale")
     p.add_argument("--motion-start", type=float, default=None, help="built-in data: motion range at step 0 "
-                   "(curriculum, default: --motion)")
+                   "(curriculum, default --motion)")
     p.add_argument("--motion-ramp", type=int, default=0, help="steps over which the motion range grows to --motion")
     p.add_argument("--identities", type=int, default=None, help="built-in data: number of training identities")
     p.add_argument("--seed", type=int, default=0)
@@ -119,16 +114,15 @@ def get_args(argv=None):
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--precision", default=None, choices=("fp32", "bf16", "auto"),
-                   help="bf16: mixed precision (bfloat16 autocast of the forward pass, fp32 weights, Adam and "
-                        "losses); auto: bf16 where its matmul is faster here (cli.pick_precision)")
+                   help="bf16: bfloat16 autocast of the forward pass (fp32 weights, Adam and losses); auto: bf16 "
+                        "where its matmul is faster here (cli.pick_precision)")
     p.add_argument("--double", action="store_true", help="float64 everywhere (exactness checks in the tests)")
     return p.parse_args(argv)
 
 
 def resolve(options, phase=None, own_steps=True):
-    """The parsed options for `phase` (default --phase), checked, with the preset's values filled into those left
-    unset (a new Namespace; `options` is not changed). Per-phase preset values (steps, tiny's lr) are taken for
-    that phase; --steps applies only with own_steps (the phase the command names)."""
+    """A checked copy of the parsed options for `phase` (default --phase), the preset's values (those of that phase)
+    filled into those left unset; --steps applies only with own_steps (the phase the command names)."""
     args = argparse.Namespace(**vars(options))
     cli.check_device(args.device)
     args.phase = args.phase if phase is None else phase
@@ -140,7 +134,7 @@ def resolve(options, phase=None, own_steps=True):
         args.precision = "fp32"   # float64 exactness checks: the preset's bf16 does not apply
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
-            setattr(args, k, v[args.phase] if isinstance(v, tuple) else v)   # steps (and tiny's lr) per phase
+            setattr(args, k, v[args.phase] if isinstance(v, tuple) else v)
     args.out = args.out or os.path.join("runs", args.preset)
     args.motion_start = args.motion if args.motion_start is None else args.motion_start
     if args.data is not None and not os.path.isdir(args.data):
@@ -204,9 +198,8 @@ def model_config(args):
 
 @dataclass(frozen=True)
 class Context:
-    """What is fixed while a phase trains: its options, this process's place (rank of world, device), the
-    numbers' types (float64 with --double; bf16 autocast of the forward pass), the loss weights (the one
-    LossWeights instance) and the command's deadline (--max-minutes counts from the start of the command)."""
+    """What is fixed while a phase trains: options, rank, world, device, number types (float64 with --double; bf16
+    autocast), the one LossWeights instance and the deadline (--max-minutes counts from the command's start)."""
     args: argparse.Namespace
     rank: int = 0
     world: int = 1
@@ -221,9 +214,6 @@ class Context:
         """Positions of this rank's samples in the global batch."""
         local = self.args.batch_size // self.world
         return list(range(self.rank * local, (self.rank + 1) * local))
-
-    def out_of_time(self):
-        return time.time() > self.deadline
 
     def log(self, *line):
         if self.rank == 0:
@@ -266,9 +256,8 @@ def gather(x, world):
 
 
 def average_gradients(params, world):
-    """DDP's gradient averaging done explicitly in one flat all_reduce (the model is driven through several
-    methods - detect, encode, decode - not one forward(), which DistributedDataParallel's wrapper assumes).
-    Returns whether every gradient is finite (the same answer on every rank)."""
+    """DDP's gradient averaging as one flat all_reduce (the model runs through detect, encode and decode, not the one
+    forward() DistributedDataParallel wraps). Returns whether every gradient is finite (the same on every rank)."""
     params = [p for p in params if p.grad is not None]
     flat = torch.cat([p.grad.reshape(-1) for p in params])
     if world > 1:
@@ -299,15 +288,13 @@ def sample_rng(seed, step, index):
 
 
 def step_rng(seed, step):
-    """A torch.Generator for the choices made once per global batch (spawn_key keeps it apart from every
-    sample_rng); identical on every rank and after a resume."""
+    """The same for the choices made once per global batch (spawn_key keeps it apart from every sample_rng)."""
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, step], spawn_key=(1,)).generate_state(1)[0]))
 
 
 def global_indices(step, batch_size, n, seed):
-    """Dataset indices of the global batch of `step`: an endless stream of seeded permutations of range(n),
-    epoch e's entries offset by e * n (FaceDataset draws its augmentation from the index, so every epoch
-    gets new draws)."""
+    """Dataset indices of the global batch of `step`: an endless stream of seeded permutations of range(n), epoch
+    e's offset by e * n (FaceDataset draws its augmentation from the index: every epoch gets new draws)."""
     out = []
     for pos in range(step * batch_size, (step + 1) * batch_size):
         epoch, j = divmod(pos, n)
@@ -321,9 +308,8 @@ class StepSampler(torch.utils.data.Sampler):
     as (dataset index, motion scale) pairs: the motion curriculum is part of the data position too."""
 
     def __init__(self, n, batch_size, rank, world, seed, start, stop, motion=lambda step: 1.0):
-        self.n, self.bs, self.rank, self.world, self.seed, self.start, self.stop = n, batch_size, rank, world, \
-            seed, start, stop
-        self.motion = motion
+        self.n, self.bs, self.rank, self.world, self.seed = n, batch_size, rank, world, seed
+        self.start, self.stop, self.motion = start, stop, motion
 
     def __iter__(self):
         b = self.bs // self.world
@@ -336,9 +322,8 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 class Curriculum(torch.utils.data.Dataset):
-    """FaceDataset whose built-in motion range (data.FaceDataset.motion_scale) is set per sample by the
-    sampler: --motion-start grows linearly to --motion over --motion-ramp steps (a curriculum of pose and
-    expression amplitude: small motions first, where copying the source is almost right)."""
+    """FaceDataset whose built-in motion range (motion_scale) the sampler sets per sample: --motion-start grows to
+    --motion over --motion-ramp steps (small motions first, where copying the source is almost right)."""
 
     def __init__(self, ds):
         self.ds = ds
@@ -357,10 +342,9 @@ class Curriculum(torch.utils.data.Dataset):
 # the losses of one step
 
 def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offsets):
-    """Phase II's gradient pixel sub-sampling (Sec. 3.3): for sample b the pixels (offsets[b][1] + 2i,
-    offsets[b][0] + 2j) are decoded with gradient, the other 3/4 under no_grad from detached latents and
-    conditioning; both are assembled into the full image. offsets: B pairs (x, y) in {0, 1} (one per sample, as
-    the release); H and W even. Returns [B,3,H,W] (unclamped), equal to a full render in value."""
+    """Phase II's gradient pixel sub-sampling (Sec. 3.3): sample b's pixels (offsets[b][1] + 2i, offsets[b][0] + 2j)
+    decoded with gradient, the other 3/4 under no_grad from detached inputs. offsets: B pairs (x, y) in {0, 1} (per
+    sample, as the release); H, W even. Returns [B,3,H,W] (unclamped), equal to a full render in value."""
     H, W = size
     if H % 2 or W % 2:
         raise ValueError(f"phase II's pixel sub-sampling needs an even image size, got {H}x{W}")
@@ -380,17 +364,15 @@ def render_subsampled(model, set_latents, kp_driving, expr_driving, size, offset
     return rgb.transpose(1, 2).reshape(-1, 3, H, W)
 
 
-# Eq. (17)'s pixels. --focus (NOT IN THE PAPER, issue 23; 0 = the paper's uniform draw) draws a share of them in
-# the boxes of the driving frame's brows, eyes and mouth: ~10 % of a 64x64 face, so a uniform draw gives the
-# expression ~10 % of L_MSE, and a blurred decoder gains little by rendering it
+# Eq. (17)'s pixels: --focus (not in the paper) draws a share of them in the driving frame's brow, eye and mouth
+# boxes, ~10 % of a 64x64 face, where a uniform draw gives the expression ~10 % of L_MSE (RESULTS.md)
 FACE_PARTS = (range(17, 27), range(36, 48), range(48, 68))       # 68-landmark indices: brows, eyes, mouth
 
 
 def part_mask(lm, crop, size):
-    """Pixels inside the FACE_PARTS boxes (widened by size/32 pixels: 2 at 64x64, where the brows rise and the
-    jaw drops) of the driving frames' landmarks lm [B,68,2]
-    (pixels of the uncropped frames), in the crop the decoder renders (crop [B,4] normalised) -> [B, S*S] bool,
-    row-major as pixel_grid; all False where the landmarks are NaN."""
+    """Pixels inside the FACE_PARTS boxes of lm [B,68,2] (pixels of the uncropped frames), widened by size/32 pixels
+    (brows rise, the jaw drops), in the decoder's crop (crop [B,4] normalised) -> [B, S*S] bool, row-major as
+    pixel_grid; all False where the landmarks are NaN."""
     p = to_pixels(data.map_to_crop(to_normalized(lm.float().cpu(), size), crop.float().cpu()), size)  # (B,68,2)
     axis, pad = torch.arange(size, dtype=torch.float32), max(1, size // 32)
     mask = torch.zeros(len(p), size, size, dtype=torch.bool)                           # (B, y, x)
@@ -444,10 +426,9 @@ def encode_batch(model, b, rngs, a2=False):
 
 
 def generator_losses(model, b, ctx, step, gidx, perceptual=None, disc=None, lm=None):
-    """Loss of phases I-III for this rank's batch (a mean over it; the global loss is the mean over ranks).
-    gidx: positions of this rank's samples in the global batch; lm: the LandmarkHead, whose L_lm (not in the
-    paper) joins L_reg when lambda_lm > 0. Returns (loss, dict of float terms, prediction (B,P,3) in phase I or
-    the full image (B,3,H,W) later, kp_driving)."""
+    """Loss of phases I-III, the mean over this rank's batch (gidx: its positions in the global batch); lm: the
+    LandmarkHead, for L_lm when lambda_lm > 0. Returns (loss, dict of float terms, prediction (B,P,3) in phase I,
+    (B,3,H,W) later, kp_driving)."""
     args, W = ctx.args, ctx.weights
     rngs = [sample_rng(args.seed, step, i) for i in gidx]
     a2 = bool(torch.rand(1, generator=step_rng(args.seed, step)) < 0.5)   # A1/A2 for Eq. (12), per batch
@@ -456,8 +437,9 @@ def generator_losses(model, b, ctx, step, gidx, perceptual=None, disc=None, lm=N
     # global batch, gathered with gradient, identically on every rank
     reg, terms = losses.l_reg(*(gather(e.float(), ctx.world) for e in es), W)   # fp32 under bf16 autocast
     terms = {k: v.item() for k, v in terms.items()}
-    if W.lm > 0:   # + lambda_lm L_lm (losses.l_lm; not in the paper), per sample: no gathering needed
-        lm_loss = landmark_loss(lm, b, es)
+    if W.lm > 0:   # + lambda_lm L_lm (not in the paper) on Eq. 13's pairs, per sample: no gathering needed
+        e_src_a1, e_src_a2, e_drv, e_drv_omega = es
+        lm_loss = landmark_loss(lm, b, (e_drv, e_src_a1), (e_drv_omega, e_src_a2))
         reg = reg + W.lm * lm_loss
         terms["lm"] = lm_loss.item()
     target = b["drv"]                                                                  # (B, 3, H, W)
@@ -498,11 +480,9 @@ def discriminate(disc, image, kp):
 
 
 def kp_loss(model, b, args):
-    """Phase 0: the detector's keypoints against the normalised landmarks KP_LANDMARKS (to_normalized)."""
-    images = torch.cat([b["src_full"].flatten(0, 1), b["drv_full"]])
-    target = kp_target(b, args.image_size)
-    kp = model.kp_detector(images)["keypoints"]
-    return torch.nn.functional.mse_loss(kp, target), kp, target
+    """Phase 0: MSE of the detector's keypoints on the uncropped frames against kp_target."""
+    kp = model.kp_detector(torch.cat([b["src_full"].flatten(0, 1), b["drv_full"]]))["keypoints"]
+    return torch.nn.functional.mse_loss(kp, kp_target(b, args.image_size))
 
 
 def kp_target(b, size):
@@ -513,7 +493,7 @@ def kp_target(b, size):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# landmark-shape supervision of e (losses.l_lm): NOT IN THE PAPER (issue 23), off by default. --lm-pretrain
+# landmark-shape supervision of e (losses.l_lm): not in the paper (RESULTS.md), off by default. --lm-pretrain
 # trains X and a linear head in phase 0 (a head start for e); --loss-weights lm=... keeps L_lm in phases I-III
 
 @dataclass
@@ -525,9 +505,8 @@ class LandmarkHead:
 
 
 def lm_pretrain_schedule(args):
-    """Phase 0 with --lm-pretrain: args.detector_steps = the detector's own steps (--steps or the preset's; 0 with
-    --kp-checkpoint, whose detector is trained already), then --lm-steps of X + head ('frozen': after them;
-    'joint': the detector trains on throughout). Sets args.steps to the phase's total."""
+    """Phase 0 with --lm-pretrain: args.detector_steps = the detector's own steps (0 with --kp-checkpoint, trained
+    already), and args.steps the phase's total, + --lm-steps of X + head."""
     if args.phase != 0 or args.lm_pretrain == "off":
         return
     if args.expr_dim == 0:
@@ -537,16 +516,14 @@ def lm_pretrain_schedule(args):
 
 
 def landmark_stats(args, n=256):
-    """losses.lm_stats of the first n training samples, unaugmented: a function of the data and --seed only
-    (the same after a resume)."""
+    """losses.lm_stats of the first n training samples, unaugmented (a function of the data and --seed only)."""
     ds = data.FaceDataset(root=args.data, split="train", size=args.image_size, num_src=args.num_src, augment=None,
                           seed=args.seed, builtin=data.BuiltinVideos(identities=args.identities))
     return losses.lm_stats(np.stack([ds.sample_frames(i)["landmarks"] for i in range(n)]))
 
 
 def make_landmark_head(ctx, cfg, stats=None):
-    """A new LandmarkHead for model config cfg, seeded (--seed; the global random state is left as it was);
-    its constants `stats`, or landmark_stats of the training data."""
+    """A new LandmarkHead for model config cfg, seeded (--seed; the global random state untouched), with `stats`."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.args.seed + 2)
         head = torch.nn.Linear(cfg.expr_dim, 2 * len(losses.LM_EXPRESSIVE)).to(ctx.device)
@@ -557,13 +534,11 @@ def landmark_training(ctx, model):
     """What L_lm adds to a phase: (the LandmarkHead or None, the parameters it adds to the optimiser). Phase 0
     with --lm-pretrain: X and the head; phases I-III with lambda_lm > 0: the head (X trains there anyway)."""
     args = ctx.args
-    if args.phase == 0 and args.lm_pretrain != "off":
-        lm = make_landmark_head(ctx, model.cfg)
-        return lm, list(model.expression.parameters()) + list(lm.head.parameters())
-    if args.phase >= 1 and ctx.weights.lm > 0:
-        lm = make_landmark_head(ctx, model.cfg)
-        return lm, list(lm.head.parameters())
-    return None, []
+    wanted = args.lm_pretrain != "off" if args.phase == 0 else ctx.weights.lm > 0
+    if not wanted:
+        return None, []
+    lm = make_landmark_head(ctx, model.cfg)
+    return lm, (list(model.expression.parameters()) if args.phase == 0 else []) + list(lm.head.parameters())
 
 
 def restore_landmark_head(run, ctx, ck, head_start=False):
@@ -581,32 +556,24 @@ def restore_landmark_head(run, ctx, ck, head_start=False):
         ctx.log("phase 1 starts the expression network X from phase 0's landmark-shape head start (--lm-pretrain)")
 
 
-def landmark_term(lm, b, e_drv, e_src):
-    """losses.l_lm of the head on the driving frames' e [B, E] and the sources' [B, N, E] against the batch's
-    landmarks (b["drv_lm"], b["src_lm"]), in fp32 also under bf16 autocast; unweighted."""
-    with torch.autocast(e_drv.device.type, enabled=False):
+def landmark_loss(lm, b, *pairs):
+    """losses.l_lm of the head, unweighted, averaged over pairs of (the driving frames' e [B, E], the sources' e
+    [B, N, E]) against the batch's landmarks (b["drv_lm"], b["src_lm"]); in fp32 also under bf16 autocast."""
+    with torch.autocast(pairs[0][0].device.type, enabled=False):
         t_drv, t_src = (losses.lm_target(b[k], lm.stats) for k in ("drv_lm", "src_lm"))
-        return losses.l_lm(lm.head(e_drv.float()), lm.head(e_src.float()), t_drv, t_src)
-
-
-def landmark_loss(lm, b, es):
-    """Phases I-III: landmark_term of encode_batch's expression vectors es, A1 sources -> the driving frame and
-    A2 sources -> its Omega crop (the pairs of Eq. 13's E1 and E2), averaged."""
-    if lm is None:
-        raise ValueError("lambda_lm > 0 needs the landmark-shape head (train.build makes it): pass lm=LandmarkHead")
-    e_src_a1, e_src_a2, e_drv, e_drv_omega = es
-    return (landmark_term(lm, b, e_drv, e_src_a1) + landmark_term(lm, b, e_drv_omega, e_src_a2)) / 2
+        return sum(losses.l_lm(lm.head(e_drv.float()), lm.head(e_src.float()), t_drv, t_src)
+                   for e_drv, e_src in pairs) / len(pairs)
 
 
 def lm_pretrain_loss(run, b, ctx):
-    """Phase 0 with --lm-pretrain: L_lm of X + head on the uncropped frames and on the versions X sees in phase I
-    (A1 crops of the sources, Omega of the driving frame), plus kp_loss while the detector trains. 'frozen': the
-    detector alone for args.detector_steps, then frozen (eval mode, no gradient, as in phase I) under X + head;
-    'joint': all from step 0, L_lm's gradient reaching the detector. -> (loss, dict of float terms)."""
+    """Phase 0 with --lm-pretrain -> (loss, dict of float terms): L_lm of X + head on the uncropped frames and on
+    those X sees in phase I (A1 crops of the sources, Omega of the driving frame), + kp_loss while the detector
+    trains. 'frozen': the detector alone for args.detector_steps, then frozen as in phase I; 'joint': all from step
+    0, L_lm's gradient reaching the detector."""
     args, model = ctx.args, run.model
     frozen = args.lm_pretrain == "frozen"
     if frozen and run.step < args.detector_steps:
-        loss = kp_loss(model, b, args)[0]
+        loss = kp_loss(model, b, args)
         return loss, {"kp": loss.item()}
     if frozen:
         model.freeze_detector()
@@ -614,8 +581,8 @@ def lm_pretrain_loss(run, b, ctx):
     full = torch.cat([b["src_full"].flatten(0, 1), b["drv_full"]])
     det = model.detect(torch.cat([full, b["src"].flatten(0, 1), b["drv_omega"]]))
     e_full_src, e_full_drv, e_src, e_omega = model.expression_of(det).split([B * N, B, B * N, B])
-    lm_loss = (landmark_term(run.lm, b, e_full_drv, e_full_src.unflatten(0, (B, N)))
-               + landmark_term(run.lm, b, e_omega, e_src.unflatten(0, (B, N)))) / 2
+    e_full_src, e_src = e_full_src.unflatten(0, (B, N)), e_src.unflatten(0, (B, N))
+    lm_loss = landmark_loss(run.lm, b, (e_full_drv, e_full_src), (e_omega, e_src))
     if frozen:
         return lm_loss, {"lm": lm_loss.item()}
     kp = torch.nn.functional.mse_loss(det["keypoints"][:len(full)], kp_target(b, args.image_size))
@@ -660,8 +627,7 @@ def set_rng_state(s):
 
 
 def save(run, ctx):
-    """The phase's checkpoint (weights.save_checkpoint: atomic; everything loads with weights_only=True), written
-    by rank 0; the other ranks wait for it."""
+    """The phase's checkpoint (weights.save_checkpoint: atomic), written by rank 0; the other ranks wait for it."""
     if ctx.rank == 0:
         args = ctx.args
         ckpt = {"config": run.model.cfg.to_dict(), "model": run.model.state_dict(), "step": run.step,
@@ -679,7 +645,7 @@ def save(run, ctx):
 RESUME = ("optimizer", "step", "iteration", "rng")     # the training state a resumed phase reads
 
 
-def load_phase(path, cfg, phase, log=print, need=()):
+def load_phase(path, cfg, phase, need=()):
     """A project checkpoint for this model (check_config); phase: the phase it must hold (None: any); need: the
     training-state entries read from it (RESUME). A resumed phase-III file needs the discriminator's state."""
     ck = weights.load_checkpoint(path)
@@ -705,9 +671,8 @@ def check_config(ckpt, cfg, path):
                          f"--preset/--image-size/ablation options as that run")
 
 
-def unfinished(path):
+def unfinished(ck):
     """Whether a phase's checkpoint stopped before the steps its run asked for."""
-    ck = weights.load_checkpoint(path)
     return ck.get("step", 0) < ck.get("args", {}).get("steps", 0)
 
 
@@ -720,10 +685,9 @@ def lr_at(args, iteration):
 # what a person sees: held-out PSNR, sample grids, curves
 
 def evaluate(model, videos):
-    """Self-reenactment on held-out videos: metrics.py's Sec. 4.1 protocol (metrics.evaluate_self), so the logged
-    curve is the figure metrics.py reports on these videos. -> (model PSNR, copy-the-source PSNR) in dB; nan
-    when no video is long enough for the protocol (training goes on)."""
-    videos = [v for v in videos if metrics.protocol_frames(len(v["frames"]))[1]]   # long enough to score
+    """Self-reenactment PSNR on held-out videos by metrics.py's protocol (metrics.evaluate_self) -> (model, copy the
+    source) in dB; nan when no video is long enough for the protocol (training goes on)."""
+    videos = [v for v in videos if metrics.protocol_frames(len(v["frames"]))[1]]
     if not videos:
         return math.nan, math.nan
     r = metrics.evaluate_self(videos, model, progress=False)
@@ -733,15 +697,13 @@ def evaluate(model, videos):
 @torch.no_grad()
 def evaluate_kp(model, videos):
     """Phase 0: mean distance in pixels between detected keypoints and the KP_LANDMARKS landmarks."""
-    was_training, err = model.kp_detector.training, []
+    was_training, err, p = model.kp_detector.training, [], next(model.parameters())
     model.kp_detector.eval()
     for v in videos:
         if v["landmarks"] is None:
             continue
-        p = next(model.parameters())
         f = v["frames"].to(p.device, p.dtype)
-        S = f.shape[-1]
-        kp = to_pixels(model.kp_detector(f)["keypoints"], S).cpu()
+        kp = to_pixels(model.kp_detector(f)["keypoints"], f.shape[-1]).cpu()
         lm = torch.as_tensor(np.asarray(v["landmarks"]))[:, list(KP_LANDMARKS)]
         err.append(float((kp - lm).norm(dim=-1).mean()))
     model.kp_detector.train(was_training)
@@ -765,9 +727,8 @@ def save_grid(path, rows, points=None):
 
 
 def plot_curves(path, recs, phase):
-    """log.jsonl records of one phase -> PNG (matplotlib, Agg): the training loss on a log scale, and below it
-    the held-out check: self-reenactment PSNR with the copy-the-source PSNR as a dashed line (phase 0: the
-    keypoint error in pixels). Returns the figure."""
+    """log.jsonl records of one phase -> PNG and the figure: the loss on a log scale, below it the held-out PSNR with
+    the copy-the-source PSNR as a dashed line (phase 0: the keypoint error in pixels)."""
     series = lambda key: ([r["step"] for r in recs if r.get(key) is not None and math.isfinite(r[key])],
                           [r[key] for r in recs if r.get(key) is not None and math.isfinite(r[key])])
     fig = Figure(figsize=(7, 6), dpi=100)
@@ -814,8 +775,8 @@ def sample_grid(path, model, b, args, rows=4):
         return
     model.eval()
     sub = {k: v[:n] for k, v in b.items()}
-    set_latents, kp_driving, expr_driving, _ = encode_batch(model, sub, [sample_rng(args.seed, 2 ** 31, i) for i in
-                                                                        range(n)])
+    rngs = [sample_rng(args.seed, 2 ** 31, i) for i in range(n)]
+    set_latents, kp_driving, expr_driving, _ = encode_batch(model, sub, rngs)
     pred = model.render(set_latents, kp_driving, expr_driving, size=(S, S))
     model.train()
     save_grid(path, [[*sub["src"][i], sub["drv_omega"][i], pred[i], sub["drv"][i]] for i in range(n)])
@@ -890,8 +851,8 @@ class Monitor:
             self.write(step, {"eval_kp_err_px": evaluate_kp(model, self.videos), "minutes": minutes, **lm_r2})
         elif self.videos:
             ours, copy = evaluate(model, self.videos)
-            h = metrics.health(model, torch.stack([v["frames"][0] for v in self.videos]).to(self.ctx.device,
-                                                                                            self.ctx.dtype))
+            first_frames = torch.stack([v["frames"][0] for v in self.videos]).to(self.ctx.device, self.ctx.dtype)
+            h = metrics.health(model, first_frames)
             ex = metrics.evaluate_expression(model, 8) if args.data is None else None   # built-in data only
             ex_e = metrics.evaluate_expression_paths(model, 8)["e"] if ex is not None else None   # e alone
             self.write(step, {"eval_psnr": ours, "eval_copy_psnr": copy, "minutes": minutes,
@@ -913,12 +874,13 @@ class Monitor:
 
 def eval_line(step, ours, copy, h, ex, ex_e=None):
     """The held-out evaluation in words, with a warning line when the encoder or e has collapsed."""
+    mean = lambda r: metrics.format_number(r and r["mean"], 2, lead_zero=True)
     line = (f"step {step}: held-out PSNR {ours:.2f} dB (copying the source: {copy:.2f} dB); encoder: active channels "
             f"{min(h['active']):.0%} (least of the convs), token spread {h['spread']:.3f}, attention on the own patch "
             f"{h['attn_own']:.3f} (uniform {math.exp(-h['attn_uniform']):.3f}), spread of e across faces "
             f"{h['expr_spread']:.3f}, active units of X_M {min(h['expr_active'], default=math.nan):.0%} (least of its "
-            f"layers); expression transfer {metrics.format_number(ex and ex['mean'], 2, lead_zero=True)} (1 = follows "
-            f"the driver's expression), through e alone {metrics.format_number(ex_e and ex_e['mean'], 2, lead_zero=True)}")
+            f"layers); expression transfer {mean(ex)} (1 = follows the driver's expression), through e alone "
+            f"{mean(ex_e)}")
     if metrics.collapsed(h):
         line += (f"\nstep {step}: WARNING the encoder has collapsed (a patch-CNN conv with no active channel, or "
                  f"set-latents equal across tokens/images): the decoder renders from the driving frame alone. Lower "
@@ -952,18 +914,17 @@ def apply_gradients(loss, opt, params, ctx):
 
 
 def train_step(run, b, ctx, perceptual=None):
-    """One update of the detector (phase 0) or of FSRT (phases I-III) on this rank's batch b.
-    Returns (dict of float loss terms incl. "loss", prediction, kp_driving, skipped)."""
+    """One update of the detector (phase 0) or of FSRT (phases I-III) on this rank's batch b -> (dict of float loss
+    terms incl. "loss", prediction, kp_driving, skipped)."""
     set_lr(run.opt, lr_at(ctx.args, run.iteration))
     if run.disc is not None:
         run.disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
+    pred = kp = None
     with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=ctx.bf16):
         if ctx.args.phase == 0 and run.lm is not None:   # --lm-pretrain: X + head too (not in the paper)
             loss, terms = lm_pretrain_loss(run, b, ctx)
-            pred, kp = None, None
         elif ctx.args.phase == 0:
-            loss, _, _ = kp_loss(run.model, b, ctx.args)
-            terms, pred, kp = {}, None, None
+            loss, terms = kp_loss(run.model, b, ctx.args), {}
         else:
             loss, terms, pred, kp = generator_losses(run.model, b, ctx, run.step, ctx.gidx, perceptual, run.disc,
                                                      run.lm)
@@ -972,15 +933,14 @@ def train_step(run, b, ctx, perceptual=None):
 
 
 def disc_step(run, b, pred, kp, ctx):
-    """One update of the phase-III discriminator on the real driving frames and the detached prediction.
-    Returns (its loss lambda_A * LSGAN, as the release, skipped)."""
-    disc = run.disc
+    """One update of the phase-III discriminator on the real driving frames and the detached prediction -> (its loss
+    lambda_A * LSGAN, as the release, skipped)."""
     set_lr(run.dopt, lr_at(ctx.args, run.iteration))
-    disc.requires_grad_(True)
-    real_scores, _ = discriminate(disc, b["drv"], kp)
-    fake_scores, _ = discriminate(disc, pred.detach(), kp)
+    run.disc.requires_grad_(True)
+    real_scores, _ = discriminate(run.disc, b["drv"], kp)
+    fake_scores, _ = discriminate(run.disc, pred.detach(), kp)
     d_loss = ctx.weights.adv * losses.d_loss(real_scores, fake_scores)
-    return d_loss.item(), apply_gradients(d_loss, run.dopt, list(disc.parameters()), ctx)
+    return d_loss.item(), apply_gradients(d_loss, run.dopt, list(run.disc.parameters()), ctx)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1031,7 +991,7 @@ def restore(run, ctx):
     """Load the state this phase starts from (see build); refuse a checkpoint of another phase or model."""
     args, cfg = ctx.args, run.model.cfg
     if os.path.exists(run.path):                                        # resume this phase
-        ck = load_phase(run.path, cfg, args.phase, ctx.log, need=RESUME)
+        ck = load_phase(run.path, cfg, args.phase, need=RESUME)
         run.model.load_state_dict(ck["model"])
         run.opt.load_state_dict(ck["optimizer"])
         if run.disc is not None:
@@ -1049,7 +1009,7 @@ def restore(run, ctx):
             ctx.log(f"notice: resuming {run.path} with {', '.join(changed)}: the data order and the loss change "
                     f"from step {run.step} on")
     elif args.init:
-        ck = load_phase(args.init, cfg, None, ctx.log)
+        ck = load_phase(args.init, cfg, None)
         if args.phase >= 2 and ck.get("phase") == 0:
             raise ValueError(f"--init {args.init} is a phase-0 checkpoint (only its keypoint detector is trained): "
                              f"start phase {args.phase} from a phase-1 (or later) checkpoint")
@@ -1064,8 +1024,8 @@ def restore(run, ctx):
             weights.load_kp_detector(prev, run.model.kp_detector)
             restore_landmark_head(run, ctx, weights.load_checkpoint(prev), head_start=True)   # --lm-pretrain's X
         elif os.path.exists(prev):
-            ck = load_phase(prev, cfg, args.phase - 1, ctx.log, need=RESUME[:3])
-            if ck["step"] < ck.get("args", {}).get("steps", 0):
+            ck = load_phase(prev, cfg, args.phase - 1, need=RESUME[:3])
+            if unfinished(ck):
                 ctx.log(f"notice: {prev} stopped at step {ck['step']} of {ck['args']['steps']}; phase {args.phase} "
                         f"starts from it (rerun `--phase {args.phase - 1}` first to finish it)")
             run.model.load_state_dict(ck["model"])
@@ -1108,7 +1068,7 @@ def run_phase(ctx, stop):
                 monitor.log(run)
             if due(run.step, args.sample_every, args.steps):                              # held-out figures, pictures
                 monitor.evaluate_and_sample(run, b)
-            stopping = all_agree(bool(stop) or ctx.out_of_time(), ctx.world, ctx.device)
+            stopping = all_agree(bool(stop) or time.time() > ctx.deadline, ctx.world, ctx.device)
             if due(run.step, args.ckpt_every, args.steps) or stopping:                    # checkpoint
                 save(run, ctx)
             if stopping:                                                                # Ctrl-C, SIGTERM, --max-minutes
@@ -1154,9 +1114,9 @@ def make_perceptual(ctx):
 # the command
 
 def memory_floor(args, world=1):
-    """A lower bound of one step's memory per process in bytes: the batch's images (3 n_src + 4 per sample,
-    data.FaceDataset) and, from phase I on, the decoder's query features and render-MLP units of every decoded
-    pixel, kept for the backward pass. A batch above it cannot fit: it is refused before it swells memory."""
+    """A lower bound of one step's memory per process in bytes, to refuse a batch that cannot fit before it swells
+    memory: the batch's images (3 n_src + 4 per sample) and, from phase I on, the decoder's query features and
+    render-MLP units of every decoded pixel, kept for the backward pass."""
     cfg, B = model_config(args), args.batch_size // world
     size = torch.empty((), dtype=torch.float64 if args.double else torch.float32).element_size()
     floor = B * (3 * args.num_src + 4) * 3 * args.image_size ** 2 * size
@@ -1171,7 +1131,7 @@ def phases_to_run(args, log):
     p0 = os.path.join(args.out, "phase0.pt")
     if (args.phase == 1 and not args.kp_checkpoint and not args.init
             and not os.path.exists(os.path.join(args.out, "phase1.pt"))
-            and (not os.path.exists(p0) or unfinished(p0))):
+            and (not os.path.exists(p0) or unfinished(weights.load_checkpoint(p0)))):
         log(f"no trained keypoint detector yet ({p0}, --kp-checkpoint): running phase 0 first")
         return [0, 1]
     return [args.phase]
