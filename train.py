@@ -1003,11 +1003,11 @@ def restore(run, ctx):
         old = {"focus": 0.0, **ck.get("args", {})}                         # focus: not in older runs' args
         show = lambda v: "none" if v == "" else v                          # --loss-weights left out
         changed = [f"--{k.replace('_', '-')} {show(getattr(args, k))} (the run used {show(old[k])})"
-                   for k in ("batch_size", "num_src", "pixels", "focus", "loss_weights", "seed")
+                   for k in ("batch_size", "num_src", "pixels", "focus", "loss_weights", "seed", "lr", "warmup")
                    if k in old and old[k] != getattr(args, k)]
         if changed:
-            ctx.log(f"notice: resuming {run.path} with {', '.join(changed)}: the data order and the loss change "
-                    f"from step {run.step} on")
+            ctx.log(f"notice: resuming {run.path} with {', '.join(changed)}: the run differs from step {run.step} "
+                    f"on")
     elif args.init:
         ck = load_phase(args.init, cfg, None)
         if args.phase >= 2 and ck.get("phase") == 0:

@@ -595,11 +595,11 @@ def test_resuming_with_another_batch_size_says_what_changes(run0, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(run0, run)
     assert train.main(["--phase", "0", "--steps", "3", "--out", str(run), *FAST, "--batch-size", "2",
-                       "--num-src", "2", "--focus", "0.3", "--loss-weights", "cov=0.5"]) == 0
+                       "--num-src", "2", "--focus", "0.3", "--loss-weights", "cov=0.5", "--lr", "2e-3"]) == 0
     notice = [l for l in capsys.readouterr().out.splitlines() if l.startswith("notice: resuming")]
     assert len(notice) == 1 and "--batch-size 2 (the run used 4)" in notice[0] and \
         "--num-src 2 (the run used 1)" in notice[0] and "--focus 0.3 (the run used 0.0)" in notice[0] and \
-        "--loss-weights cov=0.5 (the run used none)" in notice[0]
+        "--loss-weights cov=0.5 (the run used none)" in notice[0] and "--lr 0.002 (the run used 0.001)" in notice[0]
 
 
 def test_phase_mixups_are_refused(run0, tmp_path, capsys):
