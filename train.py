@@ -53,9 +53,9 @@ from keypoints import KP_LANDMARKS, pixel_grid, to_normalized, to_pixels
 # 3e-4 after a warm-up, as more of the He-initialised patch CNN stays alive than at 1e-3.
 PRESETS = {
     "tiny": dict(image_size=64, batch_size=16, pixels=256, lr=(1e-3, 3e-4, 3e-4, 3e-4), warmup=100,
-                 steps=(300, 10000, 500, 500), disc_warmup=50, precision="auto"),
+                 steps=(300, 10000, 500, 500), disc_warmup=50, precision="auto", cooldown=0.0),
     "paper": dict(image_size=256, batch_size=24, pixels=4096, lr=1e-4, warmup=2500,
-                  steps=(20000, 200000, 300000, 500000), disc_warmup=500, precision="fp32"),
+                  steps=(20000, 200000, 300000, 500000), disc_warmup=500, precision="fp32", cooldown=0.0),
 }
 MEMORY_HINT = "lower --batch-size, --pixels or --image-size"   # what an out-of-memory line advises
 NEVER = sys.maxsize   # --log-every/--sample-every/--ckpt-every 0: never (still at the end and when stopped)
@@ -87,6 +87,8 @@ def get_args(argv=None):
                    "added to its --steps of the detector (none with --kp-checkpoint)")
     p.add_argument("--focus", type=float, default=0.0, help="not in the paper (RESULTS.md): the share of phase I's "
                    "--pixels drawn in the driving frame's brow, eye and mouth boxes; 0 = the paper's uniform draw")
+    p.add_argument("--cooldown", type=float, default=None, help="not in the paper (RESULTS.md): the last share of "
+                   "the phase's --steps over which the lr falls linearly to 1/10 of it; 0 = the release's schedule")
     p.add_argument("--num-src", type=int, default=1)
     p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
@@ -159,6 +161,8 @@ def resolve(options, phase=None, own_steps=True):
     if args.kp_scale is not None and args.kp_scale > 1:
         raise ValueError(f"--kp-scale {args.kp_scale}: must be > 0 (and at most 1): the detector sees the image "
                          f"at most at its own size")
+    if not 0 <= args.cooldown <= 1:
+        raise ValueError(f"--cooldown {args.cooldown}: must be >= 0 and <= 1 (a share of the phase's --steps)")
     if not 0 <= args.focus < 1:
         raise ValueError(f"--focus {args.focus}: must be >= 0 and < 1 (the share of pixels in the face parts)")
     if args.pixels > args.image_size ** 2:
@@ -676,9 +680,13 @@ def unfinished(ck):
     return ck.get("step", 0) < ck.get("args", {}).get("steps", 0)
 
 
-def lr_at(args, iteration):
-    """The release's schedule: linear warm-up, then x0.16 every 4M iterations. iteration counts from 1."""
-    return args.lr * min(1.0, iteration / max(args.warmup, 1)) * 0.16 ** ((iteration - args.warmup) / 4e6)
+def lr_at(args, iteration, step=0):
+    """The release's schedule: linear warm-up, then x0.16 every 4M iterations (iteration counts from 1); with
+    --cooldown c (not in the paper) times a factor falling linearly from 1 to 0.1 over the phase's last c * --steps
+    (step: the updates this phase has done)."""
+    start = (1 - args.cooldown) * args.steps
+    cool = 1.0 if step <= start else 1.0 - 0.9 * min(1.0, (step - start) / max(args.steps - start, 1))
+    return args.lr * min(1.0, iteration / max(args.warmup, 1)) * 0.16 ** ((iteration - args.warmup) / 4e6) * cool
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -835,7 +843,7 @@ class Monitor:
         if self.ctx.rank == 0 and vals[-1] > 0:
             rec = {k: float(v / vals[-1]) for k, v in zip(sorted(acc), vals[:-1])}
             rate = min(self.args.log_every, run.step) / max(time.time() - self.t_log, 1e-9)
-            self.write(run.step, {**rec, "lr": lr_at(self.args, run.iteration), "steps_per_s": rate,
+            self.write(run.step, {**rec, "lr": lr_at(self.args, run.iteration, run.step), "steps_per_s": rate,
                                   "iteration": run.iteration})
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in rec.items()})
         self.acc, self.n_acc, self.t_log = {}, 0, time.time()
@@ -916,7 +924,7 @@ def apply_gradients(loss, opt, params, ctx):
 def train_step(run, b, ctx, perceptual=None):
     """One update of the detector (phase 0) or of FSRT (phases I-III) on this rank's batch b -> (dict of float loss
     terms incl. "loss", prediction, kp_driving, skipped)."""
-    set_lr(run.opt, lr_at(ctx.args, run.iteration))
+    set_lr(run.opt, lr_at(ctx.args, run.iteration, run.step))
     if run.disc is not None:
         run.disc.requires_grad_(False)   # the generator's adversarial terms do not train the discriminator
     pred = kp = None
@@ -935,7 +943,7 @@ def train_step(run, b, ctx, perceptual=None):
 def disc_step(run, b, pred, kp, ctx):
     """One update of the phase-III discriminator on the real driving frames and the detached prediction -> (its loss
     lambda_A * LSGAN, as the release, skipped)."""
-    set_lr(run.dopt, lr_at(ctx.args, run.iteration))
+    set_lr(run.dopt, lr_at(ctx.args, run.iteration, run.step))
     run.disc.requires_grad_(True)
     real_scores, _ = discriminate(run.disc, b["drv"], kp)
     fake_scores, _ = discriminate(run.disc, pred.detach(), kp)
@@ -1000,10 +1008,11 @@ def restore(run, ctx):
         run.step, run.iteration = ck["step"], ck["iteration"]
         set_rng_state(ck["rng"])
         restore_landmark_head(run, ctx, ck)
-        old = {"focus": 0.0, **ck.get("args", {})}                         # focus: not in older runs' args
+        old = {"focus": 0.0, "cooldown": 0.0, **ck.get("args", {})}       # not in older runs' args
         show = lambda v: "none" if v == "" else v                          # --loss-weights left out
         changed = [f"--{k.replace('_', '-')} {show(getattr(args, k))} (the run used {show(old[k])})"
-                   for k in ("batch_size", "num_src", "pixels", "focus", "loss_weights", "seed", "lr", "warmup")
+                   for k in ("batch_size", "num_src", "pixels", "focus", "loss_weights", "seed", "lr", "warmup",
+                             "cooldown") + ("steps",) * (args.cooldown > 0)     # --steps places the cooldown
                    if k in old and old[k] != getattr(args, k)]
         if changed:
             ctx.log(f"notice: resuming {run.path} with {', '.join(changed)}: the run differs from step {run.step} "

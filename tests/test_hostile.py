@@ -254,7 +254,7 @@ def test_zero_means_never_for_the_periodic_options(tmp_path):
     assert train.main(["--phase", "0", "--steps", "2", "--out", str(out), *FAST, "--log-every", "0",
                        "--sample-every", "0", "--ckpt-every", "0", "--warmup", "0"]) == 0
     assert torch.load(out / "phase0.pt", weights_only=True)["step"] == 2          # still at the end
-    assert train.lr_at(train.get_args(["--lr", "0.1", "--warmup", "0"]), 1) == pytest.approx(0.1, rel=1e-6)
+    assert train.lr_at(train.resolve(train.get_args(["--lr", "0.1", "--warmup", "0"])), 1) == pytest.approx(0.1, rel=1e-6)
 
 
 @pytest.mark.parametrize("args,needle", [(["--max-frames", "0"], "--max-frames 0"), (["--batch", "0"], "--batch 0"),
@@ -595,11 +595,13 @@ def test_resuming_with_another_batch_size_says_what_changes(run0, tmp_path, caps
     run = tmp_path / "run"
     shutil.copytree(run0, run)
     assert train.main(["--phase", "0", "--steps", "3", "--out", str(run), *FAST, "--batch-size", "2",
-                       "--num-src", "2", "--focus", "0.3", "--loss-weights", "cov=0.5", "--lr", "2e-3"]) == 0
+                       "--num-src", "2", "--focus", "0.3", "--loss-weights", "cov=0.5", "--lr", "2e-3",
+                       "--cooldown", "0.5"]) == 0
     notice = [l for l in capsys.readouterr().out.splitlines() if l.startswith("notice: resuming")]
     assert len(notice) == 1 and "--batch-size 2 (the run used 4)" in notice[0] and \
         "--num-src 2 (the run used 1)" in notice[0] and "--focus 0.3 (the run used 0.0)" in notice[0] and \
-        "--loss-weights cov=0.5 (the run used none)" in notice[0] and "--lr 0.002 (the run used 0.001)" in notice[0]
+        "--loss-weights cov=0.5 (the run used none)" in notice[0] and "--lr 0.002 (the run used 0.001)" in notice[0] \
+        and "--cooldown 0.5 (the run used 0.0)" in notice[0] and "--steps 3 (the run used 2)" in notice[0]
 
 
 def test_phase_mixups_are_refused(run0, tmp_path, capsys):

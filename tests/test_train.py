@@ -157,10 +157,23 @@ def test_phase2_offset_per_sample_and_a1_a2_choice_per_batch(monkeypatch):
 
 def test_lr_schedule_is_the_release_one():
     class A:
-        lr, warmup = 1e-4, 2500
+        lr, warmup, cooldown, steps = 1e-4, 2500, 0.0, 10_000
     assert train.lr_at(A, 1250) == pytest.approx(0.5e-4 * 0.16 ** (-1250 / 4e6))
     assert train.lr_at(A, 2500) == pytest.approx(1e-4)
     assert train.lr_at(A, 2500 + 4_000_000) == pytest.approx(0.16e-4)
+    assert train.lr_at(A, 2500, step=10_000) == pytest.approx(1e-4)          # no cooldown: the step does not count
+
+
+def test_cooldown_falls_linearly_to_a_tenth_over_the_last_share_of_the_steps():
+    class A:
+        lr, warmup, cooldown, steps = 1e-3, 0, 0.25, 1000      # cooldown over steps 750-1000
+    release = lambda it: 1e-3 * 0.16 ** (it / 4e6)
+    assert train.lr_at(A, 600, step=600) == pytest.approx(release(600))
+    assert train.lr_at(A, 750, step=750) == pytest.approx(release(750))
+    assert train.lr_at(A, 875, step=875) == pytest.approx(release(875) * 0.55)       # halfway: 1 - 0.9 / 2
+    assert train.lr_at(A, 1000, step=1000) == pytest.approx(release(1000) * 0.1)
+    with pytest.raises(ValueError, match="--cooldown 1.5"):
+        train.resolve(train.get_args(["--cooldown", "1.5"]))
 
 
 def test_global_batches_split_over_ranks_without_overlap():
