@@ -4,7 +4,8 @@ Losses and regularisers of FSRT (paper Sec. 3.2-3.3, Eq. (11)-(18)).
 Read top to bottom:
   1. the expression regularisers: L_aug / L_aug,D (Eq. 11, 12), the stacked matrix E (Eq. 13),
      L_Cov (Eq. 14), L_Var (Eq. 15) and their combination L_reg (Eq. 16);
-  1b. a departure from the paper, off by default (lambda_lm = 0): the landmark-shape supervision of e, L_lm;
+  1b. a departure from the paper (lambda_lm = 0 here; train.py's tiny preset sets 1): the landmark-shape
+      supervision of e, L_lm;
   2. the reconstruction loss L_MSE (Eq. 17) and the full objective (Eq. 18) with the paper's weights;
   3. the perceptual loss L_P: a VGG19 with torchvision's parameter names, L1 on relu1_1..relu5_1
      features of the full-resolution image (the release's `scales: [1]`; FOMM adds an image pyramid);

@@ -50,12 +50,16 @@ from keypoints import KP_LANDMARKS, pixel_grid, to_normalized, to_pixels
 
 # training values per preset; a tuple is one value per phase (0, I, II, III); paper = the release's (README).
 # tiny (the measurements behind it: RESULTS.md): 64x64, as smaller images leave no expression readable; FSRT's lr
-# 3e-4 after a warm-up, as more of the He-initialised patch CNN stays alive than at 1e-3.
+# 3e-4 after a warm-up, as more of the He-initialised patch CNN stays alive than at 1e-3; and three departures
+# that make e carry the expression within a CPU hour: the landmark head start and term (lm_pretrain, lm=1), the
+# face-part pixels (focus) and the lr cooldown. paper: the release's recipe, none of them.
 PRESETS = {
     "tiny": dict(image_size=64, batch_size=16, pixels=256, lr=(1e-3, 3e-4, 3e-4, 3e-4), warmup=100,
-                 steps=(300, 10000, 500, 500), disc_warmup=50, precision="auto", cooldown=0.0),
+                 steps=(300, 7000, 500, 500), disc_warmup=50, precision="auto", cooldown=(0.0, 0.3, 0.0, 0.0),
+                 lm_pretrain="frozen", loss_weights="lm=1", focus=0.75),
     "paper": dict(image_size=256, batch_size=24, pixels=4096, lr=1e-4, warmup=2500,
-                  steps=(20000, 200000, 300000, 500000), disc_warmup=500, precision="fp32", cooldown=0.0),
+                  steps=(20000, 200000, 300000, 500000), disc_warmup=500, precision="fp32", cooldown=0.0,
+                  lm_pretrain="off", loss_weights="", focus=0.0),
 }
 MEMORY_HINT = "lower --batch-size, --pixels or --image-size"   # what an out-of-memory line advises
 NEVER = sys.maxsize   # --log-every/--sample-every/--ckpt-every 0: never (still at the end and when stopped)
@@ -77,18 +81,22 @@ def get_args(argv=None):
                     ("steps", int), ("disc-warmup", int)):
         p.add_argument("--" + name, type=t, default=None, help="default from the preset")
     p.add_argument("--loss-weights", default="", metavar="K=V,...",
-                   help="override lambdas of Eq. (16)/(18), e.g. 'cov=0,var=0' (names: losses.LossWeights)")
-    p.add_argument("--lm-pretrain", default="off", choices=("off", "frozen", "joint"),
+                   help="override lambdas of Eq. (16)/(18) and the preset's, e.g. 'cov=0,var=0' (names: "
+                        "losses.LossWeights; the tiny preset sets lm=1)")
+    p.add_argument("--lm-pretrain", default=None, choices=("off", "frozen", "joint"),
                    help="not in the paper (RESULTS.md): phase 0 also trains the expression network X and a linear head "
                         "e -> the pose-free shape of the brow, eye and mouth landmarks (losses.l_lm) for --lm-steps: "
                         "'frozen' after the detector's own steps, on its fixed output; 'joint' with it, its gradient "
-                        "reaching the detector too. Phase I starts X from it; --loss-weights lm=... keeps the term")
+                        "reaching the detector too. Phase I starts X from it; --loss-weights lm=... keeps the term. "
+                        "Default from the preset (tiny: frozen, with lm=1)")
     p.add_argument("--lm-steps", type=int, default=1000, help="with --lm-pretrain: phase 0's steps of X + head, "
                    "added to its --steps of the detector (none with --kp-checkpoint)")
-    p.add_argument("--focus", type=float, default=0.0, help="not in the paper (RESULTS.md): the share of phase I's "
-                   "--pixels drawn in the driving frame's brow, eye and mouth boxes; 0 = the paper's uniform draw")
+    p.add_argument("--focus", type=float, default=None, help="not in the paper (RESULTS.md): the share of phase I's "
+                   "--pixels drawn in the driving frame's brow, eye and mouth boxes; 0 = the paper's uniform draw; "
+                   "default from the preset (tiny 0.75)")
     p.add_argument("--cooldown", type=float, default=None, help="not in the paper (RESULTS.md): the last share of "
-                   "the phase's --steps over which the lr falls linearly to 1/10 of it; 0 = the release's schedule")
+                   "the phase's --steps over which the lr falls linearly to 1/10 of it; 0 = the release's schedule; "
+                   "default from the preset (tiny: 0.3 in phase I)")
     p.add_argument("--num-src", type=int, default=1)
     p.add_argument("--expr-dim", type=int, default=None, help="ablation: size of e (paper 256, 128, 64)")
     p.add_argument("--small-decoder", action="store_true", help="ablation: small decoder")
@@ -137,6 +145,10 @@ def resolve(options, phase=None, own_steps=True):
     for k, v in PRESETS[args.preset].items():
         if getattr(args, k) is None:
             setattr(args, k, v[args.phase] if isinstance(v, tuple) else v)
+    if args.expr_dim == 0 and options.lm_pretrain is None:   # no e: no landmark head start
+        args.lm_pretrain = "off"
+    preset_lw = PRESETS[args.preset]["loss_weights"] if args.lm_pretrain != "off" else ""   # lm=1 goes with it
+    args.loss_weights = ",".join(filter(None, (preset_lw, options.loss_weights)))   # the user's items win
     args.out = args.out or os.path.join("runs", args.preset)
     args.motion_start = args.motion if args.motion_start is None else args.motion_start
     if args.data is not None and not os.path.isdir(args.data):
@@ -497,7 +509,7 @@ def kp_target(b, size):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# landmark-shape supervision of e (losses.l_lm): not in the paper (RESULTS.md), off by default. --lm-pretrain
+# landmark-shape supervision of e (losses.l_lm): not in the paper (RESULTS.md), on in the tiny preset. --lm-pretrain
 # trains X and a linear head in phase 0 (a head start for e); --loss-weights lm=... keeps L_lm in phases I-III
 
 @dataclass

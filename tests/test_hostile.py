@@ -28,11 +28,12 @@ import srt
 import train
 import cli
 import weights
+from conftest import PAPER_RECIPE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 FAST = ["--image-size", "32", "--batch-size", "4", "--log-every", "1", "--sample-every", "1000",
-        "--eval-videos", "0", "--lr", "1e-3", "--warmup", "1"]
+        "--eval-videos", "0", "--lr", "1e-3", "--warmup", "1", *PAPER_RECIPE]
 
 
 def one_line(err, needle=""):
@@ -254,7 +255,8 @@ def test_zero_means_never_for_the_periodic_options(tmp_path):
     assert train.main(["--phase", "0", "--steps", "2", "--out", str(out), *FAST, "--log-every", "0",
                        "--sample-every", "0", "--ckpt-every", "0", "--warmup", "0"]) == 0
     assert torch.load(out / "phase0.pt", weights_only=True)["step"] == 2          # still at the end
-    assert train.lr_at(train.resolve(train.get_args(["--lr", "0.1", "--warmup", "0"])), 1) == pytest.approx(0.1, rel=1e-6)
+    args = train.resolve(train.get_args(["--lr", "0.1", "--warmup", "0"]))
+    assert train.lr_at(args, 1) == pytest.approx(0.1, rel=1e-6)
 
 
 @pytest.mark.parametrize("args,needle", [(["--max-frames", "0"], "--max-frames 0"), (["--batch", "0"], "--batch 0"),

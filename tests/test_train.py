@@ -17,6 +17,7 @@ import metrics
 import srt
 import train
 import builtin_faces as faces
+from conftest import PAPER_RECIPE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
@@ -78,7 +79,8 @@ def test_only_subsampled_pixels_receive_gradient_and_the_offsets_cover_all(monke
 
 
 def small_batch(n=4, size=32, phase=2):
-    args = train.resolve(train.get_args(["--phase", str(phase), "--image-size", str(size), "--batch-size", str(n)]))
+    args = train.resolve(train.get_args(["--phase", str(phase), "--image-size", str(size), "--batch-size", str(n),
+                                                  *PAPER_RECIPE]))
     torch.manual_seed(0)
     model = srt.FSRT(train.model_config(args)).freeze_detector()
     ds = train.data.FaceDataset(size=size, num_src=1, seed=0, augment=train.data.Augment(crop_p=1.0))
@@ -205,7 +207,7 @@ def test_curves_have_a_log_loss_axis_labels_and_the_copy_baseline_line(tmp_path)
 # fp32 pinned: 'auto' probes bf16's speed in each process, and on a loaded machine two runs that must agree
 # could choose differently
 FAST = ["--image-size", "32", "--batch-size", "4", "--log-every", "1", "--sample-every", "1000",
-        "--eval-videos", "0", "--lr", "1e-3", "--warmup", "1", "--precision", "fp32"]
+        "--eval-videos", "0", "--lr", "1e-3", "--warmup", "1", "--precision", "fp32", *PAPER_RECIPE]
 
 
 @pytest.fixture(scope="module")
@@ -400,7 +402,7 @@ def fit_fixed_samples(image_size, steps, n=4, pixels=256, lr=1e-3):
     health (metrics.health) after training."""
     torch.manual_seed(0)
     args = train.resolve(train.get_args(["--phase", "1", "--image-size", str(image_size), "--batch-size", str(n),
-                                         "--pixels", str(pixels), "--lr", str(lr), "--warmup", "20"]))
+                                         "--pixels", str(pixels), "--lr", str(lr), "--warmup", "20", *PAPER_RECIPE]))
     model = srt.FSRT(train.model_config(args)).freeze_detector()
     ds = train.data.FaceDataset(size=image_size, augment=False, seed=0)
     b = torch.utils.data.default_collate([ds[i] for i in range(n)])
@@ -499,6 +501,21 @@ def test_tiny_preset_is_64_with_full_size_detector_auto_precision_and_double_kee
     assert kp == dataclasses.replace(srt.FSRTConfig.tiny().kp, scale_factor=0.5)   # the rest: tiny's detector
 
 
+def test_the_tiny_preset_carries_the_expression_recipe_and_the_paper_preset_the_release_one():
+    resolved = lambda *a, phase=1: train.resolve(train.get_args(["--phase", str(phase), *a]))
+    tiny, paper = resolved("--preset", "tiny"), resolved("--preset", "paper")
+    assert (tiny.lm_pretrain, tiny.loss_weights, tiny.focus, tiny.cooldown) == ("frozen", "lm=1", 0.75, 0.3)
+    assert (paper.lm_pretrain, paper.loss_weights, paper.focus, paper.cooldown) == ("off", "", 0.0, 0.0)
+    assert resolved("--preset", "tiny", phase=2).cooldown == 0.0                 # the cooldown is phase I's
+    assert resolved("--preset", "tiny", "--loss-weights", "cov=0,lm=2").loss_weights == "lm=1,cov=0,lm=2"
+    assert train.loss_weights(resolved("--preset", "tiny", "--loss-weights", "cov=0,lm=2").loss_weights).lm == 2
+    assert resolved("--preset", "tiny", "--lm-pretrain", "off").loss_weights == ""     # lm=1 goes with it
+    assert resolved("--preset", "tiny", "--expr-dim", "0").lm_pretrain == "off"        # no e, no head start
+    assert resolved("--preset", "tiny", *PAPER_RECIPE) == resolved("--preset", "tiny", *PAPER_RECIPE)
+    off = resolved("--preset", "tiny", *PAPER_RECIPE)
+    assert (off.lm_pretrain, off.loss_weights, off.focus, off.cooldown) == ("off", "", 0.0, 0.0)
+
+
 def test_logged_held_out_psnr_is_metrics_py_self_reenactment_figure():
     import data
     import metrics
@@ -513,7 +530,7 @@ def test_logged_held_out_psnr_is_metrics_py_self_reenactment_figure():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# landmark-shape supervision of e (losses.l_lm; not in the paper, issue 23; off by default)
+# landmark-shape supervision of e (losses.l_lm; not in the paper; the tiny preset's default)
 
 def landmark_head(b, expr_dim=32):
     """A LandmarkHead whose constants come from batch b's own landmarks."""
@@ -539,8 +556,8 @@ def test_lm_pretrain_phase0_saves_the_head_and_phase1_starts_x_from_it(tmp_path)
     """--lm-pretrain joint (2 steps at 32x32): the detector and X both train, the checkpoint holds the head and
     its constants; phase I with lambda_lm > 0 starts X and the head from it and trains the head."""
     out = tmp_path / "lm"
-    assert train.main(["--phase", "0", "--steps", "1", "--lm-steps", "1", "--lm-pretrain", "joint", "--out", str(out),
-                       *FAST]) == 0
+    assert train.main([*FAST, "--phase", "0", "--steps", "1", "--lm-steps", "1", "--lm-pretrain", "joint", "--out",
+                       str(out)]) == 0
     ck = torch.load(out / "phase0.pt", weights_only=True)
     assert ck["step"] == 2 and ck["args"]["steps"] == 2 and {"lm_head", "lm_stats"} <= set(ck)
     torch.manual_seed(0)
