@@ -8,7 +8,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from builtin_faces import Identity   # noqa: E402 (the repository root on the path first)
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# a built-in test face with distinct lip and eye colours, on a plain background (the renderer's and data's tests)
+GREEN, BLUE = (0.0, 0.9, 0.1), (0.1, 0.2, 0.95)
+IDENT = Identity(skin=(0.85, 0.65, 0.5), lip=GREEN, eye_colour=BLUE, hair=(0.1, 0.05, 0.02),
+                 background=(0.3, 0.8, 0.9), background_kind=0)
+
 
 # the paper's recipe at the tiny preset's sizes: its departures for the expression (train.PRESETS) turned off
 PAPER_RECIPE = ["--lm-pretrain", "off", "--focus", "0", "--cooldown", "0"]

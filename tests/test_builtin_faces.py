@@ -5,12 +5,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from builtin_faces import Expression, Identity, Pose, render_face
+from builtin_faces import Expression, Pose, render_face
 import builtin_faces as faces
-
-GREEN, BLUE = (0.0, 0.9, 0.1), (0.1, 0.2, 0.95)
-IDENT = Identity(skin=(0.85, 0.65, 0.5), lip=GREEN, eye_colour=BLUE, hair=(0.1, 0.05, 0.02),
-                 background=(0.3, 0.8, 0.9), background_kind=0)
+from conftest import BLUE, GREEN, IDENT
 
 
 def near(img, xy, colour, tol=0.12):
