@@ -49,3 +49,25 @@ def test_readme_paper_to_code_table_names_what_exists():
             assert resolves(name, modules), f"README names {name!r} ({files}), which does not exist"
             names += 1
     assert names > 40
+
+
+def heading_anchors(path):
+    """GitHub's anchors of a Markdown file's headings: lowercase, punctuation dropped, spaces -> '-'."""
+    anchors = set()
+    for line in open(path, encoding="utf-8"):
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def test_every_link_into_a_markdown_section_finds_its_heading():
+    docs = [f for f in os.listdir(ROOT) if f.endswith(".md")]
+    links = 0
+    for doc in docs:
+        text = open(os.path.join(ROOT, doc), encoding="utf-8").read()
+        for target, anchor in re.findall(r"\]\(([\w.]*\.md)?#([^)\s]+)\)", text):
+            anchors = heading_anchors(os.path.join(ROOT, target or doc))
+            assert anchor in anchors, f"{doc} links to {target or doc}#{anchor}, a heading that does not exist"
+            links += 1
+    assert links > 10
