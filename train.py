@@ -51,7 +51,7 @@ from keypoints import KP_LANDMARKS, pixel_grid, to_normalized, to_pixels
 # training values per preset; a tuple is one value per phase (0, I, II, III); paper = the release's (README).
 # tiny (the measurements behind it: RESULTS.md): 64x64, as smaller images leave no expression readable; FSRT's lr
 # 3e-4 after a warm-up, as more of the He-initialised patch CNN stays alive than at 1e-3; and three departures
-# that make e carry the expression within a CPU hour: the landmark head start and term (lm_pretrain, lm=1), the
+# that make e carry the expression on a CPU's budget: the landmark head start and term (lm_pretrain, lm=1), the
 # face-part pixels (focus) and the lr cooldown. paper: the release's recipe, none of them.
 PRESETS = {
     "tiny": dict(image_size=64, batch_size=16, pixels=256, lr=(1e-3, 3e-4, 3e-4, 3e-4), warmup=100,

@@ -52,10 +52,12 @@ def test_readme_paper_to_code_table_names_what_exists():
 
 
 def heading_anchors(path):
-    """GitHub's anchors of a Markdown file's headings: lowercase, punctuation dropped, spaces -> '-'."""
-    anchors = set()
+    """GitHub's anchors of a Markdown file's headings (not the comments of its code blocks): lowercase,
+    punctuation dropped, spaces -> '-'."""
+    anchors, in_code = set(), False
     for line in open(path, encoding="utf-8"):
-        if line.startswith("#"):
+        in_code ^= line.startswith("```")
+        if line.startswith("#") and not in_code:
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
     return anchors

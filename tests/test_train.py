@@ -80,7 +80,7 @@ def test_only_subsampled_pixels_receive_gradient_and_the_offsets_cover_all(monke
 
 def small_batch(n=4, size=32, phase=2):
     args = train.resolve(train.get_args(["--phase", str(phase), "--image-size", str(size), "--batch-size", str(n),
-                                                  *PAPER_RECIPE]))
+                                         *PAPER_RECIPE]))
     torch.manual_seed(0)
     model = srt.FSRT(train.model_config(args)).freeze_detector()
     ds = train.data.FaceDataset(size=size, num_src=1, seed=0, augment=train.data.Augment(crop_p=1.0))
@@ -511,7 +511,6 @@ def test_the_tiny_preset_carries_the_expression_recipe_and_the_paper_preset_the_
     assert train.loss_weights(resolved("--preset", "tiny", "--loss-weights", "cov=0,lm=2").loss_weights).lm == 2
     assert resolved("--preset", "tiny", "--lm-pretrain", "off").loss_weights == ""     # lm=1 goes with it
     assert resolved("--preset", "tiny", "--expr-dim", "0").lm_pretrain == "off"        # no e, no head start
-    assert resolved("--preset", "tiny", *PAPER_RECIPE) == resolved("--preset", "tiny", *PAPER_RECIPE)
     off = resolved("--preset", "tiny", *PAPER_RECIPE)
     assert (off.lm_pretrain, off.loss_weights, off.focus, off.cooldown) == ("off", "", 0.0, 0.0)
 
