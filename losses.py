@@ -40,6 +40,7 @@ class LossWeights:
     fm: float = 0.01          # lambda_A^F, per discriminator block
     aug: float = 1.0          # lambda_aug
     cov: float = 1.0          # lambda_Cov
+    cov_diag: float = 1.0     # weight of Eq. (14)'s diagonal within L_Cov (1 = the paper; 0 = VICReg's term; l_cov)
     var: float = 0.2          # lambda_Var
     lm: float = 0.0           # lambda_lm: landmark-shape supervision of e (not in the paper; 0 = off; l_lm)
 
@@ -78,12 +79,15 @@ def covariance(E):
     return Ec.t() @ Ec / (N - 1)      # (c, c)
 
 
-def l_cov(E):
+def l_cov(E, diag=1.0):
     """Eq. (14): (sum_{i!=j} Cov_ij^2 + sum_k Cov_kk^2) / c, i.e. the sum of ALL squared entries of
     the covariance matrix divided by c.  Unlike VICReg the diagonal (variances) is penalised too, an
-    extra information bottleneck.  E: [N, c] -> scalar."""
+    extra information bottleneck.  diag weighs the diagonal sum: 1 is Eq. (14); 0 leaves VICReg's
+    off-diagonal term, which decorrelates e's dimensions without shrinking them (a departure,
+    LossWeights.cov_diag).  E: [N, c] -> scalar."""
     C = covariance(E)                 # (c, c)
-    return C.pow(2).sum() / E.shape[1]
+    diagonal = C.diagonal().pow(2).sum()
+    return (C.pow(2).sum() - (1.0 - diag) * diagonal) / E.shape[1]
 
 
 def l_var(E, eps=1e-4):
@@ -111,7 +115,7 @@ def l_reg(e_src_a1, e_src_a2, e_drv, e_drv_omega, weights=None):
     aug = l_aug(e_src_a1, e_src_a2)                               # Eq. (11), batch mean
     aug_d = l_aug(e_drv, e_drv_omega)                             # Eq. (12), batch mean
     E1, E2 = stack_E(e_src_a1, e_drv), stack_E(e_src_a2, e_drv_omega)  # Eq. (13)
-    cov = l_cov(E1) + l_cov(E2)                                   # Eq. (14)
+    cov = l_cov(E1, w.cov_diag) + l_cov(E2, w.cov_diag)           # Eq. (14)
     var = l_var(E1) + l_var(E2)                                   # Eq. (15)
     total = w.aug / 2 * (aug + aug_d) + w.cov * cov + w.var * var
     return total, {"aug": aug, "aug_d": aug_d, "cov": cov, "var": var}

@@ -83,6 +83,26 @@ def test_l_cov_diagonal_counts():
     assert L.l_cov(E).item() > 0
 
 
+def test_l_cov_without_diagonal_is_vicreg_off_diagonal_term():
+    # the example above: uncorrelated columns, so without the diagonal nothing is left to penalise
+    E = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    assert L.l_cov(E, diag=0.0).item() == 0.0
+    # correlated columns: Cov = [[1, 1], [1, 1]] (rows (1, 1), (-1, -1)); off-diagonal 1^2 + 1^2 = 2, over c = 2
+    E = torch.tensor([[1.0, 1.0], [-1.0, -1.0]]) / 2 ** 0.5
+    assert L.l_cov(E, diag=0.0).item() == pytest.approx(1.0)
+    assert L.l_cov(E, diag=0.5).item() == pytest.approx((2 + 0.5 * 2) / 2)
+    assert L.l_cov(E).item() == pytest.approx(2.0)
+
+
+def test_l_reg_passes_cov_diag_on():
+    torch.manual_seed(0)
+    e = [torch.randn(4, 2, 3), torch.randn(4, 2, 3), torch.randn(4, 3), torch.randn(4, 3)]
+    _, terms = L.l_reg(*e, weights=L.LossWeights(cov_diag=0.0))
+    E1, E2 = L.stack_E(e[0], e[2]), L.stack_E(e[1], e[3])
+    assert terms["cov"].item() == pytest.approx(L.l_cov(E1, 0.0).item() + L.l_cov(E2, 0.0).item())
+    assert terms["cov"].item() < L.l_cov(E1).item() + L.l_cov(E2).item()
+
+
 def test_l_cov_zero_iff_rows_equal():
     row = torch.randn(1, 7)
     assert L.l_cov(row.repeat(5, 1)).item() == 0.0
