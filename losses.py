@@ -83,8 +83,8 @@ def l_cov(E, diag=1.0):
     """Eq. (14): (sum_{i!=j} Cov_ij^2 + sum_k Cov_kk^2) / c, i.e. the sum of ALL squared entries of
     the covariance matrix divided by c.  Unlike VICReg the diagonal (variances) is penalised too, an
     extra information bottleneck.  diag weighs the diagonal sum: 1 is Eq. (14); 0 leaves VICReg's
-    off-diagonal term, which decorrelates e's dimensions without shrinking them (a departure,
-    LossWeights.cov_diag).  E: [N, c] -> scalar."""
+    off-diagonal term, which penalises only what e's dimensions share (a departure, LossWeights.cov_diag;
+    RESULTS.md measures it).  E: [N, c] -> scalar."""
     C = covariance(E)                 # (c, c)
     diagonal = C.diagonal().pow(2).sum()
     return (C.pow(2).sum() - (1.0 - diag) * diagonal) / E.shape[1]
