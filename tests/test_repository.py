@@ -56,7 +56,7 @@ def heading_anchors(path):
     punctuation dropped, spaces -> '-'."""
     anchors, in_code = set(), False
     for line in open(path, encoding="utf-8"):
-        in_code ^= line.startswith("```")
+        in_code ^= line.lstrip().startswith("```")
         if line.startswith("#") and not in_code:
             title = line.lstrip("#").strip().lower()
             anchors.add(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
